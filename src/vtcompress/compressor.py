@@ -1,0 +1,194 @@
+"""`Compressor`, `ScoreCompressor` and the method registry.
+
+Every method is a typed dataclass, validated in ``__post_init__``, registered by name, and maps
+:class:`~vtcompress.tokens.VisualTokens` to fewer :class:`~vtcompress.tokens.VisualTokens`.
+
+One budget language for all methods: an ``int`` is the number of tokens kept per image, a ``float`` in
+``(0, 1]`` the fraction kept (``1.0`` keeps everything). Methods whose output count is fixed by their
+structure (pooling strides, pixel unshuffle, adaptive outlier rules) document the count they produce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .tokens import VisualTokens
+
+__all__ = [
+    "Compressor",
+    "ScoreCompressor",
+    "register",
+    "get",
+    "list_methods",
+    "method_info",
+    "STAGES",
+    "FAMILIES",
+    "check_budget",
+    "keep_counts",
+]
+
+STAGES = ("encoder", "projector", "decoder")
+FAMILIES = ("transformation", "similarity", "attention", "query", "baseline")
+SIGNALS = ("cls_attn", "keys", "text")
+
+_REGISTRY: dict[str, type[Compressor]] = {}
+
+
+def check_budget(budget: int | float) -> None:
+    """Raise ``ValueError`` unless ``budget`` is an int >= 1 or a float in (0, 1]."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(
+            f"budget must be an int (tokens kept per image, >= 1) or a float in (0, 1] (fraction kept); "
+            f"got {budget!r} of type {type(budget).__name__}"
+        )
+    if isinstance(budget, int):
+        if budget < 1:
+            raise ValueError(f"budget={budget} tokens is out of range: an int budget must be >= 1")
+    elif not (math.isfinite(budget) and 0.0 < budget <= 1.0):
+        raise ValueError(f"budget={budget} is out of range: a float budget is a fraction in (0, 1]")
+
+
+def keep_counts(budget: int | float, counts: Tensor, num_tokens: int) -> Tensor:
+    """Tokens to keep per image, ``[B]`` long, for valid-token ``counts [B]`` out of ``num_tokens`` per row.
+
+    An int budget larger than ``num_tokens`` raises; a row with fewer valid tokens than the budget keeps
+    them all. A fraction keeps ``round(fraction * count)``, at least one token.
+    """
+    check_budget(budget)
+    if isinstance(budget, int):
+        if budget > num_tokens:
+            raise ValueError(f"budget={budget} tokens is out of range: the images have N={num_tokens} tokens")
+        return counts.clamp(max=budget).to(torch.long)
+    k = torch.round(counts.to(torch.float64) * budget).to(torch.long)
+    return torch.minimum(k.clamp(min=1), counts.to(torch.long))
+
+
+@dataclass
+class Compressor:
+    """Base class of every method: ``VisualTokens -> VisualTokens``.
+
+    Subclasses set the class attributes below, add typed hyper-parameters as dataclass fields
+    (validated in ``__post_init__``, calling ``super().__post_init__()``), and implement :meth:`compress`.
+    """
+
+    budget: int | float = 0.5
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    stage: ClassVar[str] = "projector"
+    paper: ClassVar[str] = ""
+    trainable: ClassVar[bool] = False
+    #: signals the method reads from :class:`VisualTokens` (``cls_attn``, ``keys``, ``text``).
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+
+    # --- the one required method --------------------------------------------------------------
+    def compress(self, tokens: VisualTokens) -> VisualTokens:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, tokens: VisualTokens) -> VisualTokens:
+        """Validate ``tokens``, check the signals this method needs, and compress."""
+        if not isinstance(tokens, VisualTokens):
+            raise ValueError(f"{self.name or type(self).__name__} expects VisualTokens; got {type(tokens).__name__}")
+        tokens.validate()
+        for signal in self.needs:
+            if getattr(tokens, signal) is None:
+                raise ValueError(
+                    f"method {self.name!r} needs the {signal!r} signal, which these tokens do not carry "
+                    f"(apply it through vtcompress.apply on a model that provides it, or pass {signal}=...)"
+                )
+        return self.compress(tokens)
+
+    def keep_counts(self, tokens: VisualTokens) -> Tensor:
+        """``[B]`` tokens to keep per image under this method's budget."""
+        return keep_counts(self.budget, tokens.counts, tokens.num_tokens)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+
+@dataclass
+class ScoreCompressor(Compressor):
+    """Keep the top-k tokens of each image by a score; subclasses write only :meth:`score`.
+
+    Kept tokens stay in spatial order; padded tokens are never kept; ties break towards lower index.
+    """
+
+    def score(self, tokens: VisualTokens) -> Tensor:  # pragma: no cover - abstract
+        """``[B, N]`` score per token, higher is kept."""
+        raise NotImplementedError
+
+    def compress(self, tokens: VisualTokens) -> VisualTokens:
+        from .ops import topk_sorted  # local import keeps ops free of the base classes
+
+        scores = self.score(tokens)
+        idx, valid = topk_sorted(scores, self.keep_counts(tokens), tokens.mask)
+        return tokens.select(idx, valid)
+
+
+# ---------------------------------------------------------------------------------- registry
+def register(cls: type[Compressor]) -> type[Compressor]:
+    """Class decorator: add a method to the registry under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.stage not in STAGES:
+        raise ValueError(f"{cls.__name__}.stage={cls.stage!r}; allowed: {', '.join(STAGES)}")
+    if cls.family not in FAMILIES:
+        raise ValueError(f"{cls.__name__}.family={cls.family!r}; allowed: {', '.join(FAMILIES)}")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_methods() -> None:
+    from . import methods  # noqa: F401  (registers every built-in method)
+
+
+def list_methods(stage: str | None = None, family: str | None = None) -> list[str]:
+    """Names of the registered methods, optionally filtered by stage or family."""
+    _load_builtin_methods()
+    return sorted(
+        n for n, c in _REGISTRY.items()
+        if (stage is None or c.stage == stage) and (family is None or c.family == family)
+    )
+
+
+def method_info() -> list[dict[str, object]]:
+    """One row per method: name, family, stage, trainable, paper, signals needed."""
+    _load_builtin_methods()
+    return [
+        {"name": n, "family": c.family, "stage": c.stage, "trainable": c.trainable, "paper": c.paper,
+         "needs": ",".join(c.needs)}
+        for n, c in sorted(_REGISTRY.items(), key=lambda kv: (FAMILIES.index(kv[1].family), kv[0]))
+    ]
+
+
+def get(name: str | Compressor, **params) -> Compressor:
+    """Build a registered method by name: ``get("fastv", budget=0.25, layer=2)``.
+
+    Unknown names and unknown parameters raise ``ValueError`` with the valid choices.
+    """
+    if isinstance(name, Compressor):
+        if params:
+            return dataclasses.replace(name, **params)
+        return name
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no parameter(s) {', '.join(unknown)}; its parameters: {', '.join(sorted(fields))}"
+        )
+    return cls(**params)

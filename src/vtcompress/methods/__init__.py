@@ -1,0 +1,1 @@
+"""Built-in methods, one file per family. Importing this package registers them all."""

@@ -1,0 +1,281 @@
+"""`VisualTokens`: the one data structure every compression method maps to and from.
+
+All tensors are batch-first. ``B`` is the number of images (one row per image), ``N`` the number of
+tokens now, ``N0`` the number of patches of the original grid (``grid[0] * grid[1]``).
+
+Invariants every method keeps (and the table-driven tests check):
+
+* valid tokens come first in each row, in ascending ``pos`` (spatial / raster order); padding after;
+* ``size`` of the valid tokens of a row sums to the number of original patches they stand for
+  (merging methods keep the total, pruning methods drop the dropped patches' share);
+* ``assign[b, p]`` is the output token that original patch ``p`` went to, or ``-1`` if it was dropped;
+  for a kept token ``t``, ``assign[b, pos[b, t]] == t``.
+
+Two shared operations apply a decision to every field at once, so fields can never drift apart:
+:meth:`VisualTokens.select` (keep a subset: pruning) and :meth:`VisualTokens.merge` (group tokens into
+fewer tokens with a size-weighted mean: merging, pooling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["VisualTokens"]
+
+
+def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """``t [B,N,...]`` gathered along dim 1 by ``idx [B,K]`` -> ``[B,K,...]``."""
+    if t.dim() == 2:
+        return t.gather(1, idx)
+    expanded = idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+    return t.gather(1, expanded)
+
+
+@dataclass
+class VisualTokens:
+    """Visual tokens of a batch of images, with provenance.
+
+    Attributes:
+        x: ``[B, N, D]`` features (floating point).
+        mask: ``[B, N]`` bool, True for valid tokens (ragged batches are right-padded).
+        pos: ``[B, N]`` long, index in the original ``grid`` (raster order) of each token's anchor patch.
+        grid: ``(H, W)`` of the original patch grid; ``H * W == N0``.
+        size: ``[B, N]`` float, number of original patches each token stands for.
+        assign: ``[B, N0]`` long, output token of each original patch, ``-1`` if dropped.
+        layout: ``(h, w)`` when the current tokens still form a full regular grid (``h * w == N``), else
+            ``None`` (after pruning). Grid operations (pooling, unshuffle) need it.
+        cls_attn: optional ``[B, N]`` attention each token receives from the vision encoder's [CLS]
+            (or mean attention received, for encoders without [CLS]).
+        keys: optional ``[B, N, Dk]`` attention keys of the tokens (head-averaged) from the vision encoder.
+        text: optional ``[B, T, Dt]`` embeddings of the prompt, for text-guided methods.
+        text_mask: optional ``[B, T]`` bool valid prompt tokens.
+    """
+
+    x: Tensor
+    mask: Tensor
+    pos: Tensor
+    grid: tuple[int, int]
+    size: Tensor
+    assign: Tensor
+    layout: tuple[int, int] | None = None
+    cls_attn: Tensor | None = None
+    keys: Tensor | None = None
+    text: Tensor | None = None
+    text_mask: Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_features(
+        cls,
+        x: Tensor,
+        grid: tuple[int, int] | None = None,
+        mask: Tensor | None = None,
+        cls_attn: Tensor | None = None,
+        keys: Tensor | None = None,
+        text: Tensor | None = None,
+        text_mask: Tensor | None = None,
+    ) -> VisualTokens:
+        """Wrap the full, uncompressed patch features ``x [B, N, D]`` of a ``grid`` (default: square).
+
+        ``mask`` marks valid patches; ``pos``, ``size`` and ``assign`` start as the identity.
+        """
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"features must be a tensor of shape [B, N, D]; got {shape}")
+        b, n, _ = x.shape
+        if grid is None:
+            side = int(round(n**0.5))
+            if side * side != n:
+                raise ValueError(f"{n} tokens do not form a square grid; pass grid=(H, W) with H * W == {n}")
+            grid = (side, side)
+        grid = (int(grid[0]), int(grid[1]))
+        if grid[0] * grid[1] != n:
+            raise ValueError(f"grid {grid} has {grid[0] * grid[1]} patches but the features have N={n} tokens")
+        dev = x.device
+        pos = torch.arange(n, device=dev).expand(b, n).clone()
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=dev)
+        mask = mask.to(device=dev, dtype=torch.bool)
+        assign = torch.where(mask, pos, torch.full_like(pos, -1))
+        size = mask.to(torch.float32)
+        tokens = cls(
+            x=x, mask=mask, pos=pos, grid=grid, size=size, assign=assign, layout=grid,
+            cls_attn=cls_attn, keys=keys, text=text, text_mask=text_mask,
+        )
+        tokens.validate()
+        return tokens
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """``N``: tokens per row now (including padding)."""
+        return self.x.shape[1]
+
+    @property
+    def num_patches(self) -> int:
+        """``N0``: patches of the original grid."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def counts(self) -> Tensor:
+        """``[B]`` long: valid tokens per row."""
+        return self.mask.sum(1)
+
+    def replace(self, **changes) -> VisualTokens:
+        return dataclasses.replace(self, **changes)
+
+    def to(self, *args, **kwargs) -> VisualTokens:
+        """Move the floating fields (``x``, signals) like ``Tensor.to``; index fields only change device."""
+        def conv(t):
+            if t is None:
+                return None
+            return t.to(*args, **kwargs) if t.is_floating_point() else t.to(device=t.to(*args, **kwargs).device)
+        return self.replace(**{f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)
+                               if isinstance(getattr(self, f.name), Tensor)})
+
+    def row(self, b: int) -> VisualTokens:
+        """The valid tokens of image ``b`` as a batch of one."""
+        n = int(self.counts[b])
+        idx = torch.arange(n, device=self.x.device)[None]
+        sub = self.replace(**{name: (t[b : b + 1] if t is not None else None) for name, t in self._batched().items()})
+        return sub.select(idx)
+
+    def _batched(self) -> dict[str, Tensor | None]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("grid", "layout")}
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad value if shapes, dtypes or values are inconsistent."""
+        x = self.x
+        if not x.is_floating_point():
+            raise ValueError(f"features must be floating point (float32/bfloat16/float16); got dtype {x.dtype}")
+        b, n, _ = x.shape
+        for name, t, dtype in (("mask", self.mask, torch.bool), ("pos", self.pos, torch.long),
+                               ("size", self.size, None)):
+            if tuple(t.shape) != (b, n):
+                raise ValueError(f"{name} must have shape [B, N] = {(b, n)}; got {tuple(t.shape)}")
+            if dtype is not None and t.dtype != dtype:
+                raise ValueError(f"{name} must have dtype {dtype}; got {t.dtype}")
+        if tuple(self.assign.shape) != (b, self.num_patches):
+            raise ValueError(
+                f"assign must have shape [B, N0] = {(b, self.num_patches)} for grid {self.grid}; "
+                f"got {tuple(self.assign.shape)}"
+            )
+        if self.layout is not None and self.layout[0] * self.layout[1] != n:
+            raise ValueError(f"layout {self.layout} does not match N={n} tokens")
+        if self.cls_attn is not None and tuple(self.cls_attn.shape) != (b, n):
+            raise ValueError(f"cls_attn must have shape [B, N] = {(b, n)}; got {tuple(self.cls_attn.shape)}")
+        if self.keys is not None and tuple(self.keys.shape[:2]) != (b, n):
+            raise ValueError(f"keys must have shape [B, N, Dk] with B, N = {(b, n)}; got {tuple(self.keys.shape)}")
+        if bool(torch.isnan(x).any()) or bool(torch.isinf(x).any()):
+            bad = int((~torch.isfinite(x)).any(-1).sum())
+            raise ValueError(f"features contain NaN/inf values ({bad} token(s)); compressing them is meaningless")
+
+    # ------------------------------------------------------------------ the two shared operations
+    def select(self, idx: Tensor, valid: Tensor | None = None) -> VisualTokens:
+        """Keep tokens ``idx [B, K]`` (indices into the current tokens) in every field.
+
+        ``valid [B, K]`` marks real picks (rows with fewer picks are right-padded; padded picks may
+        point anywhere). Dropped tokens' patches get ``assign = -1``. The caller keeps ``idx`` in
+        ascending order so that spatial order is kept.
+        """
+        b, n = self.mask.shape
+        k = idx.shape[1]
+        idx = idx.to(device=self.x.device, dtype=torch.long)
+        valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid.to(torch.bool)
+        valid = valid & self.mask.gather(1, idx)
+        fields = {}
+        for name, t in self._batched().items():
+            if t is None or name in ("assign", "text", "text_mask"):
+                continue
+            fields[name] = _gather_rows(t, idx)
+        fields["mask"] = valid
+        fields["size"] = torch.where(valid, fields["size"], torch.zeros_like(fields["size"]))
+        # remap[b, old] = new index (or -1): the provenance of every original patch follows its token.
+        remap = torch.full((b, n + 1), -1, dtype=torch.long, device=idx.device)
+        slot = torch.where(valid, idx, torch.full_like(idx, n))  # padded picks write to a dump column
+        remap.scatter_(1, slot, torch.arange(k, device=idx.device).expand(b, k).contiguous())
+        remap[:, n] = -1
+        assign = torch.where(self.assign >= 0, remap.gather(1, self.assign.clamp(min=0)), self.assign)
+        layout = self.layout if (k == n and bool(valid.all()) and
+                                 bool((idx == torch.arange(n, device=idx.device)).all())) else None
+        return self.replace(**fields, assign=assign, layout=layout)
+
+    def merge(
+        self,
+        dest: Tensor,
+        anchor: Tensor,
+        weight: Tensor | None = None,
+        layout: tuple[int, int] | None = None,
+    ) -> VisualTokens:
+        """Group tokens into ``M`` output tokens with a size-weighted mean.
+
+        Args:
+            dest: ``[B, N]`` long, output slot in ``[0, M)`` of each current token, ``-1`` to drop it.
+            anchor: ``[B, M]`` long, the current token whose ``pos`` each slot keeps (its position in
+                the LLM), or ``-1`` for an empty (padding) slot. Slots must be in ascending anchor ``pos``.
+            weight: optional ``[B, N]`` extra weight per token (e.g. attention), multiplied with ``size``.
+            layout: the grid the output forms, if it is a full regular grid (pooling).
+
+        ``x`` and ``keys`` become weighted means, ``size`` and ``cls_attn`` sums (mass is conserved),
+        ``assign`` follows every patch to its slot.
+        """
+        b, n = self.mask.shape
+        m = anchor.shape[1]
+        dev = self.x.device
+        dest = torch.where(self.mask, dest.to(dev, torch.long), torch.full_like(dest, -1))
+        slot = torch.where(dest >= 0, dest, torch.full_like(dest, m))  # dropped tokens -> dump slot m
+        w = self.size.to(torch.float32) * (1.0 if weight is None else weight.to(torch.float32))
+        w = torch.where(dest >= 0, w, torch.zeros_like(w))
+
+        def wmean(t: Tensor) -> Tensor:
+            d = t.shape[-1]
+            acc = torch.zeros(b, m + 1, d, device=dev, dtype=torch.float32)
+            acc.scatter_add_(1, slot[..., None].expand(-1, -1, d), t.to(torch.float32) * w[..., None])
+            den = torch.zeros(b, m + 1, device=dev, dtype=torch.float32).scatter_add_(1, slot, w)
+            return (acc[:, :m] / den[:, :m, None].clamp_min(1e-12)).to(t.dtype)
+
+        def ssum(t: Tensor) -> Tensor:
+            acc = torch.zeros(b, m + 1, device=dev, dtype=torch.float32)
+            acc.scatter_add_(1, slot, torch.where(dest >= 0, t.to(torch.float32), torch.zeros_like(w)))
+            return acc[:, :m].to(t.dtype)
+
+        valid = anchor >= 0
+        safe_anchor = anchor.clamp(min=0)
+        assign = torch.where(self.assign >= 0, dest.gather(1, self.assign.clamp(min=0)), self.assign)
+        return self.replace(
+            x=wmean(self.x),
+            mask=valid,
+            pos=torch.where(valid, self.pos.gather(1, safe_anchor), torch.zeros_like(safe_anchor)),
+            size=ssum(self.size),
+            assign=assign,
+            layout=layout,
+            cls_attn=ssum(self.cls_attn) if self.cls_attn is not None else None,
+            keys=wmean(self.keys) if self.keys is not None else None,
+        )
+
+    def sort_by_pos(self) -> VisualTokens:
+        """Reorder each row so valid tokens come first in ascending ``pos`` (restores the invariant)."""
+        big = self.num_patches + 1
+        key = torch.where(self.mask, self.pos, torch.full_like(self.pos, big))
+        order = key.argsort(dim=1, stable=True)
+        return self.select(order, self.mask.gather(1, order))
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        """Spread per-token values ``y [B, N, ...]`` back to the original grid ``[B, N0, ...]``.
+
+        Dropped patches get zeros. Useful for visualising and for composing methods.
+        """
+        idx = self.assign.clamp(min=0)
+        out = _gather_rows(y, idx)
+        keep = (self.assign >= 0).reshape(*self.assign.shape, *([1] * (y.dim() - 2)))
+        return torch.where(keep, out, torch.zeros_like(out))
