@@ -1,0 +1,210 @@
+"""Token maps (vtcompress.viz): pixels read back, panel layout, the ``vtcompress show`` command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vtcompress.tokens import VisualTokens
+from vtcompress.viz import (
+    DIM_FACTOR,
+    GRID_SHADE,
+    OUTLINE,
+    PALETTE,
+    TINT_ALPHA,
+    panel_grid,
+    patch_states,
+    to_pil,
+    token_map,
+)
+
+GRID = (4, 5)  # non-square on purpose: rows and columns must not be swapped
+CELL = 16
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(GRID[0] * CELL, GRID[1] * CELL, 3), dtype=np.uint8)
+
+
+def _tokens(b: int = 1) -> VisualTokens:
+    n = GRID[0] * GRID[1]
+    return VisualTokens.from_features(torch.randn(b, n, 8), grid=GRID)
+
+
+def _cell(arr: np.ndarray, p: int, inset: int = 0) -> np.ndarray:
+    """Pixels of patch ``p`` (raster order), ``inset`` px trimmed from every side."""
+    r, c = divmod(p, GRID[1])
+    return arr[r * CELL + inset : (r + 1) * CELL - inset, c * CELL + inset : (c + 1) * CELL - inset]
+
+
+def _band_width() -> int:
+    return max(1, CELL // 12)
+
+
+def test_dropped_dimmed_kept_untouched_inside_outline():
+    img = _image()
+    kept = [0, 6, 13]
+    t = _tokens().select(torch.tensor([kept]))
+    out = np.asarray(token_map(img, t, cell=CELL))
+    assert out.shape == img.shape
+    w = _band_width()
+    for p in range(GRID[0] * GRID[1]):
+        if p in kept:
+            # inside the outline: the input pixels, bit for bit
+            np.testing.assert_array_equal(_cell(out, p, w), _cell(img, p, w))
+            # the outline band: top row and left column of the cell are the outline colour
+            r, c = divmod(p, GRID[1])
+            assert (out[r * CELL, c * CELL : (c + 1) * CELL] == OUTLINE).all()
+            assert (out[r * CELL : (r + 1) * CELL, (c + 1) * CELL - 1] == OUTLINE).all()
+        else:
+            # the cell minus its grid line (top row, left column): pixel * DIM_FACTOR
+            ref = np.rint(_cell(img, p)[1:, 1:].astype(np.float32) * DIM_FACTOR)
+            np.testing.assert_array_equal(_cell(out, p)[1:, 1:], ref)
+            # the grid line: dimmed, then shaded
+            ref_line = np.rint(_cell(img, p)[0, 1:].astype(np.float32) * DIM_FACTOR * GRID_SHADE)
+            np.testing.assert_array_equal(_cell(out, p)[0, 1:], ref_line)
+
+
+def test_merged_patches_share_a_colour_and_groups_differ():
+    img = np.full((GRID[0] * CELL, GRID[1] * CELL, 3), 128, dtype=np.uint8)
+    t = _tokens()
+    n = t.num_patches
+    # token 0 <- patches {0, 1, 5}; token 1 <- {2, 3}; every other patch is its own token; patch 19 dropped
+    dest = torch.full((1, n), -1, dtype=torch.long)
+    dest[0, [0, 1, 5]] = 0
+    dest[0, [2, 3]] = 1
+    singles = [p for p in range(n) if p not in (0, 1, 5, 2, 3, 19)]
+    dest[0, singles] = torch.arange(2, 2 + len(singles))
+    anchor = torch.tensor([[0, 2, *singles]])
+    merged = t.merge(dest, anchor)
+    assert merged.size[0, 0] == 3 and merged.size[0, 1] == 2
+    out = np.asarray(token_map(img, merged, cell=CELL))
+    w = _band_width()
+    inner = [_cell(out, p, w) for p in range(n)]
+    colour0 = np.rint(128 * (1 - TINT_ALPHA) + np.asarray(PALETTE[0], np.float32) * TINT_ALPHA)
+    colour1 = np.rint(128 * (1 - TINT_ALPHA) + np.asarray(PALETTE[1], np.float32) * TINT_ALPHA)
+    for p in (0, 1, 5):
+        assert (inner[p] == colour0).all(), p
+    for p in (2, 3):
+        assert (inner[p] == colour1).all(), p
+    assert not np.array_equal(colour0, colour1)
+    for p in singles:
+        assert (inner[p] == 128).all(), p  # kept single patches: untouched
+    assert (inner[19] == round(128 * DIM_FACTOR)).all()
+    # anchors are outlined, the other members of a group are not
+    assert (out[0, 0:CELL] == OUTLINE).all()  # patch 0's top band
+    assert not (out[0, CELL : 2 * CELL] == OUTLINE).all(axis=-1).any()  # patch 1 is merged into 0, no outline
+
+
+def test_kept_mask_assignment_and_tokens_draw_the_same():
+    img = _image(1)
+    kept = torch.zeros(GRID[0] * GRID[1], dtype=torch.bool)
+    kept[[1, 2, 7, 19]] = True
+    via_tokens = token_map(img, _tokens().select(kept.nonzero().T), cell=CELL)
+    via_mask = token_map(img, kept, grid=GRID, cell=CELL)
+    via_assign = token_map(img, torch.where(kept, kept.cumsum(0) - 1, -1), grid=GRID, cell=CELL)
+    np.testing.assert_array_equal(np.asarray(via_tokens), np.asarray(via_mask))
+    np.testing.assert_array_equal(np.asarray(via_tokens), np.asarray(via_assign))
+
+
+def test_batched_row_equals_single_image():
+    img = _image(2)
+    t = _tokens(3)
+    idx = torch.tensor([[0, 3, 4, 9], [1, 2, 18, 0], [5, 6, 7, 8]])
+    valid = torch.tensor([[True] * 4, [True, True, True, False], [True] * 4])
+    sel = t.select(idx, valid)
+    for b in range(3):
+        one = sel.row(b)
+        np.testing.assert_array_equal(np.asarray(token_map(img, sel, index=b, cell=CELL)),
+                                      np.asarray(token_map(img, one, cell=CELL)))
+    grid, assign, anchor, group = patch_states(sel, index=1)
+    assert grid == GRID and anchor.sum() == 3 and (assign >= 0).sum() == 3 and set(group) == {0, 1}
+
+
+def test_image_types_agree():
+    img = _image(3)
+    t = _tokens().select(torch.tensor([[0, 4, 8]]))
+    ref = np.asarray(token_map(img, t, cell=CELL))
+    chw_u8 = torch.from_numpy(img).permute(2, 0, 1)
+    chw_f = chw_u8.float() / 255.0
+    for im in (Image.fromarray(img), chw_u8, chw_f, chw_f[None]):
+        np.testing.assert_array_equal(np.asarray(token_map(im, t, cell=CELL)), ref)
+    # normalised pixel values (negative) are stretched for display, not rejected
+    assert to_pil(torch.randn(3, 8, 8)).size == (8, 8)
+
+
+def test_default_cell_enlarges_small_images():
+    t = VisualTokens.from_features(torch.randn(1, 144, 4))
+    out = token_map(np.zeros((96, 96, 3), np.uint8), t.select(torch.tensor([[0]])))
+    assert out.size == (384, 384)  # 12 patches x 32 px: the long side reaches TARGET_SIDE
+
+
+def test_panel_grid_layout():
+    a = Image.new("RGB", (40, 30), (255, 0, 0))
+    b = Image.new("RGB", (50, 20), (0, 255, 0))
+    c = Image.new("RGB", (10, 10), (0, 0, 255))
+    pad = 6
+    out = panel_grid([("a", a), ("b: a longer title\nsecond line", b), ("c", c)], cols=2, pad=pad)
+    cw, ch, cols, rows = 50, 30, 2, 2
+    assert out.width == cols * cw + (cols + 1) * pad
+    th = (out.height - rows * ch - (rows + 1) * pad) / rows
+    assert th == int(th) and th > 0
+    th = int(th)
+    arr = np.asarray(out)
+    for i, im in enumerate((a, b, c)):
+        r, col = divmod(i, cols)
+        x0, y0 = pad + col * (cw + pad), pad + r * (th + ch + pad) + th
+        np.testing.assert_array_equal(arr[y0 : y0 + im.height, x0 : x0 + im.width], np.asarray(im))
+    # titles are drawn (dark pixels) above the first panel, nothing below the last panel
+    assert (arr[pad : pad + th, pad : pad + cw] < 100).any()
+
+
+def test_decoder_layers_become_side_by_side_panels():
+    img = _image(4)
+    n = GRID[0] * GRID[1]
+    k2 = torch.arange(n) % 2 == 0
+    k6 = torch.arange(n) % 4 == 0
+    out = token_map(img, {2: k2, 6: k6}, grid=GRID, cell=CELL)
+    pad = 8
+    assert out.width == 2 * GRID[1] * CELL + 3 * pad
+    panel2 = np.asarray(token_map(img, k2, grid=GRID, cell=CELL))
+    th = out.height - GRID[0] * CELL - 2 * pad
+    np.testing.assert_array_equal(np.asarray(out)[pad + th : pad + th + GRID[0] * CELL, pad : pad + GRID[1] * CELL],
+                                  panel2)
+    same = token_map(img, [("layer 2: 10 kept", k2), ("layer 6: 5 kept", k6)], grid=GRID, cell=CELL)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(same))
+
+
+@pytest.mark.parametrize(
+    "image, tokens, kwargs, message",
+    [
+        ("not an image", None, {}, "image must be"),
+        (np.zeros((4, 4, 5), np.uint8), None, {}, "numpy image must have shape"),
+        (torch.zeros(2, 3, 4, 4), None, {}, "tensor image must have shape"),
+        (None, torch.ones(15, dtype=torch.bool), {}, "not a square grid"),
+        (None, torch.ones(20, dtype=torch.bool), {"grid": (3, 3)}, "grid (3, 3) has 9 patches"),
+        (None, torch.ones(20), {"grid": GRID}, "must be bool"),
+        (None, "tokens", {}, "tokens_or_result must be"),
+        (None, [("a",)], {}, "(title, tokens) pairs"),
+        (None, {}, {}, "no stages"),
+        (None, "batch", {"index": 1}, "index=1 is out of range"),
+        (None, "batch", {"cell": 0}, "cell must be an int >= 1"),
+        (None, "batch", {"grid": (5, 4)}, "does not match the tokens' grid"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(image, tokens, kwargs, message):
+    image = _image() if image is None else image
+    tokens = _tokens() if tokens is None or (isinstance(tokens, str) and tokens == "batch") else tokens
+    with pytest.raises(ValueError) as err:
+        token_map(image, tokens, **kwargs)
+    assert message in str(err.value)
+
+
+def test_panel_grid_bad_input():
+    with pytest.raises(ValueError, match="at least one"):
+        panel_grid([])
+    with pytest.raises(ValueError, match="cols must be an int >= 1"):
+        panel_grid([("a", Image.new("RGB", (4, 4)))], cols=0)
