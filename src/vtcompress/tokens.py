@@ -35,6 +35,15 @@ def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(1, expanded)
 
 
+def _sum_rows(t: Tensor, slot: Tensor, keep: Tensor, m: int) -> Tensor:
+    """Sum the rows of ``t [B,N,Q]`` into ``m`` slots given by ``slot [B,N]`` (``keep`` False -> dropped)."""
+    b, _, q = t.shape
+    acc = torch.zeros(b, m + 1, q, device=t.device, dtype=torch.float32)
+    vals = torch.where(keep[..., None], t.to(torch.float32), torch.zeros((), device=t.device))
+    acc.scatter_add_(1, slot[..., None].expand(-1, -1, q), vals)
+    return acc[:, :m].to(t.dtype)
+
+
 @dataclass
 class VisualTokens:
     """Visual tokens of a batch of images, with provenance.
@@ -53,6 +62,9 @@ class VisualTokens:
         keys: optional ``[B, N, Dk]`` attention keys of the tokens (head-averaged) from the vision encoder.
         text: optional ``[B, T, Dt]`` embeddings of the prompt, for text-guided methods.
         text_mask: optional ``[B, T]`` bool valid prompt tokens.
+        attn: optional ``[B, N, Q]`` attention each token receives from ``Q`` chosen query rows of an LLM
+            decoder layer (decoder stage: FastV's last token ``Q = 1``, SparseVLM's prompt tokens); when
+            ``Q`` rows are prompt tokens, ``text_mask [B, Q]`` marks the valid ones.
     """
 
     x: Tensor
@@ -66,6 +78,7 @@ class VisualTokens:
     keys: Tensor | None = None
     text: Tensor | None = None
     text_mask: Tensor | None = None
+    attn: Tensor | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -176,6 +189,8 @@ class VisualTokens:
             raise ValueError(f"cls_attn must have shape [B, N] = {(b, n)}; got {tuple(self.cls_attn.shape)}")
         if self.keys is not None and tuple(self.keys.shape[:2]) != (b, n):
             raise ValueError(f"keys must have shape [B, N, Dk] with B, N = {(b, n)}; got {tuple(self.keys.shape)}")
+        if self.attn is not None and (self.attn.dim() != 3 or tuple(self.attn.shape[:2]) != (b, n)):
+            raise ValueError(f"attn must have shape [B, N, Q] with B, N = {(b, n)}; got {tuple(self.attn.shape)}")
         if bool(torch.isnan(x).any()) or bool(torch.isinf(x).any()):
             bad = int((~torch.isfinite(x)).any(-1).sum())
             raise ValueError(f"features contain NaN/inf values ({bad} token(s)); compressing them is meaningless")
@@ -261,6 +276,7 @@ class VisualTokens:
             layout=layout,
             cls_attn=ssum(self.cls_attn) if self.cls_attn is not None else None,
             keys=wmean(self.keys) if self.keys is not None else None,
+            attn=_sum_rows(self.attn, slot, dest >= 0, m) if self.attn is not None else None,
         )
 
     def sort_by_pos(self) -> VisualTokens:
