@@ -25,7 +25,9 @@ default, or any supported model saved in a local directory) and writes the map a
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,12 @@ __all__ = [
     "token_map",
     "panel_grid",
     "panel_title",
+    "gallery",
+    "show_main",
+    "load_model",
+    "model_inputs",
+    "method_stages",
+    "pixel_tokens",
 ]
 
 #: dropped patches keep this fraction of their brightness (pixel * 0.3: blended 70 % towards black).
@@ -389,3 +397,350 @@ def panel_title(method: str, budget: Any, kept: int, total: int) -> str:
     """``"<method>  budget <b>\\n<kept> / <total> tokens kept"``, the title of one method's panel."""
     return f"{method}  budget {budget}\n{kept} / {total} tokens kept"
 
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+#: question asked when the user gives none (text-guided methods read the prompt).
+DEFAULT_QUESTION = "what colour is the circle ?"
+#: ``--model none``: the image is cut into this many pixels per patch side and the raw patches are the features.
+PIXEL_PATCH = 8
+
+
+class _Loaded:
+    """A model ready to compress one image: the model, how to build its inputs, and its patch grid."""
+
+    def __init__(self, model, tokenizer=None, processor=None, image_size: int | None = None, name: str = ""):
+        self.model, self.tokenizer, self.processor, self.image_size, self.name = (
+            model, tokenizer, processor, image_size, name)
+
+
+def load_model(spec: str = "testbed", device: str = "cpu") -> _Loaded | None:
+    """``"testbed"`` (the shipped weights), ``"none"`` (no model: pixel patches are the features), or a local
+    directory holding a saved supported model (``from_pretrained``), with an ``AutoProcessor`` or, for a
+    testbed-style directory, just a tokenizer."""
+    if spec == "none":
+        return None
+    if spec == "testbed":
+        from .testbed.model import WEIGHTS_DIR, load_testbed
+
+        if not (WEIGHTS_DIR / "config.json").is_file():
+            raise ValueError(
+                f"the testbed weights are not installed ({WEIGHTS_DIR} has no config.json); train them with "
+                "`vtcompress testbed train`, or pass --model DIR (a saved model) or --model none"
+            )
+        model, tok = load_testbed(device=device)
+        return _Loaded(model, tokenizer=tok, image_size=int(model.config.vision_config.image_size), name="testbed")
+    path = Path(spec)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ValueError(
+            f"--model {spec!r}: expected 'testbed', 'none' or a local directory with a saved model (config.json)"
+        )
+    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(str(path)).to(device).eval()
+    has_processor = any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json"))
+    if has_processor:
+        return _Loaded(model, processor=AutoProcessor.from_pretrained(str(path)), name=path.name)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.padding_side = "left"
+    vision = getattr(model.config, "vision_config", None)
+    size = getattr(vision, "image_size", None)
+    if not isinstance(size, int):
+        raise ValueError(f"{spec!r} has no processor config and its vision config gives no square image_size")
+    return _Loaded(model, tokenizer=tok, image_size=size, name=path.name)
+
+
+def model_inputs(loaded: _Loaded, image: Image.Image, question: str = DEFAULT_QUESTION) -> dict[str, torch.Tensor]:
+    """The inputs of one (image, question) for ``loaded``'s model, built like its training / processor does.
+
+    Testbed-style models (no processor): the image resized to the tower's ``image_size`` (bicubic) and
+    CLIP-normalised exactly as ``vtcompress.testbed.encode`` does, with the testbed prompt.
+    """
+    model = loaded.model
+    if loaded.processor is not None:
+        proc = loaded.processor
+        text = None
+        if getattr(proc, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            text = proc.apply_chat_template(messages, add_generation_prompt=True)
+        if text is None:
+            token = getattr(proc, "image_token", None) or "<image>"
+            text = f"{token}\n{question}"
+        enc = proc(images=[image], text=[text], return_tensors="pt")
+        return {k: v.to(model.device) for k, v in enc.items() if isinstance(v, torch.Tensor)}
+    from .testbed.model import build_prompt, pixel_values_from_images
+
+    size = loaded.image_size
+    arr = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC) if image.size != (size, size) else image)
+    n_img = int(getattr(model.config, "image_seq_length", 0) or 0)
+    if n_img <= 0:
+        raise ValueError("the model config has no image_seq_length; save it with an AutoProcessor instead")
+    enc = loaded.tokenizer([build_prompt(question, n_img)], return_tensors="pt", add_special_tokens=False)
+    dtype = next(model.parameters()).dtype
+    return {
+        "input_ids": enc["input_ids"].to(model.device),
+        "attention_mask": enc["attention_mask"].to(model.device),
+        "pixel_values": pixel_values_from_images([arr]).to(device=model.device, dtype=dtype),
+    }
+
+
+def pixel_tokens(image: Image.Image, grid: tuple[int, int], patch: int = PIXEL_PATCH) -> VisualTokens:
+    """No model: ``VisualTokens`` whose features are the raw RGB patches, ``x [1, H*W, 3*patch*patch]`` in [0, 1]."""
+    gh, gw = grid
+    arr = np.asarray(image.resize((gw * patch, gh * patch), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+    x = arr.reshape(gh, patch, gw, patch, 3).transpose(0, 2, 1, 3, 4).reshape(1, gh * gw, -1)
+    return VisualTokens.from_features(torch.from_numpy(np.ascontiguousarray(x)), grid=grid)
+
+
+def _no_model_check(method) -> None:
+    if method.stage != "projector":
+        raise ValueError(
+            f"method {method.name!r} acts in the {method.stage} stage and needs a model; --model none only gives "
+            "pixel features (use --model testbed or --model DIR)"
+        )
+    if method.needs:
+        raise ValueError(
+            f"method {method.name!r} needs the {', '.join(repr(s) for s in method.needs)} signal from a model; "
+            "--model none only gives pixel features (use --model testbed or --model DIR)"
+        )
+
+
+def _stages_of(result: Any) -> list[tuple[str, Any]]:
+    """Normalise what a compression returned into ``[(stage title or "", tokens or kept mask), ...]``."""
+    if isinstance(result, VisualTokens):
+        return [("", result)]
+    if isinstance(result, Mapping):
+        return [(f"layer {k}", v) for k, v in result.items()]
+    if isinstance(result, (list, tuple)):
+        return [(str(t), v) for t, v in result]
+    raise ValueError(f"cannot draw a compression result of type {type(result).__name__}")
+
+
+def method_stages(
+    loaded: _Loaded | None,
+    method,
+    image: Image.Image,
+    question: str = DEFAULT_QUESTION,
+    grid: tuple[int, int] = (12, 12),
+) -> list[tuple[str, Any]]:
+    """Run ``method`` (a built :class:`~vtcompress.compressor.Compressor`) on one image.
+
+    Returns ``[(stage title, tokens)]``: one entry for a projector / encoder-stage method (title ``""``), one
+    per pruning layer for a decoder-stage method (``"layer K"``). ``loaded`` is ``None`` for no model (pixel
+    features on ``grid``; methods needing a model signal raise ``ValueError``).
+    """
+    if loaded is None:
+        _no_model_check(method)
+        return _stages_of(method(pixel_tokens(image, grid)))
+    inputs = model_inputs(loaded, image, question)
+    return _stages_of(_compress_with_model(loaded.model, method, inputs))
+
+
+@torch.no_grad()
+def _compress_with_model(model, method, inputs: dict[str, torch.Tensor]) -> Any:
+    try:
+        from .models.apply import compress_inputs
+    except ImportError:
+        compress_inputs = None
+    if compress_inputs is not None:
+        return compress_inputs(model, method, **inputs)
+    # apply.py not available: projector-stage methods that read only the features, called directly
+    if method.stage != "projector" or method.needs:
+        raise ValueError(f"method {method.name!r} needs vtcompress.compress_inputs (models/apply.py)")
+    out = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    feats = getattr(out, "pooler_output", out)
+    x = feats[0] if isinstance(feats, (list, tuple)) else feats
+    return method(VisualTokens.from_features(x.reshape(1, -1, x.shape[-1]).float()))
+
+
+# ----------------------------------------------------------------------------------------------- gallery / CLI
+
+
+def _as_loaded(model, tokenizer) -> _Loaded | None:
+    if model is None or isinstance(model, _Loaded):
+        return model
+    if tokenizer is not None and hasattr(tokenizer, "image_processor"):
+        return _Loaded(model, processor=tokenizer)
+    size = getattr(getattr(model.config, "vision_config", None), "image_size", None)
+    return _Loaded(model, tokenizer=tokenizer, image_size=size if isinstance(size, int) else None)
+
+
+def _build(method, budget, params: dict | None):
+    from .compressor import Compressor, get
+
+    if isinstance(method, Compressor):
+        return get(method, **({"budget": budget} if budget is not None else {}), **(params or {}))
+    if not isinstance(method, str):
+        raise ValueError(f"methods are given by name or as Compressor instances; got {type(method).__name__}")
+    return get(method, **({"budget": budget} if budget is not None else {}), **(params or {}))
+
+
+def method_panels(
+    loaded: _Loaded | None,
+    image: Image.Image,
+    methods: Sequence[Any],
+    budget: int | float | None,
+    question: str = DEFAULT_QUESTION,
+    grid: tuple[int, int] = (12, 12),
+    params: dict | None = None,
+    cell: int | None = None,
+) -> list[tuple[str, Image.Image]]:
+    """One titled token map per method (and per pruning layer of a decoder-stage method)."""
+    panels = []
+    for m in methods:
+        method = _build(m, budget, params)
+        for stage, tokens in method_stages(loaded, method, image, question, grid):
+            g, _, anchor, _ = patch_states(tokens)
+            kept = int(tokens.counts[0]) if isinstance(tokens, VisualTokens) else int(anchor.sum())
+            title = panel_title(method.name + (f" ({stage})" if stage else ""), method.budget, kept, g[0] * g[1])
+            panels.append((title, token_map(image, tokens, cell=cell)))
+    return panels
+
+
+def gallery(
+    model,
+    tokenizer,
+    image: Any,
+    methods: Sequence[Any],
+    budget: int | float,
+    *,
+    question: str = DEFAULT_QUESTION,
+    cols: int | None = None,
+    cell: int | None = None,
+) -> Image.Image:
+    """Every method in ``methods`` at one ``budget`` on one image, as a titled grid of token maps.
+
+    ``model, tokenizer``: a loaded VLM and its tokenizer (testbed-style) or processor; ``model=None`` runs the
+    methods on pixel features (those needing a model signal raise ``ValueError``). ``image``: see
+    :func:`to_pil`. Each panel is titled with the method, the budget and the tokens kept.
+    """
+    pil = to_pil(image)
+    panels = method_panels(_as_loaded(model, tokenizer), pil, methods, budget, question, cell=cell)
+    return panel_grid(panels, cols if cols is not None else min(len(panels), 4))
+
+
+def _parse_budget(text: str) -> int | float:
+    from .compressor import check_budget
+
+    try:
+        budget: int | float = int(text)
+    except ValueError:
+        try:
+            budget = float(text)
+        except ValueError:
+            raise ValueError(
+                f"--budget {text!r} is not a number: give an int (tokens kept) or a fraction in (0, 1]"
+            ) from None
+    check_budget(budget)
+    return budget
+
+
+def _parse_grid(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--grid {text!r}: expected HxW with positive integers, e.g. 12x12")
+    return int(parts[0]), int(parts[1])
+
+
+def _parse_params(items: Sequence[str]) -> dict[str, Any]:
+    import ast
+
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE, e.g. layer=2")
+        try:
+            params[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            params[key] = value
+    return params
+
+
+def show_main(argv: list[str] | None = None) -> int:
+    """``vtcompress show``: draw which tokens a method keeps, merges and drops; write a PNG. Returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="vtcompress show",
+        description="Draw which patches a compression method keeps (outlined), merges (one colour per merged "
+        "group) and drops (dimmed) over an image, and write the map as a PNG.",
+    )
+    parser.add_argument("image", nargs="?", help="input image (PNG/JPEG); omit with --sample")
+    parser.add_argument("--method", help="one method (see `vtcompress list`)")
+    parser.add_argument("--methods", help="several methods, comma separated: a side-by-side grid")
+    parser.add_argument("--budget", default="0.25", help="tokens kept per image (int) or fraction (float); 0.25")
+    parser.add_argument("--model", default="testbed", help="'testbed' (default), 'none' (pixel features, no "
+                        "model) or a local directory with a saved supported model")
+    parser.add_argument("--out", default="token_map.png", help="output PNG (default token_map.png)")
+    parser.add_argument("--sample", type=int, help="draw testbed test image N (and ask its question)")
+    parser.add_argument("--question", help="prompt for text-guided methods")
+    parser.add_argument("--grid", default="12x12", help="patch grid HxW for --model none (default 12x12)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="method hyper-parameter, repeatable (e.g. --param layer=2)")
+    parser.add_argument("--cols", type=int, help="panels per row (default up to 4)")
+    parser.add_argument("--cell", type=int, help="pixels per patch side in the map")
+    parser.add_argument("--device", default="cpu")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage and the error
+        return int(exc.code or 0)
+    try:
+        path = _show(args)
+    except ValueError as exc:
+        print(f"vtcompress show: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def _show(args) -> Path:
+    from .compressor import list_methods
+
+    if args.method and args.methods:
+        raise ValueError("give --method NAME or --methods a,b,c, not both")
+    if (args.image is None) == (args.sample is None):
+        raise ValueError("give an IMAGE path or --sample N (a testbed test image), exactly one of them")
+    budget = _parse_budget(args.budget)
+    grid = _parse_grid(args.grid)
+    params = _parse_params(args.param)
+    if args.methods:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    elif args.method:
+        methods = [args.method]
+    else:
+        methods = default_methods()
+    if not methods:
+        raise ValueError(f"no method to draw; registered methods: {', '.join(list_methods()) or 'none'}")
+    question = args.question
+    if args.sample is not None:
+        from .testbed.data import SKILLS, make_sample, sample_seed
+
+        if args.sample < 0:
+            raise ValueError(f"--sample {args.sample} is out of range: a test image index is >= 0")
+        s = make_sample(sample_seed("test", args.sample), SKILLS[args.sample % len(SKILLS)])
+        image, question = Image.fromarray(s.image, "RGB"), question or s.question
+    else:
+        image = _open_image(args.image)
+    loaded = load_model(args.model, device=args.device)
+    panels = method_panels(loaded, image, methods, budget, question or DEFAULT_QUESTION, grid, params, args.cell)
+    cols = args.cols if args.cols is not None else min(len(panels), 4)
+    out = panel_grid(panels, cols)
+    path = Path(args.out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out!r}: the map is written as PNG; give a path ending in .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path, format="PNG")
+    return path
+
+
+#: drawn by ``vtcompress show`` when no method is named (those registered, in this order).
+DEFAULT_METHODS = ("random", "uniform", "avgpool", "tome", "divprune", "fastervlm", "visionzip", "prumerge",
+                   "fastv", "sparsevlm")
+
+
+def default_methods() -> list[str]:
+    """The methods ``vtcompress show`` draws when none is named: :data:`DEFAULT_METHODS` that are registered."""
+    from .compressor import list_methods
+
+    names = set(list_methods())
+    return [m for m in DEFAULT_METHODS if m in names]
