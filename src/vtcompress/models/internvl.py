@@ -1,0 +1,77 @@
+"""InternVL adapter (``InternVLForConditionalGeneration``): InternViT tiles, pixel shuffle, MLP projector.
+
+``get_image_features`` returns a Tensor ``[tiles, n, D]`` (already pixel-shuffled: each token covers a 2x2
+group of patches) for all images together; an image is one contiguous placeholder run of ``tiles_i * n``
+tokens (wrapped in ``<img>``/``</img>``), so the tiles per image are read from the runs in ``input_ids``.
+Each tile is a view with grid ``(s/2, s/2)``; the compressed features go back as a Tensor ``[1, K, D]``.
+Signals: [CLS] attention (InternViT has a [CLS]) summed over each shuffle group, keys averaged over it; the
+groups are learned by running the model's own ``pixel_shuffle``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .apply import Adapter, ImageLayout, register_adapter
+
+__all__ = ["InternVLAdapter"]
+
+
+class InternVLAdapter(Adapter):
+    family = "internvl"
+    model_classes = ("InternVLForConditionalGeneration",)
+    position_scheme = "1d"
+
+    def vision_layers(self, model):
+        return list(self.vision_tower(model).encoder.layer)
+
+    def attention_module(self, layer):
+        return layer.attention
+
+    def shuffled_grid(self, model) -> tuple[int, int]:
+        h, w = self.grid(model)
+        r = float(model.config.downsample_ratio)
+        return (int(h * r), int(w * r))
+
+    def tiles(self, model, inputs) -> list[int]:
+        ids = inputs["input_ids"]
+        is_img = (ids == self.image_token_id(model)).long()
+        edge = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)
+        starts = (edge == 1).nonzero()  # row-major, the order masked_scatter fills the placeholders
+        ends = (edge == -1).nonzero()
+        per = self.shuffled_grid(model)
+        n = per[0] * per[1]
+        lengths = (ends[:, 1] - starts[:, 1]).tolist()
+        if any(length % n for length in lengths):
+            raise ValueError(f"InternVL placeholder runs of {lengths} tokens are not multiples of {n} tokens per tile")
+        return [length // n for length in lengths]
+
+    def features(self, model, inputs, out) -> list[Tensor]:
+        feats = out.pooler_output
+        tiles = self.tiles(model, inputs)
+        if sum(tiles) != feats.shape[0]:
+            raise ValueError(f"input_ids place {sum(tiles)} tiles but pixel_values hold {feats.shape[0]}")
+        return [f.reshape(-1, f.shape[-1]) for f in torch.split(feats, tiles, dim=0)]
+
+    def wrap(self, out, feats):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(feats, dim=0)[None])
+
+    def layouts(self, model, inputs, feats):
+        grid = self.shuffled_grid(model)
+        n = grid[0] * grid[1]
+        return [ImageLayout.tiles(grid, int(f.shape[0]) // n, f.device) for f in feats]
+
+    def signal_to_features(self, model, inputs, records, reduce, feats):
+        sig = torch.cat(records, dim=0)[:, self.num_prefix_tokens(model):]  # [tiles, H*W, C]
+        t, _, c = sig.shape
+        h, w = self.grid(model)
+        shuffled = self.base(model).pixel_shuffle(sig.reshape(t, h, w, c), scale_factor=model.config.downsample_ratio)
+        groups = shuffled.reshape(t, -1, shuffled.shape[-1] // c, c)  # [tiles, n, patches per token, C]
+        pooled = groups.sum(2) if reduce == "sum" else groups.mean(2)
+        return [p.reshape(-1, c) for p in torch.split(pooled, self.tiles(model, inputs), dim=0)]
+
+
+register_adapter(InternVLAdapter())

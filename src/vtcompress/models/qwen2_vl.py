@@ -1,0 +1,87 @@
+"""Qwen2-VL and Qwen2.5-VL adapter: native-resolution tower, 2x2 patch merger, 3-D M-RoPE.
+
+``get_image_features`` returns per image ``[t*h*w/4, D]`` merged tokens (raster order over the merged grid
+``(t*h/2, w/2)``). Positions are M-RoPE: each kept token keeps its column of ``get_rope_index`` on the full
+sequence. The tower runs one attention call per image (Qwen2-VL) or per window (Qwen2.5-VL, whose tokens are
+reordered into windows in groups of 4 and back after the merger); there is no [CLS], so the attention signal
+is the mean attention each patch receives within the call (its window for windowed layers), summed over the 4
+patches a merged token covers; keys are averaged over them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .apply import Adapter, ImageLayout, register_adapter
+
+__all__ = ["Qwen2VLAdapter"]
+
+
+class Qwen2VLAdapter(Adapter):
+    family = "qwen2_vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    position_scheme = "mrope"
+    encoder_only_keys = ("mm_token_type_ids", "image_grid_thw")
+
+    def vision_tower(self, model):
+        return self.base(model).visual
+
+    def vision_layers(self, model):
+        return list(self.vision_tower(model).blocks)
+
+    def attention_module(self, layer):
+        return layer.attn
+
+    def num_prefix_tokens(self, model) -> int:
+        return 0
+
+    def feature_layer(self, model) -> int:
+        return -1
+
+    def merge(self, model) -> int:
+        return int(model.config.vision_config.spatial_merge_size)
+
+    def grid(self, model, thw=None) -> tuple[int, int]:
+        if thw is None:
+            raise ValueError("Qwen2-VL grids differ per image; pass image_grid_thw")
+        m = self.merge(model)
+        t, h, w = (int(v) for v in thw)
+        return (t * h // m, w // m)
+
+    def encoder_kwargs(self, model, inputs):
+        if inputs.get("pixel_values_videos") is not None:
+            raise ValueError("vtcompress.apply compresses images; pixel_values_videos is not supported yet for "
+                             f"{self.family} (pass images only)")
+        return super().encoder_kwargs(model, inputs)
+
+    def layouts(self, model, inputs, feats: list[Tensor]) -> list[ImageLayout]:
+        out = []
+        for f, thw in zip(feats, inputs["image_grid_thw"], strict=True):
+            grid = self.grid(model, thw)
+            if grid[0] * grid[1] != f.shape[0]:
+                raise ValueError(f"an image of grid_thw {thw.tolist()} has {f.shape[0]} features; expected "
+                                 f"{grid[0] * grid[1]}")
+            out.append(ImageLayout.single(grid, int(f.shape[0]), f.device))
+        return out
+
+    def signal_to_features(self, model, inputs, records, reduce, feats):
+        sig = torch.cat([r[0] for r in records], dim=0)  # [patches, C] in the order the blocks saw them
+        unit = self.merge(model) ** 2
+        sig = sig.reshape(-1, unit, sig.shape[-1])
+        vcfg = model.config.vision_config
+        if hasattr(vcfg, "fullatt_block_indexes"):  # Qwen2.5-VL: undo the window order (groups of `unit`)
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(
+                inputs["image_grid_thw"], spatial_merge_size=vcfg.spatial_merge_size,
+                window_size=vcfg.window_size, patch_size=vcfg.patch_size)
+            window_index = window_index.to(sig.device)
+            ordered = torch.empty_like(sig)
+            ordered[window_index] = sig
+            sig = ordered
+        sig = sig.sum(1) if reduce == "sum" else sig.mean(1)
+        return list(torch.split(sig, [int(f.shape[0]) for f in feats], dim=0))
+
+
+register_adapter(Qwen2VLAdapter())

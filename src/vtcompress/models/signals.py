@@ -1,0 +1,189 @@
+"""Vision-encoder signals for attention-guided methods, captured without switching to eager attention.
+
+Methods such as FasterVLM, VisionZip and PruMerge rank patches by the attention they receive from the
+vision encoder's [CLS] token (VisionZip, arXiv 2412.04467; PruMerge, arXiv 2403.15388) in one layer
+(default the second-to-last), and merge by the similarity of that layer's keys. Reference code asks the
+encoder for ``output_attentions``, which forces eager attention and materialises every layer's
+``[B, H, L, L]`` matrix. Here an attention function registered through transformers'
+``AttentionInterface`` wraps the model's own implementation (SDPA or eager): every layer still runs it
+unchanged, and for the one chosen attention module it also computes
+
+- ``attn [B, L]``: head-mean ``softmax(q_cls K^T * scale)`` (the [CLS] row), or, for encoders without a
+  [CLS] token (SigLIP, the Qwen2-VL vision tower), the head-mean attention each token receives, averaged
+  over the queries (computed in query chunks, so memory stays ``O(chunk * L)``);
+- ``keys [B, L, Dh]``: the keys averaged over heads.
+
+The switch is ``model.set_attn_implementation({"vision_config": name})``; the previous implementation and
+the previous content of the global registry are put back on exit. Encoders that split their input into
+several attention calls per layer (Qwen2-VL runs one call per image, Qwen2.5-VL one per window) give one
+record per call, in call order.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SignalRecord", "capture_signals", "attention_signal", "SIGNAL_ATTENTION"]
+
+#: name under which the wrapping attention function is registered while a capture is active
+SIGNAL_ATTENTION = "vtcompress_signals"
+_QUERY_CHUNK = 1024
+_LOCK = threading.RLock()
+# id(vision config) -> base implementation name; id(attention module) -> recorder
+_BASES: dict[int, str] = {}
+_RECORDERS: dict[int, SignalRecord] = {}
+_ACTIVE = [0]  # number of active captures (the registration is removed when it drops to zero)
+_SAVED: dict[str, object] = {}
+
+
+@dataclass
+class SignalRecord:
+    """What one attention module recorded: one entry per call of the attention function.
+
+    ``attn[i]``: ``[B, L]`` float32; ``keys[i]``: ``[B, L, Dh]`` float32 (when requested).
+    """
+
+    has_cls: bool
+    want_attn: bool = True
+    want_keys: bool = False
+    attn: list[Tensor] = field(default_factory=list)
+    keys: list[Tensor] = field(default_factory=list)
+
+    def record(self, query: Tensor, key: Tensor, attention_mask: Tensor | None, scaling: float | None) -> None:
+        if self.want_attn:
+            self.attn.append(attention_signal(query, key, attention_mask, scaling, has_cls=self.has_cls))
+        if self.want_keys:
+            self.keys.append(key.detach().to(torch.float32).mean(1))
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+@torch.no_grad()
+def attention_signal(
+    query: Tensor, key: Tensor, attention_mask: Tensor | None = None, scaling: float | None = None,
+    has_cls: bool = True,
+) -> Tensor:
+    """Head-mean attention signal ``[B, L]`` from ``query, key [B, H, L, Dh]``.
+
+    With ``has_cls``: the attention row of query 0 (the [CLS] token), ``softmax(q_0 K^T * scaling)``.
+    Without: the attention each key receives, averaged over all queries (each query row sums to one,
+    so the result sums to one per image). ``attention_mask`` is an additive or boolean mask broadcastable
+    to ``[B, H, L, L]``. Computed in float32.
+    """
+    b, h, lq, d = query.shape
+    if key.shape[1] != h:  # grouped keys: repeat them to the query heads
+        key = key.repeat_interleave(h // key.shape[1], dim=1)
+    scale = d**-0.5 if scaling is None else scaling
+    q = query.detach().to(torch.float32)
+    k = key.detach().to(torch.float32).transpose(-1, -2)
+    mask = _additive(attention_mask, torch.float32)
+    if has_cls:
+        logits = (q[:, :, :1] @ k) * scale
+        if mask is not None:
+            logits = logits + mask[..., :1, :]
+        return logits.softmax(-1)[:, :, 0].mean(1)
+    total = torch.zeros(b, h, key.shape[2], dtype=torch.float32, device=query.device)
+    for start in range(0, lq, _QUERY_CHUNK):  # chunks over queries bound the memory, not a loop over tokens
+        logits = (q[:, :, start : start + _QUERY_CHUNK] @ k) * scale
+        if mask is not None:
+            logits = logits + mask[..., start : start + _QUERY_CHUNK, :]
+        total += logits.softmax(-1).sum(2)
+    return (total / lq).mean(1)
+
+
+def _base_function(module: nn.Module, name: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name == "eager":
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise ValueError(f"{type(module).__name__} has no eager attention function to wrap")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _signal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Runs the module's own attention implementation unchanged; the chosen module also records signals."""
+    base = _BASES.get(id(getattr(module, "config", None)), "sdpa")
+    out = _base_function(module, base)(module, query, key, value, attention_mask, scaling=scaling,
+                                       dropout=dropout, **kwargs)
+    rec = _RECORDERS.get(id(module))
+    if rec is not None:
+        rec.record(query, key, attention_mask, scaling)
+    return out
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    if _ACTIVE[0] == 0:
+        _SAVED.clear()
+        if SIGNAL_ATTENTION in mapping:
+            _SAVED["fn"] = mapping[SIGNAL_ATTENTION]
+        AttentionInterface.register(SIGNAL_ATTENTION, _signal_attention)
+    _ACTIVE[0] += 1
+
+
+def _unregister() -> None:
+    from transformers import AttentionInterface
+
+    _ACTIVE[0] -= 1
+    if _ACTIVE[0] == 0:
+        mapping = AttentionInterface._global_mapping
+        if "fn" in _SAVED:
+            mapping[SIGNAL_ATTENTION] = _SAVED.pop("fn")
+        else:
+            mapping.pop(SIGNAL_ATTENTION, None)
+
+
+@contextmanager
+def capture_signals(model: nn.Module, vision_config, module: nn.Module, has_cls: bool, attn: bool = True,
+                    keys: bool = False):
+    """Record the signals of attention ``module`` while the vision tower runs inside the context.
+
+    Args:
+        model: the top-level model (``set_attn_implementation`` is called on it).
+        vision_config: the vision sub-config whose attention implementation is switched.
+        module: the attention module of the chosen vision layer.
+        has_cls: the encoder's token 0 is a [CLS] token (its row is the signal).
+        attn, keys: which signals to record.
+
+    Yields:
+        a :class:`SignalRecord` filled by every call of ``module`` in the context.
+    """
+    base = getattr(vision_config, "_attn_implementation", None) or "eager"
+    if base not in ("sdpa", "eager"):
+        raise ValueError(
+            f"capturing vision attention signals needs the vision tower's attention implementation to be "
+            f"'sdpa' or 'eager'; it is {base!r} "
+            "(switch with model.set_attn_implementation({'vision_config': 'sdpa'}))"
+        )
+    rec = SignalRecord(has_cls=has_cls, want_attn=attn, want_keys=keys)
+    with _LOCK:
+        _register()
+        _BASES[id(vision_config)] = base
+        _RECORDERS[id(module)] = rec
+    try:
+        model.set_attn_implementation({"vision_config": SIGNAL_ATTENTION})
+        try:
+            yield rec
+        finally:
+            model.set_attn_implementation({"vision_config": base})
+    finally:
+        with _LOCK:
+            _RECORDERS.pop(id(module), None)
+            _BASES.pop(id(vision_config), None)
+            _unregister()
