@@ -222,9 +222,8 @@ class EncoderMerging:
         self.num_patch_tokens = self.num_patches - sum(self.schedule)
         self.prop_attn = bool(getattr(method, "prop_attn", True))
         self.use_keys = getattr(method, "metric", "keys") == "keys"
-        if sum(self.schedule) == 0:
-            return  # nothing merges: the model runs exactly as stock (no hooks at all)
-        self._check_layers()
+        if sum(self.schedule) > 0:
+            self._check_layers()
         try:
             self._install()
         except Exception:
@@ -261,8 +260,10 @@ class EncoderMerging:
     def _install(self) -> None:
         spec = self.spec
         feature_after = {f - 1 for f in spec.feature_layers if f > 0}
+        merges = [i for i, r in enumerate(self.schedule) if r > 0]
         for i, layer in enumerate(spec.layers):
-            if i == 0 or self.prop_attn:
+            # layer 0 resets the per-run state; layers after the first merge get the log(size) bias
+            if i == 0 or (self.prop_attn and merges and i > merges[0]):
                 self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
             r = self.schedule[i] if i < len(self.schedule) else 0
             if self.use_keys and r > 0:
@@ -402,7 +403,8 @@ def encoder_merging(
     else the ``adapter``, else the model's config (see :func:`resolve_encoder_spec`).
 
     With ``budget`` ``K`` (or a fraction of the ``N0`` patches), the feature layer holds exactly ``K`` patch
-    tokens per image; a schedule that merges nothing installs no hook at all, so the model runs as stock.
+    tokens per image. A schedule that merges nothing only records (``tokens`` is then the identity), so the model
+    runs bit-identically to the stock one.
     """
     if method is None:
         raise ValueError("encoder_merging needs a method, e.g. vtcompress.get('tome_encoder', budget=64)")
