@@ -1,0 +1,583 @@
+"""Decoder-stage mechanics: prune visual tokens inside the LLM (FastV, PyramidDrop, SparseVLM, DART).
+
+:func:`attach_decoder` puts forward pre-hooks on the model's own modules (no forward is copied, no class
+is patched) and returns a :class:`DecoderHandle` whose ``remove()`` takes every hook away again.
+
+How one prefill runs (``K`` is a stage layer of a method; a method may have several stages):
+
+* a pre-hook on the top-level model reads ``input_ids`` (already shortened by projector-stage hooks,
+  which are registered earlier) and ``attention_mask``: visual tokens are ``input_ids`` equal to the
+  config's image / video token id; pads are ``attention_mask == 0``;
+* a pre-hook on ``layers[K-1]`` computes the signal the method needs from that layer's input: the
+  attention rows of the chosen query tokens (the last token, or the prompt tokens) — q of those rows
+  only, K of all tokens in chunks, full causal + padding row normaliser, head mean — so the result is
+  exactly the row ``output_attentions=True`` returns for layer ``K-1`` under eager attention, while
+  the layer itself keeps running SDPA / FlashAttention; optionally the keys of the visual tokens;
+* a pre-hook on ``layers[K]`` wraps the visual tokens' hidden states (the output of layer ``K-1``)
+  with the signal in :class:`~vtcompress.tokens.VisualTokens`, calls the method (a pure function on
+  them), and returns the kept rows of ``hidden_states``; that hook and the hooks of every later layer
+  slice ``position_embeddings`` (cos, sin), ``position_ids`` and the attention mask (query and key
+  axes) to the kept tokens, so kept tokens keep their original positions (M-RoPE cos/sin of
+  Qwen2-VL are per token and are sliced the same way).
+
+Consequences:
+
+* the KV cache is full-length for layers ``< K`` and pruned from ``K`` on; decode steps slice the key
+  axis of their mask per layer with the same kept indices (plus every generated position);
+* the final norm and ``lm_head`` see the pruned sequence: the last position is never pruned, so
+  ``logits[:, -1]`` (what ``generate`` uses) is valid, but full-length logits for pruned positions
+  are not returned (passing ``labels`` raises);
+* ragged batches: every row keeps exactly its own budget of visual tokens; rows then have different
+  real lengths, so shorter rows are filled up to the longest with "filler" slots, taken first from
+  their padding and then from their dropped visual tokens; fillers that are not padding are masked
+  out as keys (each still attends to itself, so its row is never empty). With the usual left-padded
+  batch of same-length prompts the fillers are pads and no mask changes;
+* ``generate(use_cache=False)`` re-runs the whole sequence each step: a forward with
+  ``use_cache=False`` whose ``input_ids`` extend the previous prefill's prompt reuses that prefill's
+  decision (the cached run cannot change its mind either), so cached and uncached generation match.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..compressor import Compressor
+from ..tokens import VisualTokens
+
+__all__ = ["attach_decoder", "DecoderHandle", "attention_rows", "language_model_of", "visual_token_ids"]
+
+#: key chunk of the attention-row computation: bounds the extra memory of scoring to O(chunk * D).
+KEY_CHUNK = 1024
+
+
+# ------------------------------------------------------------------------------------ locating things
+def language_model_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (the module with ``.layers``) of a stock VLM, or of a plain causal LM."""
+    for path in ("model.language_model", "language_model", "model", ""):
+        obj = model
+        for part in filter(None, path.split(".")):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None and isinstance(getattr(obj, "layers", None), nn.ModuleList):
+            return obj
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: expected model.model.language_model.layers "
+        "(stock LLaVA / LLaVA-NeXT / OneVision / Qwen2-VL / InternVL) or model.model.layers"
+    )
+
+
+def visual_token_ids(config) -> list[int]:
+    """Placeholder ids of visual tokens (image and video) from a VLM config."""
+    ids: list[int] = []
+    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v >= 0 and v not in ids:
+            ids.append(v)
+    if not ids:
+        raise ValueError(
+            f"{type(config).__name__} has no image_token_id / image_token_index: decoder-stage pruning needs it to "
+            "find the visual tokens in input_ids"
+        )
+    return ids
+
+
+def _rope_fn(attn: nn.Module):
+    """The ``apply_rotary_pos_emb`` of the attention module's own modeling file (reused, not re-written)."""
+    fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise ValueError(
+            f"{type(attn).__module__} has no apply_rotary_pos_emb; decoder-stage scoring supports rotary-embedding "
+            "decoders (LLaMA, Qwen2, Qwen2-VL M-RoPE, ...)"
+        )
+    return fn
+
+
+def _rope(fn, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [B,H,L,hd]`` with the layer's own function (it rotates a (q, k) pair; we pass x twice)."""
+    return fn(x, x, cos, sin)[0]
+
+
+def _gather_seq(t: Tensor, idx: Tensor, batch_dim: int, seq_dim: int) -> Tensor:
+    """Gather ``t`` along ``seq_dim`` by per-row ``idx [B,K]``; a batch dim of 1 is broadcast to ``B``."""
+    b = idx.shape[0]
+    shape = list(t.shape)
+    shape[batch_dim] = b
+    t = t.expand(shape).movedim((batch_dim, seq_dim), (0, 1))
+    index = idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+    return t.gather(1, index).movedim((0, 1), (batch_dim, seq_dim))
+
+
+def _compact(flag: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions of the True entries of ``flag [B,L]``, left-aligned: ``idx [B,N]``, ``valid [B,N]``."""
+    b, n_all = flag.shape
+    counts = flag.sum(1)
+    n = int(counts.max()) if b else 0
+    ar = torch.arange(n_all, device=flag.device)
+    order = torch.where(flag, ar, ar + n_all).argsort(dim=1)[:, :n]
+    valid = torch.arange(n, device=flag.device)[None] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+# ------------------------------------------------------------------------------------ the signal
+def attention_rows(
+    layer: nn.Module,
+    hidden: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    query_idx: Tensor,
+    key_ok: Tensor,
+    chunk: int = KEY_CHUNK,
+) -> Tensor:
+    """Head-mean softmax attention rows of the chosen queries of a decoder ``layer``, without an L x L matrix.
+
+    Args:
+        layer: a decoder layer with ``input_layernorm`` and ``self_attn`` (``q_proj``, ``k_proj``, optional
+            ``q_norm`` / ``k_norm``, ``head_dim``, ``scaling``).
+        hidden: ``[B, L, D]`` the layer's input hidden states.
+        position_embeddings: ``(cos, sin)`` ``[B or 1, L, hd]`` as the layer receives them.
+        query_idx: ``[B, Q]`` long positions of the query rows.
+        key_ok: ``[B, L]`` bool keys a query may attend (padding and masked fillers False); causality
+            (key position <= query position) is added here, and a query always sees itself.
+
+    Returns:
+        ``[B, Q, L]`` float32: ``softmax(q k^T * scaling + mask)`` averaged over heads — the eager
+        attention row of each query (GQA keys shared by their query heads as ``repeat_kv`` does).
+    """
+    attn = layer.self_attn
+    fn = _rope_fn(attn)
+    cos, sin = position_embeddings
+    b, n, _ = hidden.shape
+    hd = attn.head_dim
+    nq = query_idx.shape[1]
+
+    def proj(x: Tensor, lin: nn.Module, norm_name: str) -> Tensor:
+        y = lin(x).view(b, x.shape[1], -1, hd)
+        norm = getattr(attn, norm_name, None)
+        if norm is not None:
+            y = norm(y)
+        return y.transpose(1, 2)
+
+    hq = layer.input_layernorm(_gather_seq(hidden, query_idx, 0, 1))
+    q = _rope(fn, proj(hq, attn.q_proj, "q_norm"), _gather_seq(cos, query_idx, 0, 1), _gather_seq(sin, query_idx, 0, 1))
+    heads = q.shape[1]
+    q = q.float()
+    logits = []
+    for start in range(0, n, chunk):
+        sl = slice(start, min(n, start + chunk))
+        k = proj(layer.input_layernorm(hidden[:, sl]), attn.k_proj, "k_norm")
+        k = _rope(fn, k, cos[:, sl], sin[:, sl]).float()
+        kv_heads = k.shape[1]
+        # [B, Hkv, g, Q, hd] x [B, Hkv, c, hd] -> [B, Hkv, g, Q, c]: each KV head serves g query heads
+        s = torch.einsum("bkgqd,bkcd->bkgqc", q.view(b, kv_heads, heads // kv_heads, nq, hd), k)
+        logits.append(s.reshape(b, heads, nq, -1))
+    logits = torch.cat(logits, dim=-1) * float(attn.scaling)
+    pos = torch.arange(n, device=hidden.device)
+    allowed = (pos[None, None] <= query_idx[..., None]) & key_ok[:, None]
+    allowed |= pos[None, None] == query_idx[..., None]
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+# ------------------------------------------------------------------------------------ state
+@dataclass
+class _Stage:
+    layer: int
+    method: Compressor
+    index: int  # stage number within its method
+
+
+@dataclass
+class _Decision:
+    """What one stage decided in the prefill; reused by decode steps and uncached continuations."""
+
+    rel: Tensor  # [B, Ls] positions kept, into the previous stage's sequence
+    keep: Tensor  # [B, Ls] absolute positions (into the prefill sequence) kept
+    ok: Tensor  # [B, Ls] bool real tokens (False: pads and fillers)
+    fix: bool  # some fillers are not pads: masks must hide them
+    identity: bool  # nothing pruned in any row
+    slots: Tensor | None = None  # [B, M] new slots whose hidden state the method rewrote (merging)
+    values: Tensor | None = None  # [B, M, D]
+    slot_ok: Tensor | None = None  # [B, M]
+
+
+@dataclass
+class _Run:
+    mode: str  # prefill | continue | decode | off
+    ids: Tensor
+    vis: Tensor  # [B, L0] visual tokens of the prefill
+    pad_ok: Tensor  # [B, L] not padding (current full length)
+    length: int  # L0, prefill length
+    full: int  # current full length (prefill/continue)
+    past: int = 0  # tokens in layer 0's cache before this decode step
+    decisions: dict[int, _Decision] = field(default_factory=dict)
+    signals: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+
+
+class DecoderHandle:
+    """Hooks of :func:`attach_decoder`; ``remove()`` (or leaving the ``with`` block) restores the model."""
+
+    def __init__(self, model: nn.Module, methods: list[Compressor]):
+        self.model = model
+        self.methods = list(methods)
+        self.lm = language_model_of(model)
+        self.layers = self.lm.layers
+        self.token_ids = visual_token_ids(model.config)
+        cfg = getattr(model.config, "text_config", None) or model.config
+        self._impl = str(getattr(cfg, "_attn_implementation", None) or "")
+        num = len(self.layers)
+        stages: list[_Stage] = []
+        for m in self.methods:
+            if getattr(m, "stage", None) != "decoder":
+                raise ValueError(f"attach_decoder takes decoder-stage methods; {type(m).__name__} has stage "
+                                 f"{getattr(m, 'stage', None)!r}")
+            for i, k in enumerate(m.schedule(num)):
+                if not 1 <= k < num:
+                    raise ValueError(f"{m.name} prunes at layer {k}, but this model has {num} decoder layers: "
+                                     f"a stage layer must be in [1, {num - 1}]")
+                stages.append(_Stage(int(k), m, i))
+        stages.sort(key=lambda s: s.layer)
+        layers_seen = [s.layer for s in stages]
+        if len(set(layers_seen)) != len(layers_seen):
+            raise ValueError(f"two decoder-stage prunes at the same layer ({layers_seen}); give them different layers")
+        self.stages = stages
+        self._stage_at = {s.layer: i for i, s in enumerate(stages)}
+        self._signal_at = {s.layer - 1: i for i, s in enumerate(stages)}
+        self.run: _Run | None = None
+        self._hooks = [model.register_forward_pre_hook(self._top_hook, with_kwargs=True)]
+        for j, layer in enumerate(self.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(j), with_kwargs=True))
+
+    # -------------------------------------------------------------------------------- public
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.run = None
+
+    def __enter__(self) -> DecoderHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def kept(self, stage: int = -1) -> tuple[Tensor, Tensor]:
+        """Of the last prefill: ``(positions [B, Ls], real [B, Ls])`` kept after ``stage`` (absolute indices into
+        the prefill's ``input_ids``; ``real`` False marks fillers and pads)."""
+        if self.run is None or not self.run.decisions:
+            raise ValueError("no prefill has run through the pruned model yet")
+        i = range(len(self.stages))[stage]
+        if i not in self.run.decisions:
+            raise ValueError(f"stage {stage} did not run in the last prefill")
+        d = self.run.decisions[i]
+        return d.keep, d.ok
+
+    def kept_visual(self, stage: int = -1) -> list[Tensor]:
+        """Of the last prefill: per row, the sorted positions (into ``input_ids``) of the visual tokens kept."""
+        keep, ok = self.kept(stage)
+        vis = self.run.vis.gather(1, keep) & ok
+        return [keep[b][vis[b]] for b in range(keep.shape[0])]
+
+    # -------------------------------------------------------------------------------- top-level hook
+    def _top_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        past = kwargs.get("past_key_values")
+        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        if past_len > 0:
+            run = self.run
+            if run is not None and run.mode in ("prefill", "decode") and past_len >= run.length:
+                run.mode, run.past = "decode", past_len
+            elif run is not None:
+                run.mode = "off"
+            return None
+        if ids is None:
+            raise ValueError("decoder-stage pruning needs input_ids to find the visual tokens; got inputs_embeds only")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"attention_mask must be a 2-D [B, L] padding mask; got shape {tuple(mask.shape)}")
+        pad_ok = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        run = self.run
+        if (kwargs.get("use_cache") is False and run is not None and run.decisions and run.mode != "off"
+                and ids.shape[0] == run.ids.shape[0] and ids.shape[1] > run.length
+                and torch.equal(ids[:, : run.length], run.ids)):
+            run.mode, run.pad_ok, run.full = "continue", pad_ok, ids.shape[1]
+            run.signals = {}
+            return None
+        if kwargs.get("labels") is not None:
+            raise ValueError("decoder-stage pruning returns logits for the kept positions only; labels are not "
+                             "supported (compute the loss without the pruning hooks)")
+        vis = torch.isin(ids, torch.tensor(self.token_ids, device=ids.device))
+        self.run = _Run("prefill", ids.clone(), vis, pad_ok, ids.shape[1], ids.shape[1])
+        return None
+
+    # -------------------------------------------------------------------------------- per-layer hook
+    def _stage_of(self, j: int) -> int:
+        s = -1
+        for i, st in enumerate(self.stages):
+            if st.layer <= j:
+                s = i
+        return s
+
+    def _make_layer_hook(self, j: int):
+        def hook(module, args, kwargs):
+            run = self.run
+            if run is None or run.mode == "off":
+                return None
+            in_args = len(args) > 0
+            hidden = args[0] if in_args else kwargs["hidden_states"]
+            if run.mode in ("prefill", "continue") and j in self._stage_at:
+                si = self._stage_at[j]
+                if run.mode == "prefill":
+                    self._decide(si, hidden)
+                hidden = self._prune(si, hidden)
+            s = self._stage_of(j)
+            if s >= 0 and s in run.decisions:
+                kwargs = self._slice(s, kwargs, hidden.shape[1])
+            if run.mode == "prefill" and j in self._signal_at:
+                self._signal(self._signal_at[j], module, hidden, kwargs)
+            if in_args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    # -------------------------------------------------------------------------------- sequences
+    def _current(self, si: int) -> tuple[Tensor, Tensor]:
+        """Absolute positions and real-token flags of the sequence entering stage ``si`` (prefill)."""
+        run = self.run
+        if si == 0:
+            b = run.ids.shape[0]
+            pos = torch.arange(run.length, device=run.ids.device).expand(b, -1)
+            return pos, run.pad_ok
+        d = run.decisions[si - 1]
+        return d.keep, d.ok
+
+    @staticmethod
+    def _last(ok: Tensor) -> Tensor:
+        """``[B, 1]`` position of the last real token of each row."""
+        ar = torch.arange(ok.shape[1], device=ok.device)
+        return torch.where(ok, ar, torch.full_like(ar, -1)).amax(dim=1, keepdim=True).clamp(min=0)
+
+    def _queries(self, method: Compressor, vis: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+        """Query rows for the signal: the last real token, or the prompt tokens after the first visual token."""
+        if getattr(method, "query", "last") == "last":
+            last = self._last(ok)
+            return last, torch.ones_like(last, dtype=torch.bool)
+        ar = torch.arange(ok.shape[1], device=ok.device)
+        first_vis = torch.where(vis, ar, torch.full_like(ar, ok.shape[1])).amin(dim=1, keepdim=True)
+        text = ok & ~vis & (ar[None] > first_vis)
+        none = ~text.any(1, keepdim=True)
+        text = text | (none & (ar[None] == self._last(ok)))  # no prompt after the image: the last token rates
+        return _compact(text)
+
+    def _signal(self, si: int, layer: nn.Module, hidden: Tensor, kwargs: dict) -> None:
+        """At the input of layer ``K-1``: attention rows (and keys) the method of stage ``si`` needs."""
+        run = self.run
+        method = self.stages[si].method
+        cur, ok = self._current(si)
+        vis = run.vis.gather(1, cur) & ok
+        sig: dict[str, Tensor] = {}
+        with torch.no_grad():
+            if "attn" in method.needs:
+                q_idx, q_ok = self._queries(method, vis, ok)
+                rows = attention_rows(layer, hidden, kwargs["position_embeddings"], q_idx, ok)
+                sig["attn"] = rows.transpose(1, 2)  # [B, L, Q]
+                sig["q_ok"] = q_ok
+            if "keys" in method.needs:
+                attn = layer.self_attn
+                cos, sin = kwargs["position_embeddings"]
+                b, n, _ = hidden.shape
+                vis_idx, _ = _compact(vis)
+                h = layer.input_layernorm(_gather_seq(hidden, vis_idx, 0, 1))
+                k = attn.k_proj(h).view(b, h.shape[1], -1, attn.head_dim)
+                if getattr(attn, "k_norm", None) is not None:
+                    k = attn.k_norm(k)
+                k = _rope(_rope_fn(attn), k.transpose(1, 2), _gather_seq(cos, vis_idx, 0, 1),
+                          _gather_seq(sin, vis_idx, 0, 1))
+                keys = torch.zeros(b, n, k.shape[1] * k.shape[3], device=hidden.device, dtype=k.dtype)
+                keys.scatter_(1, vis_idx[..., None].expand(-1, -1, keys.shape[2]),
+                              k.transpose(1, 2).reshape(b, h.shape[1], -1))
+                sig["keys"] = keys
+        run.signals[si] = sig
+
+    def _decide(self, si: int, hidden: Tensor) -> None:
+        """At the input of layer ``K``: run the method on the visual tokens, then choose the kept sequence."""
+        run = self.run
+        stage = self.stages[si]
+        method = stage.method
+        sig = run.signals.pop(si, {})
+        cur, ok = self._current(si)
+        b, n, _ = hidden.shape
+        dev = hidden.device
+        ar = torch.arange(n, device=dev)
+        last = self._last(ok)
+        vis = run.vis.gather(1, cur) & ok & (ar[None] != last)  # the last token is never pruned
+        img_idx, img_ok = _compact(vis)
+        prio = torch.where(ok, torch.zeros_like(cur), torch.ones_like(cur))  # 0 real, 1 pad/filler, 2 dropped
+        slots = values = slot_ok = None
+        if img_idx.shape[1] > 0:
+            x = _gather_seq(hidden, img_idx, 0, 1)
+            x = torch.where(img_ok[..., None], x, torch.zeros((), device=dev, dtype=x.dtype))
+            text = text_mask = None
+            if getattr(method, "query", "last") == "text" or "text" in method.needs:
+                q_idx, q_ok = self._queries(method, vis, ok)
+                text, text_mask = _gather_seq(hidden, q_idx, 0, 1), q_ok
+            grid = (1, img_idx.shape[1])
+            keys = sig["keys"].gather(1, img_idx[..., None].expand(-1, -1, sig["keys"].shape[2])) if "keys" in sig \
+                else None
+            tokens = VisualTokens.from_features(x, grid=grid, mask=img_ok, keys=keys, text=text, text_mask=text_mask)
+            if "attn" in sig:
+                a = sig["attn"]
+                tokens = tokens.replace(attn=a.gather(1, img_idx[..., None].expand(-1, -1, a.shape[2])),
+                                        text_mask=text_mask if text_mask is not None else sig["q_ok"])
+            tokens.validate()
+            for name in method.needs:
+                if getattr(tokens, name, None) is None:
+                    raise ValueError(f"method {method.name!r} needs {name!r}, which the decoder stage does not provide")
+            with torch.no_grad():
+                out = method.compress_stage(tokens, stage.index).sort_by_pos()
+            kept_pos = img_idx.gather(1, out.pos)  # position in the current sequence of each output token
+            kept_pos = torch.where(out.mask, kept_pos, torch.full_like(kept_pos, n))
+            kept = torch.zeros(b, n + 1, dtype=torch.bool, device=dev).scatter_(1, kept_pos, True)[:, :n]
+            prio = torch.where(vis & ~kept, torch.full_like(prio, 2), prio)
+            merged = out.mask & (out.size != 1)
+            if bool(merged.any()):
+                slots, slot_ok = kept_pos, merged
+                values = out.x.to(hidden.dtype)
+        real = (prio == 0).sum(1)
+        new_len = int(real.max())
+        order = (prio * (n + 1) + ar[None]).argsort(dim=1)[:, :new_len]
+        rel = order.sort(dim=1).values
+        new_ok = prio.gather(1, rel) == 0
+        keep = cur.gather(1, rel)
+        fix = bool((~new_ok & run.pad_ok.gather(1, keep)).any())
+        identity = new_len == n and bool((rel == ar[None]).all()) and slots is None and not fix
+        if slots is not None:
+            inv = torch.full((b, n + 1), -1, dtype=torch.long, device=dev)
+            inv.scatter_(1, rel, torch.arange(new_len, device=dev).expand(b, -1).contiguous())
+            slots = inv.gather(1, slots.clamp(max=n))
+            slot_ok = slot_ok & (slots >= 0)
+            slots = slots.clamp(min=0)
+        run.decisions[si] = _Decision(rel, keep, new_ok, fix, identity, slots, values, slot_ok)
+
+    def _prune(self, si: int, hidden: Tensor) -> Tensor:
+        d = self.run.decisions[si]
+        if d.identity:
+            return hidden
+        rel = self._extend(d.rel, si)
+        out = _gather_seq(hidden, rel, 0, 1)
+        if d.slots is not None:
+            cur = _gather_seq(out, d.slots, 0, 1)
+            new = torch.where(d.slot_ok[..., None], d.values.to(out.dtype), cur)
+            out = out.scatter(1, d.slots[..., None].expand(-1, -1, out.shape[2]), new)
+        return out
+
+    def _extend(self, idx: Tensor, si: int) -> Tensor:
+        """In an uncached continuation, the positions after the prompt are appended (all kept)."""
+        run = self.run
+        extra = run.full - run.length
+        if run.mode != "continue" or extra <= 0:
+            return idx
+        prev_len = run.length if si == 0 else run.decisions[si - 1].keep.shape[1]
+        tail = torch.arange(prev_len, prev_len + extra, device=idx.device).expand(idx.shape[0], -1)
+        return torch.cat([idx, tail], dim=1)
+
+    # -------------------------------------------------------------------------------- kwargs of a layer
+    def _slice(self, s: int, kwargs: dict, q_len: int) -> dict:
+        run = self.run
+        d = run.decisions[s]
+        if d.identity:
+            return kwargs
+        kwargs = dict(kwargs)
+        b = d.keep.shape[0]
+        dev = d.keep.device
+        if run.mode == "decode":
+            mask = kwargs.get("attention_mask")
+            kv = mask.shape[-1] if isinstance(mask, Tensor) else None
+            if kv is not None:
+                tail = torch.arange(run.length, kv, device=dev).expand(b, -1)
+                key_idx = torch.cat([d.keep, tail], dim=1)
+                key_ok = torch.cat([d.ok, torch.ones_like(tail, dtype=torch.bool)], dim=1)
+                mask = _gather_seq(mask, key_idx, 0, mask.dim() - 1)
+                if d.fix:
+                    mask = self._hide(mask, key_ok, q_len, diagonal=False)
+                kwargs["attention_mask"] = mask
+            elif d.fix:  # sdpa without padding passes no mask; fillers still have to be hidden
+                tail = torch.arange(run.length, run.past + q_len, device=dev).expand(b, -1)
+                key_ok = torch.cat([d.ok, torch.ones_like(tail, dtype=torch.bool)], dim=1)
+                kwargs["attention_mask"] = self._hide(None, key_ok, q_len, diagonal=False)
+            return kwargs
+        if run.mode == "continue" and run.full > run.length:
+            tail = torch.arange(run.length, run.full, device=dev).expand(b, -1)
+            keep = torch.cat([d.keep, tail], dim=1)
+            ok = torch.cat([d.ok, run.pad_ok[:, run.length:]], dim=1)
+        else:
+            keep, ok = d.keep, d.ok
+        full = run.full
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            kwargs["position_embeddings"] = tuple(_gather_seq(t, keep, 0, t.dim() - 2) for t in pe)
+        pid = kwargs.get("position_ids")
+        if isinstance(pid, Tensor) and pid.shape[-1] == full:
+            # FlashAttention reads gapped position ids of a batch of one as packed sequences: drop them there
+            # (positions travel in position_embeddings anyway).
+            kwargs["position_ids"] = None if "flash" in self._impl else _gather_seq(pid, keep, pid.dim() - 2,
+                                                                                     pid.dim() - 1)
+        cp = kwargs.get("cache_position")
+        if isinstance(cp, Tensor) and cp.shape[-1] == full:
+            kwargs["cache_position"] = torch.arange(keep.shape[1], device=dev)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor):
+            if mask.dim() == 4:
+                if mask.shape[-1] != full or mask.shape[-2] != full:
+                    raise ValueError(f"expected a [B, 1, {full}, {full}] prefill mask; got {tuple(mask.shape)}")
+                mask = _gather_seq(_gather_seq(mask, keep, 0, 2), keep, 0, 3)
+            elif mask.dim() == 2:
+                mask = _gather_seq(mask, keep, 0, 1)
+            else:
+                raise ValueError(f"unsupported attention mask of shape {tuple(mask.shape)}")
+        elif mask is not None:
+            raise ValueError(f"decoder-stage pruning supports tensor masks (eager, sdpa, flash); got "
+                             f"{type(mask).__name__}")
+        if d.fix:
+            mask = self._hide(mask, ok, keep.shape[1], diagonal=True)
+        kwargs["attention_mask"] = mask
+        return kwargs
+
+    def _hide(self, mask: Tensor | None, key_ok: Tensor, q_len: int, diagonal: bool) -> Tensor:
+        """Hide filler keys (``key_ok`` False) in ``mask``; in the prefill each filler still sees itself."""
+        b, kv = key_ok.shape
+        dev = key_ok.device
+        allowed = key_ok[:, None, None, :].expand(b, 1, q_len, kv)
+        if diagonal:
+            allowed = allowed | torch.eye(q_len, kv, dtype=torch.bool, device=dev)[None, None]
+        if mask is None:
+            if "flash" in self._impl:
+                return key_ok.to(torch.long)
+            causal = torch.ones(q_len, kv, dtype=torch.bool, device=dev).tril(kv - q_len)
+            return allowed & causal[None, None]
+        if mask.dim() == 2:
+            return mask * key_ok.to(mask.dtype)
+        if mask.dtype == torch.bool:
+            return mask & allowed
+        return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+def attach_decoder(model: nn.Module, methods: list[Compressor] | Compressor) -> DecoderHandle:
+    """Prune visual tokens inside ``model``'s LLM with decoder-stage ``methods``; returns the handle.
+
+    Each method gives its stage layers (``method.schedule(num_layers)``), which query rows it needs
+    (``method.query``: ``"last"`` or ``"text"``) and signals (``method.needs``), and decides on
+    :class:`~vtcompress.tokens.VisualTokens` per stage (``method.compress_stage(tokens, stage)``). Call
+    ``handle.remove()`` (or use ``with attach_decoder(...):``) to restore the model exactly.
+    """
+    if isinstance(methods, Compressor):
+        methods = [methods]
+    if not methods:
+        raise ValueError("attach_decoder needs at least one decoder-stage method")
+    return DecoderHandle(model, list(methods))

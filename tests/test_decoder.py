@@ -1,0 +1,404 @@
+"""Decoder-stage pruning (FastV, PyramidDrop, SparseVLM, DART) on tiny stock Hugging Face VLMs.
+
+What is checked:
+* the signal is the textbook attention row (eager ``output_attentions``) and FastV keeps exactly its top-k;
+* full budget == unpatched model, removing the hooks restores the model (no hooks, identical logits);
+* generate with the KV cache == generate without it, token for token; a padded batch == one by one;
+* every family (LLaVA, OneVision, Qwen2-VL M-RoPE, InternVL), through ``attach_decoder`` and ``apply``;
+* the selection rules as pure functions on synthesized signals (closed-form references).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vtcompress
+from models_util import IMAGE, tiny_internvl, tiny_llava, tiny_onevision, tiny_qwen2_vl
+from vtcompress import VisualTokens, get
+from vtcompress.methods.attention import scale_layers
+from vtcompress.models.decoder import attach_decoder, attention_rows, language_model_of
+
+BUILDERS = {"llava": tiny_llava, "onevision": tiny_onevision, "qwen2_vl": tiny_qwen2_vl, "internvl": tiny_internvl}
+
+
+def _deep_llava(layers: int = 4, attn: str = "sdpa", seed: int = 0):
+    """tiny_llava with a deeper LLM (multi-stage schedules need more than 2 layers)."""
+    from transformers import LlavaForConditionalGeneration
+
+    model, make = tiny_llava(seed=seed, attn=attn)
+    cfg = model.config
+    cfg.text_config.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    deep = LlavaForConditionalGeneration(cfg).eval()
+    if attn != "sdpa":
+        deep.set_attn_implementation(attn)
+
+    def make_inputs(**kw):
+        return make(**kw)
+
+    return deep, make_inputs
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _gen(model, inputs, n=4, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+def _row(inputs: dict, b: int) -> dict:
+    """Sample ``b`` of a left-padded LLaVA-style batch, unpadded (its pixel rows follow the image counts)."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {"input_ids": inputs["input_ids"][b : b + 1, keep],
+           "attention_mask": inputs["attention_mask"][b : b + 1, keep]}
+    counts = (inputs["input_ids"] == IMAGE).sum(1).tolist()
+    per = counts[b]
+    if "pixel_values" in inputs and per:
+        tokens_per_image = 16
+        start = sum(counts[:b]) // tokens_per_image
+        out["pixel_values"] = inputs["pixel_values"][start : start + per // tokens_per_image]
+    return out
+
+
+def _same_new_tokens(single: torch.Tensor, batched: torch.Tensor) -> None:
+    """New tokens of one sample alone == its row of the batch (the batch row may go on with pads after EOS)."""
+    n = single.shape[0]
+    assert torch.equal(single, batched[:n])
+    assert bool((batched[n:] == 0).all())
+
+
+def _split(family: str, inputs: dict, b: int) -> dict:
+    """Sample ``b`` (one image per sample) of a tiny-model batch, unpadded, with its own image inputs."""
+    keep = inputs["attention_mask"][b].bool()
+    out = {k: inputs[k][b : b + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
+    pix = inputs["pixel_values"]
+    if family == "llava":
+        out["pixel_values"] = pix[b : b + 1]
+    elif family == "internvl":
+        tiles = [1 + k % 3 for k in range(inputs["input_ids"].shape[0])]  # tiny_internvl: image k has 1 + k % 3
+        out["pixel_values"] = pix[sum(tiles[:b]) : sum(tiles[: b + 1])]
+    elif family == "qwen2_vl":
+        sizes = inputs["image_grid_thw"].prod(-1).tolist()
+        out["pixel_values"] = pix[sum(sizes[:b]) : sum(sizes[: b + 1])]
+        out["image_grid_thw"] = inputs["image_grid_thw"][b : b + 1]
+    elif family == "onevision":
+        out["pixel_values"] = pix[b : b + 1]
+        out["image_sizes"] = inputs["image_sizes"][b : b + 1]
+        out["batch_num_images"] = torch.tensor([1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the signal
+def test_attention_rows_equal_eager_output_attentions():
+    model, make = tiny_llava(attn="eager")
+    inputs = make(batch=2, images=[1, 1], padding="left")
+    with torch.no_grad():
+        ref = model(**inputs, output_attentions=True)
+    lm = language_model_of(model)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        seen["pe"] = kwargs["position_embeddings"]
+
+    h = lm.layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    h.remove()
+    ok = inputs["attention_mask"].bool()
+    length = ok.shape[1]
+    q_idx = torch.tensor([[length - 1, length - 3, length - 6]]).expand(2, -1)
+    with torch.no_grad():
+        rows = attention_rows(lm.layers[1], seen["hidden"], seen["pe"], q_idx, ok, chunk=5)
+    expect = ref.attentions[1].mean(1).gather(1, q_idx[..., None].expand(-1, -1, length))
+    torch.testing.assert_close(rows, expect, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(rows.sum(-1), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_fastv_keeps_topk_of_textbook_attention(attn):
+    """FastV at K keeps the top-k visual tokens of layer K-1's head-mean attention row of the last token."""
+    model, make = tiny_llava(attn=attn)
+    inputs = make(batch=3, images=[1, 1, 1], padding="left")
+    eager, _ = tiny_llava(attn="eager")
+    with torch.no_grad():
+        att = eager(**inputs, output_attentions=True).attentions[0]  # layer K-1 = 0
+    budget = 0.25
+    with attach_decoder(model, [get("fastv", budget=budget, layer=1)]) as handle, torch.no_grad():
+        model(**inputs)
+        kept = handle.kept_visual()
+    for b in range(3):
+        vis = (inputs["input_ids"][b] == IMAGE).nonzero().squeeze(1)
+        row = att[b, :, -1].mean(0)[vis]
+        k = round(budget * len(vis))
+        expect = vis[row.topk(k).indices].sort().values
+        assert torch.equal(kept[b], expect)
+
+
+# ---------------------------------------------------------------------------------------------- identities
+def test_full_budget_is_unpatched_and_remove_restores():
+    model, make = tiny_llava()
+    inputs = make(batch=3, images=[1, 1, 1], padding="left")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    ref_ids = _gen(model, inputs)
+    before = _hook_count(model)  # after a first forward: transformers adds its own output-recording hooks lazily
+    with attach_decoder(model, [get("fastv", budget=1.0, layer=1)]):
+        assert _hook_count(model) > before
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, ref)
+        assert torch.equal(_gen(model, inputs), ref_ids)
+    assert _hook_count(model) == before
+    handle = attach_decoder(model, get("fastv", budget=0.25, layer=1))
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    handle.remove()
+    assert _hook_count(model) == before
+    assert pruned.shape[1] < ref.shape[1]
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+
+
+def test_pruned_shapes_and_last_logits_sdpa_equal_eager():
+    sd, make = tiny_llava(attn="sdpa")
+    ea, _ = tiny_llava(attn="eager")
+    inputs = make(batch=2, images=[1, 1], padding="left")
+    outs = []
+    for model in (sd, ea):
+        with attach_decoder(model, get("fastv", budget=0.5, layer=1)) as handle, torch.no_grad():
+            outs.append((model(**inputs).logits, handle.kept()[0]))
+    (ls, ks), (le, ke) = outs
+    assert torch.equal(ks, ke)
+    n_img = int((inputs["input_ids"][0] == IMAGE).sum())
+    assert ls.shape[1] == inputs["input_ids"].shape[1] - n_img // 2
+    torch.testing.assert_close(ls[:, -1], le[:, -1], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- generate
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fastv_generate_cache_equals_no_cache_and_batch_equals_single(attn):
+    model, make = tiny_llava(attn=attn)
+    inputs = make(batch=3, images=[1, 2, 1], padding="left", seed=3)  # ragged: 16 / 32 / 16 visual tokens
+    method = get("fastv", budget=0.3, layer=1)
+    with attach_decoder(model, method) as handle:
+        cached = _gen(model, inputs, n=5)
+        uncached = _gen(model, inputs, n=5, use_cache=False)
+        assert torch.equal(cached, uncached)
+        with torch.no_grad():
+            batch_last = model(**inputs).logits[:, -1]
+        kept_batch = handle.kept_visual()
+        for b in range(3):
+            single = _row(inputs, b)
+            ids = _gen(model, single, n=5)
+            _same_new_tokens(ids[0, single["input_ids"].shape[1]:], cached[b, inputs["input_ids"].shape[1]:])
+            with torch.no_grad():
+                last = model(**single).logits[:, -1]
+            torch.testing.assert_close(last[0], batch_last[b], rtol=1e-4, atol=1e-5)
+            shift = inputs["input_ids"].shape[1] - single["input_ids"].shape[1]
+            assert torch.equal(handle.kept_visual()[0] + shift, kept_batch[b])
+            n_img = int((single["input_ids"] == IMAGE).sum())
+            assert len(kept_batch[b]) == round(0.3 * n_img)
+
+
+def test_right_padding_prefill_matches_single():
+    model, make = tiny_llava()
+    inputs = make(batch=2, images=[2, 1], padding="right", seed=1)
+    with attach_decoder(model, get("fastv", budget=0.5, layer=1)) as handle, torch.no_grad():
+        out = model(**inputs).logits
+        keep, ok = handle.kept()
+        for b in range(2):
+            single = _row(inputs, b)
+            ref = model(**single).logits[0, -1]
+            last = int(torch.nonzero(ok[b]).max())
+            torch.testing.assert_close(out[b, last], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_ragged_rows_fill_with_masked_dropped_tokens():
+    """A row with few pads: fillers beyond its pads are dropped visual tokens, masked out; rows match singles."""
+    model, _ = tiny_llava()
+    gen = torch.Generator().manual_seed(5)
+    text = lambda n: torch.randint(3, 100, (n,), generator=gen).tolist()  # noqa: E731
+    rows = [text(20) + [IMAGE] * 16 + text(3), text(2) + [IMAGE] * 32 + text(3)]
+    length = max(map(len, rows))
+    ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, length - len(r):] = torch.tensor(r)
+        mask[b, length - len(r):] = 1
+    pix = torch.randn(3, 3, 16, 16, generator=gen)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
+    with attach_decoder(model, get("fastv", budget=0.25, layer=1)) as handle:
+        cached = _gen(model, inputs, n=4)
+        assert torch.equal(cached, _gen(model, inputs, n=4, use_cache=False))
+        keep, ok = handle.kept()
+        assert handle.run.decisions[0].fix  # row 1 needs non-pad fillers
+        assert [int(v.numel()) for v in handle.kept_visual()] == [4, 8]
+        assert keep.shape[1] == 20 + 4 + 3
+        singles = [{"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.long),
+                    "pixel_values": p} for r, p in zip(rows, (pix[:1], pix[1:]), strict=True)]
+        for b, single in enumerate(singles):
+            _same_new_tokens(_gen(model, single, n=4)[0, len(rows[b]):], cached[b, length:])
+
+
+# ---------------------------------------------------------------------------------------------- multi-stage
+def test_pyramiddrop_stages_on_deeper_model():
+    model, make = _deep_llava(layers=4)
+    inputs = make(batch=2, images=[1, 2], padding="left", seed=2)
+    method = get("pyramiddrop", budget=0.5, layers=(1, 2, 3), ref_depth=4, ratio=0.5)
+    assert method.schedule(4) == (1, 2, 3)
+    with attach_decoder(model, method) as handle:
+        cached = _gen(model, inputs, n=4)
+        assert torch.equal(cached, _gen(model, inputs, n=4, use_cache=False))
+        stages = [handle.kept_visual(s) for s in range(3)]
+    n_img = (inputs["input_ids"] == IMAGE).sum(1).tolist()
+    for b in range(2):
+        expect = [round(0.5 * n_img[b])]
+        expect += [round(0.5 * expect[-1])]
+        expect += [round(0.5 * expect[-1])]
+        assert [len(s[b]) for s in stages] == expect
+        for s in (1, 2):  # each stage keeps a subset of the previous one
+            assert set(stages[s][b].tolist()) <= set(stages[s - 1][b].tolist())
+    for b in range(2):
+        single = _row(inputs, b)
+        with attach_decoder(model, method):
+            _same_new_tokens(_gen(model, single, n=4)[0, single["input_ids"].shape[1]:],
+                             cached[b, inputs["input_ids"].shape[1]:])
+
+
+def test_pyramiddrop_later_stage_uses_attention_of_pruned_sequence():
+    """Stage 2 at layer 3 ranks the survivors by layer 2's attention row, computed on the pruned sequence."""
+    model, make = _deep_llava(layers=4, attn="eager")
+    inputs = make(batch=1, images=[1], padding="left", seed=4)
+    method = get("pyramiddrop", budget=0.5, layers=(1, 3), ref_depth=4, ratio=0.5)
+    lm = language_model_of(model)
+    seen = {}
+    hook = lm.layers[2].self_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("w", out[1]))
+    with attach_decoder(model, method) as handle, torch.no_grad():
+        model(**inputs, output_attentions=True)
+        keep0, _ = handle.kept(0)
+        kept1 = handle.kept_visual(1)[0]
+    hook.remove()
+    row = seen["w"][0, :, -1].mean(0)  # layer 2 ran on the stage-0 sequence
+    vis0 = (inputs["input_ids"][0].gather(0, keep0[0]) == IMAGE).nonzero().squeeze(1)
+    vis0 = vis0[vis0 != keep0.shape[1] - 1]
+    k = round(0.5 * len(vis0))
+    expect = keep0[0][vis0[row[vis0].topk(k).indices]].sort().values
+    assert torch.equal(kept1, expect)
+
+
+# ---------------------------------------------------------------------------------------------- families
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_families_generate_and_batch(family):
+    model, make = BUILDERS[family]()
+    inputs = make(batch=2, images=[1, 1], padding="left", seed=1)
+    method = get("fastv", budget=0.5, layer=1)
+    with attach_decoder(model, method) as handle:
+        cached = _gen(model, inputs, n=4)
+        assert torch.equal(cached, _gen(model, inputs, n=4, use_cache=False))
+        n_img = (torch.isin(inputs["input_ids"], torch.tensor(handle.token_ids))).sum(1).tolist()
+        assert [len(v) for v in handle.kept_visual()] == [round(0.5 * n) for n in n_img]
+        for b in range(2):
+            one = _split(family, inputs, b)
+            ids = _gen(model, one, n=4)
+            _same_new_tokens(ids[0, one["input_ids"].shape[1]:], cached[b, inputs["input_ids"].shape[1]:])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with attach_decoder(model, get("fastv", budget=1.0, layer=1)):
+            assert torch.equal(model(**inputs).logits, ref)
+
+
+def test_qwen2_vl_textbook_selection_with_mrope():
+    model, make = tiny_qwen2_vl(attn="eager")
+    inputs = make(batch=2, images=[1, 1], padding="left", seed=2)
+    with torch.no_grad():
+        att = model(**inputs, output_attentions=True).attentions[0]
+    with attach_decoder(model, get("fastv", budget=0.5, layer=1)) as handle, torch.no_grad():
+        model(**inputs)
+        kept = handle.kept_visual()
+    for b in range(2):
+        vis = (inputs["input_ids"][b] == IMAGE).nonzero().squeeze(1)
+        row = att[b, :, -1].mean(0)[vis]
+        assert torch.equal(kept[b], vis[row.topk(round(0.5 * len(vis))).indices].sort().values)
+
+
+# ---------------------------------------------------------------------------------------------- through apply
+def test_apply_fastv_and_composition_with_visionzip():
+    model, make = tiny_llava()
+    inputs = make(batch=2, images=[1, 1], padding="left", seed=6)
+    before_ids = _gen(model, inputs)
+    before = _hook_count(model)
+    fastv = get("fastv", budget=0.5, layer=1)
+    with vtcompress.apply(model, fastv):
+        direct = _gen(model, inputs)
+    with attach_decoder(model, fastv):
+        assert torch.equal(_gen(model, inputs), direct)
+    with vtcompress.apply(model, [get("visionzip", budget=8), fastv]) as handle:
+        cached = _gen(model, inputs)
+        assert torch.equal(cached, _gen(model, inputs, use_cache=False))
+        kept = handle._decoder.kept_visual()
+        assert [len(v) for v in kept] == [4, 4]  # 16 -> 8 (VisionZip) -> 4 (FastV)
+    assert _hook_count(model) == before
+    assert torch.equal(_gen(model, inputs), before_ids)
+
+
+# ---------------------------------------------------------------------------------------------- pure rules
+def _tokens(b=2, n=10, q=1, seed=0, counts=None):
+    g = torch.Generator().manual_seed(seed)
+    mask = None
+    if counts is not None:
+        mask = torch.arange(n)[None] < torch.tensor(counts)[:, None]
+    t = VisualTokens.from_features(torch.randn(b, n, 8, generator=g), grid=(1, n), mask=mask)
+    return t.replace(attn=torch.rand(b, n, q, generator=g))
+
+
+def test_fastv_rule_closed_form():
+    t = _tokens(counts=[10, 7])
+    out = get("fastv", budget=0.3)(t)
+    for b, n in enumerate([10, 7]):
+        k = round(0.3 * n)
+        expect = t.attn[b, :n, 0].topk(k).indices.sort().values
+        assert torch.equal(out.pos[b][out.mask[b]], expect)
+    out = get("fastv", budget=8)(t)  # an int budget above a row's count keeps the whole row
+    assert out.counts.tolist() == [8, 7]
+
+
+def test_pyramiddrop_rule_stages():
+    t = _tokens(n=16, counts=[16, 12])
+    m = get("pyramiddrop", budget=0.5, ratio=0.25)
+    s0 = m.compress_stage(t, 0)
+    assert s0.counts.tolist() == [8, 6]
+    s1 = m.compress_stage(s0, 1)
+    assert s1.counts.tolist() == [2, 2]
+    score = s0.attn[..., 0].masked_fill(~s0.mask, -1)
+    for b in range(2):
+        assert set(s0.pos[b][score[b].topk(2).indices].tolist()) == set(s1.pos[b][s1.mask[b]].tolist())
+
+
+def test_scale_layers_and_bad_values():
+    assert scale_layers((8, 16, 24), 32, 32) == (8, 16, 24)
+    assert scale_layers((8, 16, 24), 32, 8) == (2, 4, 6)
+    assert scale_layers((8, 16, 24), 32, 2) == (1,)
+    with pytest.raises(ValueError, match="layer"):
+        get("fastv", layer=0)
+    with pytest.raises(ValueError, match="ratio"):
+        get("pyramiddrop", ratio=1.5)
+    model, _ = tiny_llava()
+    with pytest.raises(ValueError, match="out of range"):
+        attach_decoder(model, get("fastv", layer=2))
+    assert _hook_count(model) == 0
+    with pytest.raises(ValueError, match="stage"):
+        attach_decoder(model, get("visionzip", budget=8))
+
+
+def test_bf16_runs_and_keeps_budget():
+    model, make = tiny_llava()
+    model = model.to(torch.bfloat16)
+    inputs = make(batch=2, images=[1, 1], padding="left")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with attach_decoder(model, get("fastv", budget=0.5, layer=1)) as handle:
+        cached = _gen(model, inputs, n=3)
+        assert torch.equal(cached, _gen(model, inputs, n=3, use_cache=False))
+        assert [len(v) for v in handle.kept_visual()] == [8, 8]
