@@ -182,6 +182,15 @@ def test_checkpoint_for_another_budget_or_hidden_size_is_refused(tmp_path):
         from_pretrained(tmp_path / "missing")
 
 
+def test_training_free_method_round_trips_its_config(tmp_path):
+    folder = vc.get("folder", budget=0.11, layers=2, metric="features")
+    folder.save_pretrained(tmp_path / "f")
+    assert {p.name for p in (tmp_path / "f").iterdir()} == {"config.json"}
+    assert vc.Compressor.from_pretrained(tmp_path / "f") == folder
+    with pytest.raises(ValueError, match=r"budget=0\.11.*budget=16"):
+        vc.Compressor.from_pretrained(tmp_path / "f", budget=16)
+
+
 # ------------------------------------------------------------------------------------------ training
 @pytest.fixture(scope="module")
 def tiny():

@@ -114,6 +114,21 @@ class Compressor:
     def extra_repr(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
 
+    # --- checkpoints (config.json; + model.safetensors for trainable methods): see vtcompress.trainable ---------
+    def save_pretrained(self, path):
+        """Write this method to the local directory ``path`` (its config, and its weights if it has any)."""
+        from .trainable import save_pretrained
+
+        return save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path, budget=None, hidden_size=None, device=None):
+        """Load a method saved by :meth:`save_pretrained` (a local directory or a shipped name such as
+        ``"qformer-0.25"``); a checkpoint for another ``budget`` / ``hidden_size`` than asked raises."""
+        from .trainable import from_pretrained
+
+        return from_pretrained(path, budget=budget, hidden_size=hidden_size, device=device, expect_cls=cls)
+
 
 @dataclass
 class ScoreCompressor(Compressor):

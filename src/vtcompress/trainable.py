@@ -262,14 +262,7 @@ class TrainableCompressor(Compressor, nn.Module):
         """The JSON config of this compressor (every dataclass field)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    # --- checkpoints ----------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        return save_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, budget: int | float | None = None,
-                        hidden_size: int | None = None, device: str | torch.device | None = None):
-        return from_pretrained(path, budget=budget, hidden_size=hidden_size, device=device, expect_cls=cls)
+    # save_pretrained / from_pretrained: inherited from Compressor (they delegate to the functions below)
 
 
 # ------------------------------------------------------------------------------------------ shared layers
@@ -393,7 +386,7 @@ def from_pretrained(path: str | os.PathLike, budget: int | float | None = None, 
             f"checkpoint {p} was trained for budget={fields.get('budget')!r}, but budget={budget!r} was asked for: "
             "train one for that budget (vtcompress testbed train-compressor METHOD --budget B)"
         )
-    if hidden_size is not None and hidden_size != fields.get("hidden_size"):
+    if hidden_size is not None and "hidden_size" in fields and hidden_size != fields["hidden_size"]:
         raise ValueError(
             f"checkpoint {p} was trained for hidden size D={fields.get('hidden_size')}, but D={hidden_size} was "
             "asked for: a checkpoint only fits models with the hidden size it was trained on"
