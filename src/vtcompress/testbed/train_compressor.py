@@ -88,11 +88,13 @@ def _batch(split: str, start: int, n: int, seed: int) -> list[D.Sample]:
 
 def train_compressor(model, tokenizer, compressor, *, steps: int = 300, batch_size: int = 32, lr: float = 2e-3,
                      seed: int = 0, train_projector: bool = False, fixed_samples: list | None = None,
-                     warmup: int = 20, progress: bool = True) -> dict:
+                     warmup: int = 20, distill: float = 0.0, progress: bool = True) -> dict:
     """Train ``compressor`` (in place) on the testbed ``model`` (frozen but for the optional projector).
 
     Each step draws ``batch_size`` new training questions (``fixed_samples``: reuse those every step instead,
     e.g. to check that the loss falls), AdamW with a linear warm-up and cosine decay, gradient clipping 1.0.
+    The loss is ``(1 - distill) * CE(answer) + distill * KL(uncompressed model || compressed model)`` on the
+    answer position (``distill > 0`` adds one no-grad forward of the full-token model per step).
     Returns ``{"losses": [float per step], "seconds": float}``.
     """
     from tqdm.auto import tqdm
@@ -102,6 +104,8 @@ def train_compressor(model, tokenizer, compressor, *, steps: int = 300, batch_si
     torch.manual_seed(seed)
     model.eval()  # no dropout in the testbed; the frozen parts stay deterministic
     dev = next(model.parameters()).device
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill={distill} is out of range: the weight of the distillation loss is in [0, 1]")
     if not getattr(compressor, "built", True):
         # materialise the lazily built weights (D and grid from the model) before the optimizer sees them
         d = model.config.text_config.hidden_size
@@ -130,6 +134,13 @@ def train_compressor(model, tokenizer, compressor, *, steps: int = 300, batch_si
         enc = encode(tokenizer, chunk, model.config)
         logits = compressed_logits(model, compressor, enc, train_projector)
         loss = F.cross_entropy(logits.float(), enc["answer_ids"].to(logits.device))
+        if distill > 0:
+            with torch.no_grad():
+                teacher = model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
+                                pixel_values=enc["pixel_values"].to(dev)).logits[:, -1, :].float()
+            kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher, -1), log_target=True,
+                          reduction="batchmean")
+            loss = (1.0 - distill) * loss + distill * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -205,6 +216,8 @@ def train_compressor_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-projector", action="store_true",
                         help="also fine-tune the model's projector (saved to projector.safetensors beside it)")
+    parser.add_argument("--distill", type=float, default=0.0,
+                        help="weight in [0, 1] of a KL loss to the uncompressed model's answer distribution")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="a method hyper-parameter, e.g. --param num_layers=1 (repeatable)")
     parser.add_argument("--out", help="checkpoint directory (default: the package's trained/METHOD-BUDGET)")
@@ -232,7 +245,8 @@ def train_compressor_main(argv: list[str] | None = None) -> int:
     compressor.hidden_size = model.config.text_config.hidden_size
     compressor.grid = _grid(model)
     hist = train_compressor(model, tok, compressor, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            seed=args.seed, train_projector=args.train_projector, progress=not args.no_progress)
+                            seed=args.seed, train_projector=args.train_projector, distill=args.distill,
+                            progress=not args.no_progress)
     out = Path(args.out) if args.out else TRAINED_DIR / f"{args.method}-{budget}"
     compressor.save_pretrained(out)
     if args.train_projector:
@@ -243,7 +257,8 @@ def train_compressor_main(argv: list[str] | None = None) -> int:
     first = sum(hist["losses"][:20]) / max(1, len(hist["losses"][:20]))
     last = sum(hist["losses"][-20:]) / max(1, len(hist["losses"][-20:]))
     report = {"method": args.method, "budget": budget, "steps": args.steps, "batch_size": args.batch_size,
-              "lr": args.lr, "seed": args.seed, "train_projector": args.train_projector, "testbed": source,
+              "lr": args.lr, "seed": args.seed, "train_projector": args.train_projector, "distill": args.distill,
+              "testbed": source,
               "loss_first20": round(first, 4), "loss_last20": round(last, 4),
               "train_seconds": round(hist["seconds"], 1)}
     print(f"{args.method}@{budget}: loss {first:.3f} -> {last:.3f} in {hist['seconds']:.0f}s; saved to {out}")
