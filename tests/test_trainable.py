@@ -346,3 +346,19 @@ def test_folder_in_the_vision_tower():
     for i in range(3):  # embeddings and the outputs of layers 0, 1: untouched
         assert torch.equal(merged[i], stock[i])
     assert merged[3].shape[1] == 1 + 16 and h.tokens.size.sum(1).tolist() == [144.0, 144.0]
+
+
+def test_folder_through_apply(tiny):
+    """``vtcompress.apply`` routes FOLDER to the encoder stage: full budget == stock model; 0.11 -> 16 tokens."""
+    from vtcompress.models.apply import apply, compress_inputs
+
+    model, tok = tiny
+    enc = M.encode(tok, D.samples("val", 3, seed=2), model.config)
+    kw = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        ref = model(**kw).logits
+        with apply(model, vc.get("folder", budget=1.0)):
+            assert torch.equal(model(**kw).logits, ref)
+        ci = compress_inputs(model, vc.get("folder", budget=0.11), **kw)
+    assert ci.num_tokens[:, 1].tolist() == [16, 16, 16]
+    assert ci.inputs["input_ids"].shape[1] == enc["input_ids"].shape[1] - 128
