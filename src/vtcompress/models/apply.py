@@ -437,7 +437,7 @@ def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, 
         if enc_methods:
             merging = stack.enter(_encoder_merging(model, adapter, enc_methods))
         rec = None
-        if signal_layer is not None:
+        if signal_layer is not None and not enc_methods:  # merged towers: keys come from the merge itself
             rec = stack.enter(capture_signals(
                 model, adapter.vision_config(model), adapter.attention_module(layers[signal_layer]),
                 has_cls=adapter.num_prefix_tokens(model) > 0, attn=want_attn, keys=want_keys))
@@ -446,7 +446,7 @@ def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, 
     feats = adapter.features(model, inputs, out)
     enc_rows = None
     if merging is not None:
-        feats, enc_rows = _encoder_features(merging, feats, want_attn)
+        feats, enc_rows = _encoder_features(merging, feats, want_attn, want_keys)
     lengths = [int(f.shape[0]) for f in feats]
     flat, samples = _placeholder_slots(ids, image_id, lengths)
     dev = feats[0].device if feats else ids.device
@@ -480,10 +480,16 @@ def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, 
         groups.setdefault((layouts[i].grids[v], budgets), []).append(u)
     results: dict[int, VisualTokens] = {}
     for (grid, budgets), members in groups.items():
-        tok = _start_tokens(members, units, feats, grid, sig_attn, sig_keys, text, text_mask, enc_rows)
+        tok = _start_tokens(members, units, feats, grid, sig_attn, sig_keys, text, text_mask, enc_rows, want_keys)
+        d = tok.x.shape[-1]
         for m, b in zip(proj_methods, budgets, strict=True):
             mm = m if b == m.budget else dataclasses.replace(m, budget=b)
             tok = mm(tok)
+            if tok.x.shape[-1] != d:
+                raise ValueError(
+                    f"method {m.name!r} changed the feature width from {d} to {tok.x.shape[-1]}; the LLM of "
+                    f"{type(model).__name__} takes {d}-wide image features (a width-changing method needs a "
+                    "trained projector after it)")
         tok = tok.sort_by_pos()
         for r, u in enumerate(members):
             results[u] = tok.row(r)
@@ -539,7 +545,8 @@ def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, 
     )
 
 
-def _start_tokens(members, units, feats, grid, sig_attn, sig_keys, text, text_mask, enc_rows) -> VisualTokens:
+def _start_tokens(members, units, feats, grid, sig_attn, sig_keys, text, text_mask, enc_rows,
+                  want_keys) -> VisualTokens:
     """The tokens of a group of same-grid views as one batch: the full grid, or the encoder-merged tokens."""
     xs, attn, keys, tx, tm = [], [], [], [], []
     for u in members:
@@ -560,7 +567,7 @@ def _start_tokens(members, units, feats, grid, sig_attn, sig_keys, text, text_ma
         tok = VisualTokens(
             x=x, mask=torch.cat([r.mask for r in rows]), pos=torch.cat([r.pos for r in rows]), grid=grid,
             size=torch.cat([r.size for r in rows]), assign=torch.cat([r.assign for r in rows]), layout=None,
-            keys=torch.cat([r.keys for r in rows]) if sig_keys is not None and rows[0].keys is not None else None,
+            keys=torch.cat([r.keys for r in rows]) if want_keys else None,
         )
     else:
         tok = VisualTokens.from_features(
@@ -643,7 +650,7 @@ def _encoder_merging(model, adapter: Adapter, methods: list[Compressor]):
     return encoder_merging(model, adapter, methods[0])
 
 
-def _encoder_features(merging, feats: list[Tensor], want_attn: bool):
+def _encoder_features(merging, feats: list[Tensor], want_attn: bool, want_keys: bool):
     """Encoder-merged features placed at their anchor patches of the full grid (placeholder order), and
     the encoder's per-image bookkeeping rows."""
     if want_attn:
@@ -651,6 +658,9 @@ def _encoder_features(merging, feats: list[Tensor], want_attn: bool):
                          "signal (the tower's attention then covers merged tokens); use a keys- or feature-based "
                          "projector method after it")
     rows = merging.rows()
+    if want_keys and (not rows or rows[0].keys is None):
+        raise ValueError(f"the encoder-stage method {merging.method.name!r} does not provide merged keys, which "
+                         "the projector-stage method after it needs")
     n0 = merging.num_patches
     out = []
     for f, row in zip(feats, rows, strict=True):
