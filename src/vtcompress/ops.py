@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["topk_sorted"]
+__all__ = ["topk_sorted", "bipartite_soft_matching", "maxmin_diversity"]
 
 
 def topk_sorted(scores: Tensor, k: Tensor | int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -39,3 +39,108 @@ def topk_sorted(scores: Tensor, k: Tensor | int, mask: Tensor | None = None) -> 
     key = torch.where(valid, top, top + n)
     order = key.argsort(dim=1)
     return top.gather(1, order), valid.gather(1, order)
+
+
+# ---------------------------------------------------------------------------------- ToMe matching with protected prefix
+def bipartite_soft_matching(
+    metric: Tensor, r: Tensor | int, mask: Tensor | None = None, protect: int = 0
+) -> tuple[Tensor, Tensor]:
+    """One round of ToMe bipartite soft matching (Bolya et al., arXiv 2210.09461), as a merge plan.
+
+    As facebookresearch/ToMe ``bipartite_soft_matching``: tokens alternate into set A (even index) and set B
+    (odd index); each A token's best edge is its most cosine-similar B token; the ``r[b]`` A tokens with the
+    most similar best edge merge into their B partner; every other token is kept. B tokens never merge away,
+    so no chains form within a round. The first ``protect`` tokens (ToMe's class / distillation tokens) take
+    part on neither side. Unlike ToMe (which reorders to ``[unmerged A, B]``) the kept tokens stay in index
+    order, so spatial order survives.
+
+    Args:
+        metric: ``[B, N, C]`` similarity features (ToMe: head-mean attention keys).
+        r: ``[B]`` long (or an int) tokens to merge away per row, capped at ``(count - protect) // 2``.
+        mask: ``[B, N]`` bool valid tokens, valid first (right padding); default all valid.
+        protect: number of leading tokens that neither merge away nor receive.
+
+    Returns:
+        ``dest [B, N]`` long (output slot of each token, ``-1`` for padding) and ``anchor [B, M]`` long (the
+        token whose ``pos`` each slot keeps, ``-1`` for padding slots; ascending), ``M`` = most tokens kept by
+        any row: the arguments of :meth:`VisualTokens.merge`. Ties go to the lower index (stable sorts).
+    """
+    b, n, _ = metric.shape
+    dev = metric.device
+    ar = torch.arange(n, device=dev)
+    if mask is None:
+        mask = torch.ones(b, n, dtype=torch.bool, device=dev)
+    eligible = mask & (ar >= protect)[None]
+    r = torch.as_tensor(r, device=dev, dtype=torch.long).expand(b)
+    # valid tokens are a prefix, so [protect, count) holds >= (count - protect) // 2 tokens of each parity
+    r = torch.minimum(r.clamp(min=0), eligible.sum(1) // 2)
+    a_idx, b_idx = ar[0::2], ar[1::2]
+    merged = torch.zeros(b, n, dtype=torch.bool, device=dev)
+    partner = torch.zeros(b, a_idx.numel(), dtype=torch.long, device=dev)
+    if b_idx.numel():
+        m = metric.to(torch.float32)
+        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        scores = m[:, a_idx] @ m[:, b_idx].transpose(1, 2)  # [B, Na, Nb] cosine similarity
+        scores = scores.masked_fill(~eligible[:, None, b_idx], float("-inf"))
+        best, match = scores.max(dim=-1)  # each A token's best edge (first index on ties)
+        best = best.masked_fill(~eligible[:, a_idx], float("-inf"))
+        order = best.sort(dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(a_idx.numel(), device=dev).expand_as(order))
+        merged[:, a_idx] = (rank < r[:, None]) & torch.isfinite(best)
+        partner = b_idx[match]
+    keep = mask & ~merged
+    slot = keep.long().cumsum(1) - 1  # kept tokens take consecutive slots in index order
+    dest = torch.where(keep, slot, torch.full_like(slot, -1))
+    dest[:, a_idx] = torch.where(merged[:, a_idx], slot.gather(1, partner), dest[:, a_idx])
+    kept = keep.sum(1)
+    m_out = int(kept.max()) if b else 0
+    first = torch.where(keep, ar, ar + n).argsort(dim=1)[:, :m_out]
+    anchor = torch.where(torch.arange(m_out, device=dev)[None] < kept[:, None], first, torch.full_like(first, -1))
+    return dest, anchor
+
+
+# ---------------------------------------------------------------------------------- DivPrune max-min diversity
+def maxmin_diversity(metric: Tensor, k: Tensor | int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Greedy max-min diversity selection on cosine distance (DivPrune, Alvar et al., CVPR 2025).
+
+    As the reference (vbdi/divprune): with ``d(i, j) = 1 - cos(metric_i, metric_j)``, the first pick is the
+    token whose nearest other token is farthest (``argmax_j min_{i != j} d(i, j)``); each next pick is the
+    token farthest from the picked set (``argmax_j min_{s in S} d(s, j)``). Picked tokens are never picked
+    again (the reference relies on ``d(s, s) ~ 0`` for that; we exclude them explicitly). Ties go to the
+    lower index. One Python step per pick, vectorised over the batch and the tokens.
+
+    Args:
+        metric: ``[B, N, C]`` features compared by cosine.
+        k: ``[B]`` long (or an int) picks per row, capped at the row's valid count.
+        mask: ``[B, N]`` bool valid tokens (never-picked padding); default all valid.
+
+    Returns:
+        ``idx [B, K]`` long in PICK order (``K = max(k)``) and ``valid [B, K]`` bool (rows with fewer picks
+        are right-padded).
+    """
+    b, n, _ = metric.shape
+    dev = metric.device
+    if mask is None:
+        mask = torch.ones(b, n, dtype=torch.bool, device=dev)
+    k = torch.minimum(torch.as_tensor(k, device=dev, dtype=torch.long).expand(b), mask.sum(1))
+    kmax = int(k.max()) if b else 0
+    m = metric.to(torch.float32)
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dist = 1.0 - m @ m.transpose(1, 2)  # [B, N, N]
+    inf = float("inf")
+    eye = torch.eye(n, dtype=torch.bool, device=dev)[None]
+    nearest = dist.masked_fill(eye | ~mask[:, None, :], inf).amin(dim=-1)  # [B, N] distance to nearest other
+    ninf = torch.full_like(nearest, -inf)
+    idx = torch.zeros(b, kmax, dtype=torch.long, device=dev)
+    picked = ~mask  # padding counts as "unavailable" from the start
+    score = nearest
+    rows = torch.arange(b, device=dev)
+    for step in range(kmax):
+        pick = torch.where(picked, ninf, score).argmax(dim=1)  # first index among ties
+        idx[:, step] = pick
+        picked = picked.clone()
+        picked[rows, pick] = True
+        d_new = dist[rows, pick]  # [B, N] distance of every token to the new pick
+        score = d_new if step == 0 else torch.minimum(score, d_new)
+    valid = torch.arange(kmax, device=dev)[None] < k[:, None]
+    return idx, valid
