@@ -71,7 +71,8 @@ class VisionZip(Compressor):
     similarity of keys (``tokens.keys``; ``x`` when absent), and each target becomes its group's mean
     (size-weighted; the reference's plain mean when sizes are 1). Paper default: 54 dominant + 10 contextual
     = 64, i.e. ``dominant_ratio = 54 / 64``. Exactly ``k`` tokens, in spatial order (each contextual token at
-    its target's ``pos``); every valid patch is kept or merged, so sizes sum to the patch count.
+    its target's ``pos``); every valid patch is kept or merged, so sizes sum to the patch count — except
+    when ``c = 0`` (``dominant_ratio = 1``, or ``k = 1``), where the remaining tokens are dropped.
     """
 
     budget: int | float = 0.5
@@ -169,8 +170,10 @@ def knn_absorb(tokens: VisualTokens, kept: Tensor, k_neighbors: int) -> VisualTo
     dest = torch.where(kept, slot, torch.full_like(slot, -1))
     dest = torch.where(torch.isfinite(best) & tokens.mask, who, dest)
     anchor = torch.where(k_valid, k_idx, torch.full_like(k_idx, -1))
-    # attention weights: clamp so that an all-zero group still averages instead of vanishing
-    weight = tokens.cls_attn.to(torch.float32).clamp_min(1e-12)
+    # attention weights relative to the image's largest, floored at 1e-6 so that a group whose attention
+    # is all ~0 still averages its members instead of vanishing (the per-row scale cancels in the mean)
+    attn = tokens.cls_attn.to(torch.float32).masked_fill(~tokens.mask, 0.0)
+    weight = (attn / attn.amax(dim=1, keepdim=True).clamp_min(1e-30)).clamp_min(1e-6)
     return tokens.merge(dest, anchor, weight=weight)
 
 
