@@ -299,6 +299,26 @@ def test_cached_generate_equals_uncached(llava, pix):
     assert torch.equal(cached, uncached)
 
 
+def test_through_vtcompress_apply_equals_direct_use(llava, pix):
+    """``vtcompress.apply`` routes encoder-stage methods here: same logits as shortening the prompt by hand."""
+    from vtcompress.models.apply import apply
+
+    k = 20
+    ids_full, am_full = prompt(N0, batch=2)
+    ids_k, am_k = prompt(k, batch=2)  # the same text around k placeholders
+    with torch.no_grad():
+        ref = llava(input_ids=ids_full, attention_mask=am_full, pixel_values=pix).logits
+        with apply(llava, get("tome_encoder", budget=1.0)):
+            same = llava(input_ids=ids_full, attention_mask=am_full, pixel_values=pix).logits
+        with encoder_merging(llava, None, get("tome_encoder", budget=k)):
+            direct = llava(input_ids=ids_k, attention_mask=am_k, pixel_values=pix).logits
+        with apply(llava, get("tome_encoder", budget=k), positions="compact"):
+            via = llava(input_ids=ids_full, attention_mask=am_full, pixel_values=pix).logits
+    assert torch.equal(same, ref)
+    assert via.shape == direct.shape == (2, 3 + k + 4, 128)
+    assert torch.allclose(via, direct, atol=1e-5)
+
+
 def test_bfloat16_tower_merges_to_budget(pix):
     model = tiny_llava().to(torch.bfloat16)
     with torch.no_grad(), encoder_merging(model, None, get("tome_encoder", budget=16)) as handle:

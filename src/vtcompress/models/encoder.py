@@ -274,6 +274,8 @@ class EncoderMerging:
                                                                  prepend=True))
 
     def _pre_hook(self, i: int):
+        pos = _mask_position(self.spec.layers[i])  # resolved once: the hook runs on every forward
+
         def hook(module, args, kwargs):
             if i == 0:
                 self._state = _RunState()
@@ -290,7 +292,6 @@ class EncoderMerging:
                 )
             # proportional attention (ToMe eq. 3): softmax(q k^T / sqrt(d) + log s) over the keys
             bias = size.log().to(hidden.dtype)[:, None, None, :]
-            pos = _mask_position(module)
             if "attention_mask" in kwargs or pos is None or len(args) <= pos:
                 mask = kwargs.get("attention_mask")
                 kwargs = {**kwargs, "attention_mask": self._combine(mask, bias, i)}
