@@ -402,3 +402,126 @@ def test_bf16_runs_and_keeps_budget():
         cached = _gen(model, inputs, n=3)
         assert torch.equal(cached, _gen(model, inputs, n=3, use_cache=False))
         assert [len(v) for v in handle.kept_visual()] == [8, 8]
+
+
+# ---------------------------------------------------------------------------------------------- every decoder method
+DECODER_TABLE = [
+    ("fastv", {"budget": 0.3, "layer": 1}),
+    ("pyramiddrop", {"budget": 0.5, "layers": (1, 3), "ref_depth": 4, "ratio": 0.5}),
+    ("sparsevlm", {"budget": 0.25, "layers": (1, 2, 3), "ref_depth": 4}),
+    ("sparsevlm", {"budget": 6, "layers": (1, 3), "ref_depth": 4}),
+    ("dart", {"budget": 0.5, "layer": 2, "pivot_image": 2, "pivot_text": 2}),
+]
+
+
+@pytest.mark.parametrize("name,params", DECODER_TABLE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(DECODER_TABLE)])
+def test_decoder_methods_cache_batch_and_budget(name, params):
+    model, make = _deep_llava(layers=4)
+    inputs = make(batch=3, images=[1, 2, 1], padding="left", seed=3)
+    method = get(name, **params)
+    n_img = (inputs["input_ids"] == IMAGE).sum(1)
+    with attach_decoder(model, method) as handle:
+        cached = _gen(model, inputs, n=4)
+        assert torch.equal(cached, _gen(model, inputs, n=4, use_cache=False))
+        with torch.no_grad():
+            model(**inputs)
+        final = torch.tensor([len(v) for v in handle.kept_visual(-1)])
+        if name == "pyramiddrop":
+            expect = torch.round(torch.round(n_img * 0.5) * 0.5).long()
+        elif isinstance(params["budget"], int):
+            expect = n_img.clamp(max=params["budget"])
+        else:
+            expect = torch.round(n_img * params["budget"]).long()
+        assert torch.equal(final, expect), (final, expect)
+        for b in range(3):
+            single = _row(inputs, b)
+            _same_new_tokens(_gen(model, single, n=4)[0, single["input_ids"].shape[1]:],
+                             cached[b, inputs["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("name", ["sparsevlm", "dart", "pyramiddrop"])
+def test_decoder_methods_full_budget_is_unpatched(name):
+    model, make = _deep_llava(layers=4)
+    inputs = make(batch=2, images=[1, 2], padding="left", seed=1)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    params = {"dart": {"layer": 2}, "sparsevlm": {"layers": (1, 3), "ref_depth": 4},
+              "pyramiddrop": {"layers": (1, 3), "ref_depth": 4, "ratio": 1.0}}[name]
+    with attach_decoder(model, get(name, budget=1.0, **params)), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+
+
+def test_sparsevlm_recycled_tokens_are_member_means():
+    """In the model: a recycled token's hidden state entering layer K is the mean of its cluster's states."""
+    from vtcompress.methods.query import SparseVLM
+
+    model, make = _deep_llava(layers=4)
+    inputs = make(batch=1, images=[2], padding="left", seed=7)
+    method = get("sparsevlm", budget=0.25, layers=(2,), ref_depth=4)
+    lm = language_model_of(model)
+    seen = {}
+    orig = SparseVLM.compress_stage
+
+    def spy(self, tokens, stage, num_stages=1):
+        out = orig(self, tokens, stage, num_stages)
+        seen["tokens"], seen["out"] = tokens, out
+        return out
+
+    hook = lm.layers[2].register_forward_hook(lambda m, a, out: seen.__setitem__("h2_in", a[0]), with_kwargs=False)
+    grab = lm.layers[2].register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("pre", a[0] if a else None),
+                                                  with_kwargs=True, prepend=False)
+    SparseVLM.compress_stage = spy
+    try:
+        with attach_decoder(model, method), torch.no_grad():
+            model(**inputs)
+    finally:
+        SparseVLM.compress_stage = orig
+        hook.remove()
+        grab.remove()
+    tokens, out = seen["tokens"], seen["out"]
+    merged = out.mask & (out.size > 1)
+    assert bool(merged.any())
+    assert int(out.counts[0]) == round(0.25 * 32)
+    for j in merged[0].nonzero().squeeze(1).tolist():
+        members = (out.assign[0] == j).nonzero().squeeze(1)
+        torch.testing.assert_close(out.x[0, j], tokens.x[0, members].mean(0))
+        assert int(out.size[0, j]) == len(members)
+    # the layer received the merged state at the centre's slot
+    h = seen["h2_in"][0]
+    assert any(torch.allclose(h[i], out.x[0, j]) for j in merged[0].nonzero().squeeze(1).tolist()
+               for i in range(h.shape[0]))
+
+
+def test_text_raters_and_dpc_knn_closed_form():
+    from vtcompress.methods.query import dpc_knn, text_raters
+
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    text = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [-5.0, 0.0]]])
+    raters = text_raters(x, torch.ones(1, 2, dtype=torch.bool), text, torch.ones(1, 3, dtype=torch.bool))
+    assert raters.tolist() == [[True, False, False]]
+    g = torch.Generator().manual_seed(0)
+    blob = torch.cat([torch.randn(5, 4, generator=g) * 0.01, torch.randn(5, 4, generator=g) * 0.01 + 10])[None]
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    center, owner = dpc_knn(blob, valid, torch.tensor([2]))
+    assert int(center.sum()) == 2
+    assert bool(center[0, :5].any()) and bool(center[0, 5:].any())
+    c0, c1 = center[0, :5].nonzero()[0].item(), 5 + center[0, 5:].nonzero()[0].item()
+    assert owner[0].tolist() == [c0] * 5 + [c1] * 5
+
+
+def test_dart_rule_closed_form():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 6, generator=g)
+    keys = torch.randn(2, 12, 4, generator=g)
+    t = VisualTokens.from_features(x, grid=(1, 12), keys=keys)
+    m = get("dart", budget=5, pivot_image=1, pivot_text=0)
+    out = m(t)
+    assert out.counts.tolist() == [5, 5]
+    for b in range(2):
+        pivot = int(keys[b].abs().sum(-1).argmax())
+        sim = torch.nn.functional.cosine_similarity(x[b], x[b, pivot][None], dim=-1)
+        sim[pivot] = float("inf")
+        expect = sorted([pivot] + sim.topk(4, largest=False).indices.tolist())
+        assert out.pos[b][out.mask[b]].tolist() == expect
+    with pytest.raises(ValueError, match="pivot"):
+        get("dart", pivot_image=0, pivot_text=0)

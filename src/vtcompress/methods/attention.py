@@ -312,9 +312,10 @@ class DecoderCompressor(_DScoreCompressor):
     row: ``x [B, N, D]`` their hidden states entering layer ``K``, plus the signals named in ``needs``
     computed at layer ``K - 1`` (``attn [B, N, Q]``: attention received from the query rows chosen by
     ``query`` — ``"last"``: the last token, ``"text"``: the prompt tokens after the first image, valid
-    ones in ``text_mask``; ``keys [B, N, Dk]``: the LLM keys after RoPE; ``text [B, Q, D]``: the prompt
-    tokens' hidden states). The rule is a pure function of those tensors, so it is tested on synthesized
-    signals as well. Budgets follow :func:`decoder_keep_counts`.
+    ones in ``text_mask``; ``keys [B, N, Dk]``: the LLM keys (``k_proj`` output of layer ``K - 1``, all
+    KV heads, before RoPE); ``text [B, Q, D]``: the prompt tokens' hidden states entering layer ``K``).
+    The rule is a pure function of those tensors, so it is tested on synthesized signals as well.
+    Budgets follow :func:`decoder_keep_counts`; multi-stage methods get ``num_stages`` with each stage.
     """
 
     stage: _DClassVar[str] = "decoder"
@@ -324,8 +325,8 @@ class DecoderCompressor(_DScoreCompressor):
         """Stage layers for a decoder of ``num_layers`` layers (each in ``[1, num_layers - 1]``)."""
         raise NotImplementedError
 
-    def compress_stage(self, tokens: _DVisualTokens, stage: int) -> _DVisualTokens:
-        """Decision of stage ``stage`` (0-based); single-stage methods compress."""
+    def compress_stage(self, tokens: _DVisualTokens, stage: int, num_stages: int = 1) -> _DVisualTokens:
+        """Decision of stage ``stage`` (0-based) out of ``num_stages``; single-stage methods compress."""
         return self.compress(tokens)
 
     def keep_counts(self, tokens: _DVisualTokens) -> _DTensor:
@@ -414,7 +415,7 @@ class PyramidDrop(DecoderCompressor):
     def score(self, tokens: _DVisualTokens) -> _DTensor:
         return tokens.attn.float().mean(-1)
 
-    def compress_stage(self, tokens: _DVisualTokens, stage: int) -> _DVisualTokens:
+    def compress_stage(self, tokens: _DVisualTokens, stage: int, num_stages: int = 1) -> _DVisualTokens:
         k = decoder_keep_counts(self.budget if stage == 0 else self.ratio, tokens.counts)
         idx, valid = _d_topk_sorted(self.score(tokens), k, tokens.mask)
         return tokens.select(idx, valid)

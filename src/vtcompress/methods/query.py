@@ -129,3 +129,194 @@ class PerceiverResampler(_Resampler):
             q = q + blk.attn(h, _torch.cat([blk.norm_x(tokens.x), h], dim=1), key_mask)
             q = q + blk.ff(blk.norm_ff(q))
         return q
+
+
+# ==================================================================================================
+# Decoder stage (issue #4): SparseVLM — text raters, layer schedule, token recycling. Mechanics in
+# vtcompress.models.decoder; shared base in methods/attention.py.
+# ==================================================================================================
+from typing import ClassVar as _SClassVar  # noqa: E402
+
+from ..ops import topk_sorted as _s_topk_sorted  # noqa: E402
+from .attention import DecoderCompressor as _SDecoderCompressor  # noqa: E402
+from .attention import decoder_keep_counts as _s_decoder_keep_counts  # noqa: E402
+from .attention import scale_layers as _s_scale_layers  # noqa: E402
+
+
+def text_raters(x: _torch.Tensor, mask: _torch.Tensor, text: _torch.Tensor, text_mask: _torch.Tensor) -> _torch.Tensor:
+    """SparseVLM's raters: ``[B, T]`` bool prompt tokens whose relevance to the visual tokens is above the mean.
+
+    Relevance of prompt token ``t`` = mean over the valid visual tokens ``n`` of ``softmax_t(x_n . text_t)``
+    (``x [B, N, D]``, ``mask [B, N]``, ``text [B, T, D]``, ``text_mask [B, T]``), as the reference computes it
+    from the hidden states; a row where no token is above the mean (all equal) rates with all its tokens.
+    """
+    logits = _torch.einsum("bnd,btd->bnt", x.float(), text.float())
+    logits = logits.masked_fill(~text_mask[:, None], float("-inf"))
+    rel = logits.softmax(-1).nan_to_num(0.0) * mask[..., None]
+    rel = rel.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    mean = (rel * text_mask).sum(1, keepdim=True) / text_mask.sum(1, keepdim=True).clamp(min=1)
+    raters = (rel > mean) & text_mask
+    return _torch.where(raters.any(1, keepdim=True), raters, text_mask)
+
+
+def dpc_knn(x: _torch.Tensor, valid: _torch.Tensor, clusters: _torch.Tensor) -> tuple[_torch.Tensor, _torch.Tensor]:
+    """Density-peaks clustering with k-NN density (DPC-kNN), as SparseVLM's recycling step.
+
+    Args:
+        x: ``[B, M, D]`` candidate tokens; valid: ``[B, M]`` bool; clusters: ``[B]`` long clusters per row
+            (``<=`` valid count).
+
+    Returns:
+        ``center [B, M]`` bool cluster centres and ``owner [B, M]`` long, the centre index each candidate joins
+        (centres own themselves). Density of a token = ``exp(-mean squared distance to its k nearest)``
+        with ``k`` = the row's cluster count (self included, as the reference); centres = the tokens with the
+        largest ``density * distance to the nearest denser token``. Ties break towards the lower index
+        (the reference adds random noise instead), so the result is deterministic.
+    """
+    b, m, d = x.shape
+    dev = x.device
+    if m == 0:
+        return valid.clone(), _torch.zeros(b, 0, dtype=_torch.long, device=dev)
+    xf = x.float()
+    dist = _torch.cdist(xf, xf) / d**0.5
+    big = dist.amax().clamp(min=1.0) * 4 + 1
+    both = valid[:, :, None] & valid[:, None, :]
+    dist = _torch.where(both, dist, big)
+    kk = int(clusters.clamp(min=1).max())
+    kk = min(kk, m)
+    near = dist.topk(kk, dim=-1, largest=False).values  # [B, M, kk]
+    per_row_k = clusters.clamp(min=1, max=m)[:, None, None]
+    use = _torch.arange(kk, device=dev)[None, None] < per_row_k
+    density = (-(near.square() * use).sum(-1) / use.sum(-1)).exp()
+    idx = _torch.arange(m, device=dev)
+    # strict order on (density, -index): "denser" is well defined even for equal densities
+    denser = (density[:, None, :] > density[:, :, None]) | (
+        (density[:, None, :] == density[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
+    denser &= both
+    delta = _torch.where(denser, dist, big).amin(-1)
+    row_max = _torch.where(both, dist, _torch.zeros((), device=dev)).flatten(1).amax(-1)
+    delta = _torch.where(denser.any(-1), delta, row_max[:, None])
+    score = (delta * density).masked_fill(~valid, float("-inf"))
+    cidx, cvalid = _s_topk_sorted(score, clusters, valid)
+    center = _torch.zeros(b, m + 1, dtype=_torch.bool, device=dev)
+    center.scatter_(1, _torch.where(cvalid, cidx, _torch.full_like(cidx, m)), True)
+    center = center[:, :m]
+    to_center = _torch.where(center[:, None, :], dist, big + 1)
+    owner = to_center.argmin(-1)
+    return center, _torch.where(center, idx[None].expand(b, -1), owner)
+
+
+@_register
+@_dataclass
+class SparseVLM(_SDecoderCompressor):
+    """SparseVLM (Zhang et al., arXiv 2410.04417; Gumpest/SparseVLMs): text-guided pruning inside the LLM.
+
+    * Raters (:func:`text_raters`): the prompt tokens after the image whose relevance to the visual tokens is
+      above the mean (recomputed from the hidden states at every stage; the reference rates once, from the
+      embeddings).
+    * Schedule: stage layers ``layers`` of a ``ref_depth``-layer LLM (reference: 2, 6, 15 of 32), scaled to
+      the model's depth. Each visual token's score is the head-mean attention it receives from the raters
+      in layer ``K - 1`` (``attn [B, N, Q]``, averaged over the raters).
+    * Per-stage counts: the stages shrink geometrically to ``budget`` (a fraction of the visual tokens, or a
+      count) — stage ``s`` of ``S`` keeps ``round(n * (target / n) ** (1 / (S - s)))`` of the ``n`` tokens it
+      receives (the reference uses hand-set per-budget lists such as 300 / 200 / 110).
+    * Recycling: of the tokens a stage prunes, the ``recycle`` fraction (reference 30 %) with the highest
+      scores are clustered by :func:`dpc_knn` into ``int(cluster_ratio * m) + 1`` tokens (reference: one per
+      10 candidates, plus one) whose features are the members' means; each sits at its centre's position. The
+      merged tokens count towards the stage's budget (the top-scored selection keeps that many fewer), so
+      the budget is exact.
+    """
+
+    budget: int | float = 0.33
+    layers: tuple[int, ...] = (2, 6, 15)
+    ref_depth: int = 32
+    recycle: float = 0.3
+    cluster_ratio: float = 0.1
+
+    name: _SClassVar[str] = "sparsevlm"
+    family: _SClassVar[str] = "query"
+    paper: _SClassVar[str] = "arXiv:2410.04417"
+    needs: _SClassVar[tuple[str, ...]] = ("attn", "text")
+    query: _SClassVar[str] = "text"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.layers = tuple(self.layers)
+        if not self.layers:
+            raise ValueError("layers must name at least one stage layer; got ()")
+        for v in self.layers:
+            self._check_layer("every entry of layers", v)
+        self._check_layer("ref_depth", self.ref_depth)
+        for name in ("recycle", "cluster_ratio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a fraction in [0, 1]; got {v!r}")
+
+    def schedule(self, num_layers: int) -> tuple[int, ...]:
+        return _s_scale_layers(self.layers, self.ref_depth, num_layers)
+
+    def score(self, tokens: _VisualTokens) -> _torch.Tensor:
+        """``[B, N]`` mean attention from the raters (``attn [B, N, Q]`` over the prompt tokens ``text [B, Q, D]``)."""
+        tmask = tokens.text_mask if tokens.text_mask is not None else _torch.ones(
+            tokens.attn.shape[0], tokens.attn.shape[2], dtype=_torch.bool, device=tokens.x.device)
+        raters = text_raters(tokens.x, tokens.mask, tokens.text, tmask)
+        w = raters.to(_torch.float32)
+        return (tokens.attn.float() * w[:, None]).sum(-1) / w.sum(-1, keepdim=True).clamp(min=1)
+
+    def stage_counts(self, counts: _torch.Tensor, stage: int, num_stages: int) -> _torch.Tensor:
+        """``[B]`` tokens kept by stage ``stage`` of ``num_stages`` from rows of ``counts`` tokens."""
+        n = counts.to(_torch.float64)
+        if isinstance(self.budget, int):
+            target = n.clamp(max=self.budget)
+            frac = (target / n.clamp(min=1)) ** (1.0 / max(num_stages - stage, 1))
+        else:
+            frac = _torch.full_like(n, self.budget ** (1.0 / max(num_stages, 1)))
+        k = _torch.round(n * frac).to(_torch.long)
+        return _torch.minimum(k.clamp(min=1), counts.to(_torch.long))
+
+    def compress(self, tokens: _VisualTokens) -> _VisualTokens:
+        return self.compress_stage(tokens, 0, 1)
+
+    def compress_stage(self, tokens: _VisualTokens, stage: int, num_stages: int = 1) -> _VisualTokens:
+        counts = tokens.counts
+        k = self.stage_counts(counts, stage, num_stages) if num_stages > 1 or isinstance(self.budget, int) \
+            else _s_decoder_keep_counts(self.budget, counts)
+        score = self.score(tokens)
+        pruned = counts - k
+        m = _torch.ceil(pruned.to(_torch.float64) * self.recycle).to(_torch.long)
+        c = _torch.where(m > 0, (m.to(_torch.float64) * self.cluster_ratio).to(_torch.long) + 1, _torch.zeros_like(m))
+        c = _torch.minimum(c, _torch.minimum(m, (k - 1).clamp(min=0)))
+        k_sel = k - c
+        m = _torch.where(c > 0, m, _torch.zeros_like(m))  # no cluster (k == 1): nothing is recycled
+        sel_idx, sel_ok = _s_topk_sorted(score, k_sel, tokens.mask)
+        b, n = tokens.mask.shape
+        dev = tokens.x.device
+        selected = _torch.zeros(b, n + 1, dtype=_torch.bool, device=dev)
+        selected.scatter_(1, _torch.where(sel_ok, sel_idx, _torch.full_like(sel_idx, n)), True)
+        selected = selected[:, :n]
+        if int(c.max()) == 0:
+            return tokens.select(sel_idx, sel_ok)
+        # recycling candidates: the best-scored pruned tokens
+        rest = tokens.mask & ~selected
+        cand_idx, cand_ok = _s_topk_sorted(score, _torch.minimum(m, rest.sum(1)), rest)
+        xc = tokens.x.gather(1, cand_idx[..., None].expand(-1, -1, tokens.x.shape[2]))
+        center, owner = dpc_knn(xc, cand_ok, _torch.where(cand_ok.any(1), c, _torch.zeros_like(c)))
+        is_anchor = selected.clone()
+        cand_center_tok = _torch.where(center & cand_ok, cand_idx, _torch.full_like(cand_idx, n))
+        anchor_flag = _torch.zeros(b, n + 1, dtype=_torch.bool, device=dev).scatter_(1, cand_center_tok, True)
+        is_anchor |= anchor_flag[:, :n]
+        slot_of = is_anchor.long().cumsum(1) - 1
+        dest = _torch.where(selected, slot_of, _torch.full_like(slot_of, -1))
+        owner_tok = cand_idx.gather(1, owner)  # the token index of each candidate's centre
+        cand_dest = slot_of.gather(1, owner_tok)
+        cand_dest = _torch.where(cand_ok, cand_dest, _torch.full_like(cand_dest, -1))
+        dest_ext = _torch.cat([dest, _torch.full((b, 1), -1, dtype=_torch.long, device=dev)], dim=1)
+        dest_ext.scatter_(1, _torch.where(cand_ok, cand_idx, _torch.full_like(cand_idx, n)), cand_dest)
+        dest = dest_ext[:, :n]
+        n_slots = is_anchor.sum(1)
+        mm = int(n_slots.max())
+        ar = _torch.arange(n, device=dev)
+        anchor = _torch.where(is_anchor, ar, ar + n).argsort(dim=1)[:, :mm]
+        anchor = _torch.where(_torch.arange(mm, device=dev)[None] < n_slots[:, None], anchor,
+                              _torch.full_like(anchor, -1))
+        return tokens.merge(dest, anchor)

@@ -324,3 +324,101 @@ class Folder(_FCompressor):
 
     def compress(self, tokens: _FVisualTokens) -> _FVisualTokens:
         return self.merge_step(tokens, tokens.counts - self.keep_counts(tokens))
+
+
+# ==================================================================================================
+# Decoder stage (issue #4): DART — duplication-aware pruning inside the LLM. Mechanics in
+# vtcompress.models.decoder; shared base in methods/attention.py.
+# ==================================================================================================
+from typing import ClassVar as _DaClassVar  # noqa: E402
+
+from ..ops import topk_sorted as _da_topk_sorted  # noqa: E402
+from .attention import DecoderCompressor as _DaDecoderCompressor  # noqa: E402
+
+
+@register
+@dataclass
+class DART(_DaDecoderCompressor):
+    """DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters
+    More", arXiv 2502.11494; ZichenWen1/DART): keep the visual tokens that duplicate the pivots least.
+
+    At the input of layer ``layer`` (default 2):
+
+    * pivots: the ``pivot_image`` visual tokens with the largest L1 norm of their keys (``keys [B, N, Dk]``,
+      ``k_proj`` output of layer ``layer - 1``, as the reference), plus ``pivot_text`` prompt tokens with the
+      largest L1 norm (of their hidden states ``text [B, T, D]``: the reference ranks them by key norm too;
+      our VisualTokens carry prompt hidden states, not prompt keys);
+    * visual pivots are kept; the remaining budget is split evenly over the pivots (the first ones take the
+      remainder), and pivot by pivot, the not-yet-kept visual tokens least cosine-similar to it (hidden
+      states ``x``) are kept. The reference's per-pivot quota is ``int(budget / pivots)`` (the total may miss
+      the budget); ours hits it exactly.
+    """
+
+    budget: int | float = 0.5
+    layer: int = 2
+    pivot_image: int = 4
+    pivot_text: int = 4
+
+    name: _DaClassVar[str] = "dart"
+    family: _DaClassVar[str] = "similarity"
+    paper: _DaClassVar[str] = "arXiv:2502.11494"
+    needs: _DaClassVar[tuple[str, ...]] = ("keys",)
+    query: _DaClassVar[str] = "text"  # the mechanics pass the prompt tokens as ``text`` (text pivots; optional)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_layer("layer", self.layer)
+        for name in ("pivot_image", "pivot_text"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0; got {v!r}")
+        if self.pivot_image + self.pivot_text == 0:
+            raise ValueError("DART needs at least one pivot: pivot_image + pivot_text must be >= 1")
+
+    def schedule(self, num_layers: int) -> tuple[int, ...]:
+        return self._check_single(self.layer, num_layers, self.name)
+
+    def pivots(self, tokens: VisualTokens) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(image_idx [B, Pi], image_ok, text_idx [B, Pt], text_ok)``: pivot indices, highest norm first."""
+        k = self.keep_counts(tokens)
+        norm = tokens.keys.float().abs().sum(-1).masked_fill(~tokens.mask, float("-inf"))
+        pi = min(self.pivot_image, tokens.num_tokens)
+        img_idx = norm.topk(pi, dim=1).indices if pi else norm.new_zeros(norm.shape[0], 0).long()
+        img_ok = torch.arange(pi, device=norm.device)[None] < torch.minimum(k, tokens.counts)[:, None]
+        if tokens.text is None or self.pivot_text == 0:
+            z = torch.zeros(norm.shape[0], 0, dtype=torch.long, device=norm.device)
+            return img_idx, img_ok, z, z.bool()
+        tmask = tokens.text_mask if tokens.text_mask is not None else torch.ones(
+            tokens.text.shape[:2], dtype=torch.bool, device=norm.device)
+        tnorm = tokens.text.float().abs().sum(-1).masked_fill(~tmask, float("-inf"))
+        pt = min(self.pivot_text, tokens.text.shape[1])
+        txt_idx = tnorm.topk(pt, dim=1).indices
+        txt_ok = torch.arange(pt, device=norm.device)[None] < tmask.sum(1, keepdim=True)
+        return img_idx, img_ok, txt_idx, txt_ok
+
+    def compress(self, tokens: VisualTokens) -> VisualTokens:
+        k = self.keep_counts(tokens)
+        b, n, d = tokens.x.shape
+        dev = tokens.x.device
+        img_idx, img_ok, txt_idx, txt_ok = self.pivots(tokens)
+        kept = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
+        kept.scatter_(1, torch.where(img_ok, img_idx, torch.full_like(img_idx, n)), True)
+        kept = kept[:, :n]
+        x = torch.nn.functional.normalize(tokens.x.float(), dim=-1)
+        piv = torch.cat([x.gather(1, img_idx[..., None].expand(-1, -1, d)),
+                         torch.nn.functional.normalize(tokens.text.float(), dim=-1).gather(
+                             1, txt_idx[..., None].expand(-1, -1, d)) if txt_idx.shape[1] else x[:, :0]], dim=1)
+        piv_ok = torch.cat([img_ok, txt_ok], dim=1)
+        n_piv = piv_ok.sum(1)
+        left = (k - kept.sum(1)).clamp(min=0)
+        rank = piv_ok.long().cumsum(1) - 1  # order of each valid pivot
+        quota = left[:, None] // n_piv.clamp(min=1)[:, None] + (rank < (left % n_piv.clamp(min=1))[:, None]).long()
+        quota = torch.where(piv_ok, quota, torch.zeros_like(quota))
+        for i in range(piv.shape[1]):  # a handful of pivots, each a vectorised pick over the batch
+            sim = (x * piv[:, i : i + 1]).sum(-1)
+            free = tokens.mask & ~kept
+            idx, ok = _da_topk_sorted(-sim, torch.minimum(quota[:, i], free.sum(1)), free)
+            ext = torch.cat([kept, torch.zeros(b, 1, dtype=torch.bool, device=dev)], dim=1)
+            kept = ext.scatter_(1, torch.where(ok, idx, torch.full_like(idx, n)), True)[:, :n]
+        idx, ok = _da_topk_sorted(kept.float(), kept.sum(1), kept)
+        return tokens.select(idx, ok)

@@ -188,6 +188,7 @@ class _Stage:
     layer: int
     method: Compressor
     index: int  # stage number within its method
+    count: int  # stages of its method
 
 
 @dataclass
@@ -234,11 +235,12 @@ class DecoderHandle:
             if getattr(m, "stage", None) != "decoder":
                 raise ValueError(f"attach_decoder takes decoder-stage methods; {type(m).__name__} has stage "
                                  f"{getattr(m, 'stage', None)!r}")
-            for i, k in enumerate(m.schedule(num)):
+            sched = tuple(m.schedule(num))
+            for i, k in enumerate(sched):
                 if not 1 <= k < num:
                     raise ValueError(f"{m.name} prunes at layer {k}, but this model has {num} decoder layers: "
                                      f"a stage layer must be in [1, {num - 1}]")
-                stages.append(_Stage(int(k), m, i))
+                stages.append(_Stage(int(k), m, i, len(sched)))
         stages.sort(key=lambda s: s.layer)
         layers_seen = [s.layer for s in stages]
         if len(set(layers_seen)) != len(layers_seen):
@@ -390,18 +392,15 @@ class DecoderHandle:
                 sig["q_ok"] = q_ok
             if "keys" in method.needs:
                 attn = layer.self_attn
-                cos, sin = kwargs["position_embeddings"]
                 b, n, _ = hidden.shape
                 vis_idx, _ = _compact(vis)
                 h = layer.input_layernorm(_gather_seq(hidden, vis_idx, 0, 1))
                 k = attn.k_proj(h).view(b, h.shape[1], -1, attn.head_dim)
                 if getattr(attn, "k_norm", None) is not None:
                     k = attn.k_norm(k)
-                k = _rope(_rope_fn(attn), k.transpose(1, 2), _gather_seq(cos, vis_idx, 0, 1),
-                          _gather_seq(sin, vis_idx, 0, 1))
-                keys = torch.zeros(b, n, k.shape[1] * k.shape[3], device=hidden.device, dtype=k.dtype)
-                keys.scatter_(1, vis_idx[..., None].expand(-1, -1, keys.shape[2]),
-                              k.transpose(1, 2).reshape(b, h.shape[1], -1))
+                # k_proj output before RoPE, as DART's reference reads it (RoPE would mix in positions)
+                keys = torch.zeros(b, n, k.shape[2] * k.shape[3], device=hidden.device, dtype=k.dtype)
+                keys.scatter_(1, vis_idx[..., None].expand(-1, -1, keys.shape[2]), k.reshape(b, h.shape[1], -1))
                 sig["keys"] = keys
         run.signals[si] = sig
 
@@ -440,7 +439,7 @@ class DecoderHandle:
                 if getattr(tokens, name, None) is None:
                     raise ValueError(f"method {method.name!r} needs {name!r}, which the decoder stage does not provide")
             with torch.no_grad():
-                out = method.compress_stage(tokens, stage.index).sort_by_pos()
+                out = method.compress_stage(tokens, stage.index, stage.count).sort_by_pos()
             kept_pos = img_idx.gather(1, out.pos)  # position in the current sequence of each output token
             kept_pos = torch.where(out.mask, kept_pos, torch.full_like(kept_pos, n))
             kept = torch.zeros(b, n + 1, dtype=torch.bool, device=dev).scatter_(1, kept_pos, True)[:, :n]
