@@ -1,0 +1,326 @@
+"""Analytic prefill FLOPs of a LLaVA-style VLM under a token-compression schedule.
+
+What is counted, and how (the same convention as ``torch.utils.flop_counter.FlopCounterMode``, against which
+``tests/test_flops.py`` checks these numbers on tiny stock models):
+
+* every matrix product ``[m, k] @ [k, n]`` costs ``2 * m * n * k`` FLOPs; biases, norms, activations, softmax,
+  rotary embeddings, residual adds and embedding lookups cost nothing (they are element-wise or gathers and
+  are negligible next to the products);
+* attention costs ``QK^T`` plus ``softmax(.) V`` over the FULL ``n x s`` score matrix of every query head
+  (``4 * heads * n * s * head_dim``) — what eager attention computes and what FlopCounterMode counts for SDPA
+  kernels; a causal kernel may skip half of it, we do not model that. Grouped-query attention (fewer
+  key/value heads) only shrinks the ``k``/``v`` projections: the scores still run per query head;
+* the vision tower runs ALL its layers (the stock towers do, even when ``vision_feature_layer=-2`` reads an
+  earlier one), on the patch tokens plus its prefix tokens ([CLS] for CLIP; none for SigLIP, whose attention
+  pooling head is counted when ``vision_use_head`` is set); the patch embedding is a convolution
+  (``2 * patches * hidden * channels * patch**2``);
+* the projector (LLaVA's MLP: ``linear_1`` then ``linear_2``) runs on every token the tower hands over: the
+  projector-stage methods compress AFTER it (they act on ``get_image_features``'s output), encoder-stage
+  merging shortens its input;
+* the LLM decoder: per layer the ``q``/``k``/``v``/``o`` projections, attention, and the gated MLP
+  (``gate``, ``up``, ``down``); a decoder-stage schedule ``[(K, kept), ...]`` shortens the sequence seen by
+  layers ``>= K`` to ``text + images * kept`` tokens; the selection itself (a few query rows' attention over
+  the keys, ``O(rows * L * d)``) is not counted — document-level overhead below 1 % of a layer;
+* the ``lm_head`` runs on the last position (``logits="last"``, what generation's prefill needs), on every
+  position (``"all"``, what a plain ``model(**inputs)`` call computes) or on ``logits=n`` positions
+  (``logits_to_keep=n``).
+
+Reference: the LLaVA-1.5 architecture (Liu et al., "Improved Baselines with Visual Instruction Tuning",
+arXiv 2310.03744); FastV (Chen et al., arXiv 2403.06764) reports the same per-layer accounting for
+decoder-stage pruning.
+
+>>> arch = VLMArch.from_config(model.config)
+>>> full = prefill_flops(arch, text_tokens=40)                       # 144 image tokens, all layers
+>>> fastv = prefill_flops(arch, text_tokens=40, schedule=[(2, 36)])  # 36 image tokens from layer 2 on
+>>> fastv.total / full.total
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+__all__ = [
+    "VisionArch",
+    "TextArch",
+    "VLMArch",
+    "Flops",
+    "vision_layer_flops",
+    "decoder_layer_flops",
+    "prefill_flops",
+]
+
+
+# ---------------------------------------------------------------------------------------------- architecture
+
+
+@dataclass(frozen=True)
+class VisionArch:
+    """The numbers of a ViT vision tower that decide its FLOPs."""
+
+    image_size: int
+    patch_size: int
+    channels: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    prefix: int  # tokens before the patches: 1 ([CLS]) for CLIP, 0 for SigLIP
+    pooling_head: bool = False  # SigLIP's attention-pooling head (a probe query over the last hidden states)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def patches(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass(frozen=True)
+class TextArch:
+    """The numbers of a decoder-only LLM that decide its FLOPs."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    gated_mlp: bool = True  # Llama / Mistral / Qwen2: gate, up, down; a plain MLP has two products
+
+
+@dataclass(frozen=True)
+class VLMArch:
+    """A LLaVA-style VLM: vision tower -> projector MLP -> LLM.
+
+    ``projector`` lists the ``(in, out)`` features of each linear layer of the projector; ``feature_layer``
+    is the tower's hidden-state index the model reads (``vision_feature_layer``, negative from the end);
+    ``image_tokens`` is the number of tokens per image the uncompressed model puts into the LLM.
+    """
+
+    vision: VisionArch
+    projector: tuple[tuple[int, int], ...]
+    text: TextArch
+    feature_layer: int
+    keep_prefix: bool  # vision_feature_select_strategy == "full"; "default" drops the tower's FIRST token
+
+    @property
+    def dropped(self) -> int:
+        """Tokens LLaVA's ``"default"`` strategy cuts from the tower's output (``[:, 1:]``, for any tower)."""
+        return 0 if self.keep_prefix else 1
+
+    @property
+    def image_tokens(self) -> int:
+        return self.vision.patches + self.vision.prefix - self.dropped
+
+    @classmethod
+    def from_config(cls, config) -> VLMArch:
+        """Read a ``LlavaConfig`` (CLIP or SigLIP tower, Llama / Mistral / Qwen2-style LLM).
+
+        Other VLM configs (anyres LLaVA-NeXT / OneVision, Qwen2-VL, InternVL) raise ``ValueError``: their towers
+        tile or reshape the image, which this LLaVA-style count does not model.
+        """
+        if isinstance(config, VLMArch):
+            return config
+        vc = getattr(config, "vision_config", None)
+        tc = getattr(config, "text_config", None)
+        model_type = getattr(config, "model_type", type(config).__name__)
+        if vc is None or tc is None or model_type != "llava":
+            raise ValueError(
+                f"prefill FLOPs are modelled for LLaVA-style configs (model_type 'llava': one ViT tower, an MLP "
+                f"projector, a decoder LLM); got model_type {model_type!r}"
+            )
+        vtype = getattr(vc, "model_type", "")
+        if vtype not in ("clip_vision_model", "siglip_vision_model"):
+            raise ValueError(f"vision tower {vtype!r} is not modelled; allowed: clip_vision_model, siglip_vision_model")
+        prefix = 1 if vtype == "clip_vision_model" else 0
+        vision = VisionArch(
+            image_size=int(vc.image_size),
+            patch_size=int(vc.patch_size),
+            channels=int(getattr(vc, "num_channels", 3)),
+            hidden=int(vc.hidden_size),
+            intermediate=int(vc.intermediate_size),
+            layers=int(vc.num_hidden_layers),
+            heads=int(vc.num_attention_heads),
+            prefix=prefix,
+            pooling_head=bool(vtype == "siglip_vision_model" and getattr(vc, "vision_use_head", True)),
+        )
+        layer = config.vision_feature_layer
+        n_feature_layers = 1 if isinstance(layer, int) else len(layer)
+        feature_layer = layer if isinstance(layer, int) else min(layer, key=lambda i: i % (vision.layers + 1))
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy={strategy!r}; allowed: default, full")
+        heads = int(tc.num_attention_heads)
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        text = TextArch(
+            hidden=int(tc.hidden_size),
+            intermediate=int(tc.intermediate_size),
+            layers=int(tc.num_hidden_layers),
+            heads=heads,
+            kv_heads=int(getattr(tc, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            vocab=int(tc.vocab_size),
+        )
+        projector = ((vision.hidden * n_feature_layers, text.hidden), (text.hidden, text.hidden))
+        return cls(vision=vision, projector=projector, text=text, feature_layer=int(feature_layer),
+                   keep_prefix=strategy == "full")
+
+
+# ---------------------------------------------------------------------------------------------- counts
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Prefill FLOPs split by component (for a whole batch)."""
+
+    vision: int
+    projector: int
+    llm: int
+    lm_head: int
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.projector + self.llm + self.lm_head
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def vision_layer_flops(v: VisionArch, tokens: int, attention: bool = True) -> int:
+    """One ViT layer over ``tokens`` tokens (prefix included): q/k/v/o, attention, 2-layer MLP."""
+    d, n = v.hidden, tokens
+    proj = 4 * 2 * n * d * d
+    attn = 4 * n * n * d if attention else 0  # heads * (2 n n hd) * 2 with heads * hd = d
+    mlp = 2 * 2 * n * d * v.intermediate
+    return proj + attn + mlp
+
+
+def decoder_layer_flops(t: TextArch, tokens: int, keys: int | None = None, attention: bool = True) -> int:
+    """One decoder layer: ``tokens`` queries over ``keys`` keys (default ``tokens``, i.e. prefill).
+
+    ``q``/``o`` are ``hidden x heads*head_dim``, ``k``/``v`` are ``hidden x kv_heads*head_dim`` (GQA);
+    attention runs per query head; the MLP is gated (3 products) or plain (2).
+    """
+    n = tokens
+    s = n if keys is None else keys
+    d, hd = t.hidden, t.head_dim
+    proj = 2 * 2 * n * d * t.heads * hd + 2 * 2 * n * d * t.kv_heads * hd
+    attn = 4 * t.heads * n * s * hd if attention else 0
+    mlp = (3 if t.gated_mlp else 2) * 2 * n * d * t.intermediate
+    return proj + attn + mlp
+
+
+def _pooling_head_flops(v: VisionArch, tokens: int, attention: bool) -> int:
+    # SigLIP's head: one probe query over the tower's last tokens (nn.MultiheadAttention), then an MLP on it.
+    d = v.hidden
+    q = 2 * 1 * d * d
+    kv = 2 * tokens * d * 2 * d
+    attn = 2 * 2 * tokens * d if attention else 0
+    out = 2 * 1 * d * d
+    mlp = 2 * 2 * 1 * d * v.intermediate
+    return q + kv + attn + out + mlp
+
+
+def _check_count(name: str, value: int, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name}={value!r} is out of range: an int in [{lo}, {hi}] is allowed")
+    return value
+
+
+def prefill_flops(
+    arch,
+    text_tokens: int,
+    image_tokens: int | None = None,
+    images: int = 1,
+    schedule: Sequence[tuple[int, int]] = (),
+    vision_tokens: Sequence[int] | None = None,
+    projector_tokens: int | None = None,
+    logits: str | int = "last",
+    batch: int = 1,
+    attention: bool = True,
+) -> Flops:
+    """Prefill FLOPs of one forward pass of a LLaVA-style VLM over a batch of equal sequences.
+
+    Args:
+        arch: a :class:`VLMArch` or a ``LlavaConfig``.
+        text_tokens: tokens of the sequence that are not image tokens (prompt, special tokens).
+        image_tokens: image tokens per image that ENTER the LLM (after projector-stage compression);
+            default the uncompressed count ``arch.image_tokens``.
+        images: images per sequence.
+        schedule: decoder-stage pruning ``[(K, kept), ...]``: from decoder layer ``K`` on, ``kept`` image
+            tokens per image remain. ``K`` strictly increasing in ``[0, layers)``, ``kept`` non-increasing and
+            at most ``image_tokens``.
+        vision_tokens: encoder-stage merging: patch tokens (prefix excluded) entering each vision layer,
+            one int per layer; default every patch in every layer.
+        projector_tokens: tokens per image through the projector; default the tower's feature-layer count
+            (all patches, or ``vision_tokens`` at the feature layer), plus the prefix, minus the first token
+            under the ``"default"`` strategy (LLaVA cuts ``[:, 1:]``: the [CLS] of CLIP, a patch of SigLIP).
+        logits: ``"last"`` (1 position), ``"all"`` (every position of the last layer) or an int (positions).
+        batch: sequences in the batch (everything scales linearly).
+        attention: count the attention score / weighted-sum products (``False``: only the weight products).
+
+    Returns:
+        :class:`Flops` (``vision``, ``projector``, ``llm``, ``lm_head``, ``total``) for the whole batch.
+    """
+    arch = VLMArch.from_config(arch)
+    v, t = arch.vision, arch.text
+    full = arch.image_tokens
+    _check_count("text_tokens", text_tokens, 0, 10**9)
+    _check_count("images", images, 0, 10**6)
+    _check_count("batch", batch, 1, 10**9)
+    image_tokens = full if image_tokens is None else _check_count("image_tokens", image_tokens, 0, full)
+
+    # vision tower: patch embedding (a conv) + every layer, per image
+    if vision_tokens is None:
+        per_layer = [v.patches] * v.layers
+    else:
+        per_layer = list(vision_tokens)
+        if len(per_layer) != v.layers:
+            raise ValueError(f"vision_tokens has {len(per_layer)} entries; the tower has {v.layers} layers (one each)")
+        for i, n in enumerate(per_layer):
+            _check_count(f"vision_tokens[{i}]", n, 1, v.patches)
+    vision = 2 * v.patches * v.hidden * v.channels * v.patch_size**2
+    vision += sum(vision_layer_flops(v, n + v.prefix, attention) for n in per_layer)
+    if v.pooling_head:
+        vision += _pooling_head_flops(v, per_layer[-1] + v.prefix, attention)
+
+    # projector: on what the tower hands over (the feature layer's tokens)
+    if projector_tokens is None:
+        f = arch.feature_layer % (v.layers + 1)  # hidden_states[f] is the input of layer f
+        feat = per_layer[min(f, v.layers - 1)]
+        projector_tokens = feat + v.prefix - arch.dropped
+    _check_count("projector_tokens", projector_tokens, 0, full)
+    projector = sum(2 * projector_tokens * i * o for i, o in arch.projector)
+
+    # LLM decoder layers, with the decoder-stage schedule
+    kept_at = [image_tokens] * t.layers
+    last_k, last_kept = -1, image_tokens
+    for entry in schedule:
+        if len(entry) != 2:
+            raise ValueError(f"schedule entries are (layer K, image tokens kept); got {entry!r}")
+        k, kept = entry
+        _check_count("schedule layer K", k, 0, t.layers - 1)
+        _check_count(f"schedule tokens kept at layer {k}", kept, 0, last_kept)
+        if k <= last_k:
+            raise ValueError(f"schedule layers must be strictly increasing; got {k} after {last_k}")
+        for layer in range(k, t.layers):
+            kept_at[layer] = kept
+        last_k, last_kept = k, kept
+    lengths = [text_tokens + images * n for n in kept_at]
+    llm = sum(decoder_layer_flops(t, n, attention=attention) for n in lengths)
+
+    if logits == "last":
+        positions = 1
+    elif logits == "all":
+        positions = lengths[-1]
+    elif isinstance(logits, int) and not isinstance(logits, bool) and logits >= 1:
+        positions = min(logits, lengths[-1])
+    else:
+        raise ValueError(f"logits={logits!r}; allowed: 'last', 'all' or a positive int (positions kept)")
+    lm_head = 2 * positions * t.hidden * t.vocab
+
+    per_image = images * batch
+    return Flops(vision=vision * per_image, projector=projector * per_image, llm=llm * batch, lm_head=lm_head * batch)
