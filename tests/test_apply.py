@@ -542,3 +542,16 @@ def test_half_precision_full_budget(dtype):
             assert torch.equal(model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False), ref)
         res = vtcompress.compress_inputs(model, ClsTopK(budget=0.5), **inputs)
     assert all(f.dtype == dtype for f in res.inputs["mm_encoder_outputs"]["image"].pooler_output)
+
+
+@pytest.mark.parametrize("family", ["llava", "onevision", "qwen2_5_vl"])
+def test_cached_generate_equals_uncached(models, family):
+    """With gaps in the kept 1-D positions and no padding (generate then drops the all-ones mask), the uncached
+    path must not read the gaps as packed-sequence boundaries."""
+    model, make = models[family]
+    gen = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "suppress_tokens": [IMAGE]}
+    for inputs in (make(batch=1, images=[1]), make(batch=3, images=[1, 0, 2])):
+        with torch.no_grad(), vtcompress.apply(model, ClsTopK(budget=0.5)):
+            cached = model.generate(**inputs, **gen)
+            uncached = model.generate(**inputs, use_cache=False, **gen)
+        assert torch.equal(cached, uncached)

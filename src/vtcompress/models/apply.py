@@ -729,18 +729,39 @@ class ApplyHandle:
 
     def _pre_hook(self, module, args, kwargs):
         if not args and kwargs.get("pixel_values") is None:
-            return None
+            return self._explicit_mask(kwargs)
         if args:
             if len(args) > 1 or not isinstance(args[0], Tensor):
                 raise ValueError("with vtcompress.apply, call the model with keyword arguments (input_ids=..., "
                                  "pixel_values=...)")
             kwargs = {"input_ids": args[0], **kwargs}
         if kwargs.get("pixel_values") is None:
-            return (), kwargs
+            return self._explicit_mask(kwargs) or ((), kwargs)
         res = _compress(self.model, self.adapter, self.methods, kwargs, positions=self.positions,
                         for_generate=False)
         self.last = res
         return (), res.inputs
+
+    def _explicit_mask(self, kwargs):
+        """Give a call with 1-D position ids but no attention mask an explicit all-ones mask.
+
+        ``generate`` drops an all-ones mask; without a mask and without a cache (``use_cache=False``) the
+        stock mask builder reads gaps in ``position_ids`` -- which kept original positions have -- as
+        packed-sequence boundaries. An all-ones mask is numerically the same as none and stops that.
+        """
+        pos = kwargs.get("position_ids")
+        if kwargs.get("attention_mask") is not None or pos is None or self.adapter.position_scheme == "mrope":
+            return None
+        ref = kwargs.get("input_ids")
+        if ref is None:
+            ref = kwargs.get("inputs_embeds")
+        if ref is None:
+            return None
+        past = kwargs.get("past_key_values")
+        n = ref.shape[1] + (past.get_seq_length() if past is not None else 0)
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = torch.ones(ref.shape[0], n, dtype=torch.long, device=ref.device)
+        return (), kwargs
 
     def _generate(self, *args, **kwargs):
         gen = type(self.model).generate.__get__(self.model)
