@@ -365,6 +365,15 @@ def test_explicit_arguments_and_errors(llava, pix):
         encoder_merging(llava, None, get("tome_encoder", budget=0.5), feature_layer=0)
     with pytest.raises(ValueError, match="out of reach"):
         encoder_merging(llava, None, get("tome_encoder", budget=8))
+
+    class WrongSchedule:  # an encoder-stage method whose schedule does not fit the tower
+        stage, name = "encoder", "wrong"
+
+        def schedule(self, num_patches, num_layers):
+            return [num_patches]
+
+    with pytest.raises(ValueError, match="expected 2 ints"):
+        encoder_merging(llava, None, WrongSchedule())
     flash = tiny_llava()
     for layer in flash.model.vision_tower.encoder.layers:
         layer.self_attn.config._attn_implementation = "flash_attention_2"

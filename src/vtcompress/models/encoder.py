@@ -219,6 +219,12 @@ class EncoderMerging:
         self.num_patches = grid[0] * grid[1]
         n_merge = spec.merge_layers
         self.schedule: list[int] = list(method.schedule(self.num_patches, n_merge))
+        if len(self.schedule) != n_merge or not all(isinstance(r, int) and r >= 0 for r in self.schedule) \
+                or sum(self.schedule) >= self.num_patches:
+            raise ValueError(
+                f"{getattr(method, 'name', method)!r} returned the schedule {self.schedule}; expected {n_merge} "
+                f"ints >= 0 (one per layer before the feature layer) summing to less than {self.num_patches} patches"
+            )
         self.num_patch_tokens = self.num_patches - sum(self.schedule)
         self.prop_attn = bool(getattr(method, "prop_attn", True))
         self.use_keys = getattr(method, "metric", "keys") == "keys"
