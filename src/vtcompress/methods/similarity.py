@@ -138,14 +138,17 @@ class ToMeEncoder(Compressor):
     keys merges ``r_l`` patch tokens into their most similar partner (size-weighted mean, sizes tracked, the
     [CLS] / prefix tokens protected); the following layers use proportional attention (``+ log(size)`` on the
     attention logits). Applied to a model by :func:`vtcompress.models.encoder.encoder_merging` (``stage =
-    "encoder"``).
+    "encoder"``). Difference from the reference (facebookresearch/ToMe): the merge runs after the whole block
+    (a hook on the stock layer) instead of between its attention and its MLP, so the merging layer's MLP still
+    sees the unmerged tokens; the similarity is the same layer's keys, as in the reference.
 
     Token count produced: with ``budget`` ``K`` (int) or a fraction ``f`` of the ``N0`` patches, the feature
     layer holds exactly ``K`` (resp. ``round(f * N0)``, at least 1) patch tokens per image; the merges are spread
     evenly over the ``L`` layers before the feature layer (earlier layers take the remainder), each layer merging
-    at most half of its tokens (a budget below what ``L`` halvings reach raises). ``r`` (ToMe's own knob) replaces
-    the budget: an int merges ``min(r, n_l // 2)`` tokens in every layer, a tuple gives one ``r`` per layer; the
-    count is then ``N0 - sum(r_l)``.
+    at most half of its tokens; when that limit binds, earlier layers merge more so that the later ones (each
+    at most halving) still reach ``K``; a budget below what ``L`` halvings reach raises. ``r`` (ToMe's own knob)
+    replaces the budget: an int merges ``min(r, n_l // 2)`` tokens in every layer, a tuple gives one ``r`` per
+    layer; the count is then ``N0 - sum(r_l)``.
 
     :meth:`compress` applies the same merging to fixed ``VisualTokens`` (no layers in between): bipartite rounds
     until the budget is met.
