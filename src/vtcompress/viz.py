@@ -55,6 +55,7 @@ __all__ = [
     "model_inputs",
     "method_stages",
     "pixel_tokens",
+    "model_view",
 ]
 
 #: dropped patches keep this fraction of their brightness (pixel * 0.3: blended 70 % towards black).
@@ -523,35 +524,100 @@ def method_stages(
     image: Image.Image,
     question: str = DEFAULT_QUESTION,
     grid: tuple[int, int] = (12, 12),
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> list[tuple[str, Any]]:
     """Run ``method`` (a built :class:`~vtcompress.compressor.Compressor`) on one image.
 
     Returns ``[(stage title, tokens)]``: one entry for a projector / encoder-stage method (title ``""``), one
     per pruning layer for a decoder-stage method (``"layer K"``). ``loaded`` is ``None`` for no model (pixel
-    features on ``grid``; methods needing a model signal raise ``ValueError``).
+    features on ``grid``; methods needing a model signal raise ``ValueError``). ``inputs``: the model inputs
+    of ``image`` if already built by :func:`model_inputs`.
     """
     if loaded is None:
         _no_model_check(method)
         return _stages_of(method(pixel_tokens(image, grid)))
-    inputs = model_inputs(loaded, image, question)
+    inputs = model_inputs(loaded, image, question) if inputs is None else inputs
     return _stages_of(_compress_with_model(loaded.model, method, inputs))
+
+
+def model_view(loaded: _Loaded | None, image: Image.Image, inputs: dict[str, torch.Tensor] | None) -> Image.Image:
+    """The image as the model saw it, to draw the map on.
+
+    A processor may crop (CLIP's centre crop): then the first image's ``pixel_values [.., 3, H, W]`` are
+    un-normalised with the processor's mean and std. Otherwise (testbed: a plain resize; processors that
+    flatten patches) the input image itself, which the grid covers whole.
+    """
+    if loaded is None or loaded.processor is None or inputs is None:
+        return image
+    pv = inputs.get("pixel_values")
+    if not isinstance(pv, torch.Tensor) or pv.dim() not in (4, 5) or pv.shape[-3] != 3:
+        return image
+    first = pv.reshape(-1, *pv.shape[-3:])[0].detach().float().cpu()
+    ip = getattr(loaded.processor, "image_processor", None)
+    mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
+    if mean is None or std is None:
+        return to_pil(first)  # min-max stretched
+    first = first * torch.tensor(std).reshape(3, 1, 1) + torch.tensor(mean).reshape(3, 1, 1)
+    return to_pil(first.clamp(0, 1))
 
 
 @torch.no_grad()
 def _compress_with_model(model, method, inputs: dict[str, torch.Tensor]) -> Any:
-    try:
-        from .models.apply import compress_inputs
-    except ImportError:
-        compress_inputs = None
-    if compress_inputs is not None:
-        return compress_inputs(model, method, **inputs)
-    # apply.py not available: projector-stage methods that read only the features, called directly
-    if method.stage != "projector" or method.needs:
-        raise ValueError(f"method {method.name!r} needs vtcompress.compress_inputs (models/apply.py)")
-    out = model.model.get_image_features(pixel_values=inputs["pixel_values"])
-    feats = getattr(out, "pooler_output", out)
-    x = feats[0] if isinstance(feats, (list, tuple)) else feats
-    return method(VisualTokens.from_features(x.reshape(1, -1, x.shape[-1]).float()))
+    """Encoder / projector stage: ``compress_inputs`` and the image's ``VisualTokens`` (one per view: anyres
+    models have a base view and a high-resolution view). Decoder stage: one kept mask per pruning layer."""
+    if method.stage == "decoder":
+        return _decoder_stages(model, method, inputs)
+    from .models.apply import compress_inputs
+
+    res = compress_inputs(model, method, **inputs)
+    views = res.tokens[0] if res.tokens else []
+    if not views:
+        raise ValueError(f"{type(model).__name__} returned no visual tokens for the image")
+    if len(views) == 1:
+        return views[0]
+    return [(f"view {i}", v) for i, v in enumerate(views)]
+
+
+def _decoder_grid(model, inputs: dict[str, torch.Tensor], n: int) -> tuple[int, int]:
+    """The grid whose cells the ``n`` placeholder tokens of the first image stand for, in raster order."""
+    thw = inputs.get("image_grid_thw")
+    if isinstance(thw, torch.Tensor):  # Qwen2-VL: the patch merger folds merge x merge patches into one token
+        merge = int(getattr(model.config.vision_config, "spatial_merge_size", 1))
+        t, h, w = (int(v) for v in thw[0])
+        grid = (h // merge, w // merge)
+    else:
+        from .models.apply import adapter_for
+
+        grid = adapter_for(model).grid(model)
+        if grid[0] * grid[1] == 4 * n:  # pixel shuffle (InternVL) halves each side
+            grid = (grid[0] // 2, grid[1] // 2)
+    if grid[0] * grid[1] != n:
+        raise ValueError(
+            f"decoder-stage token maps need one grid of placeholders per image; the first image has {n} "
+            f"placeholder tokens but its grid {grid} has {grid[0] * grid[1]} cells (anyres / multi-tile "
+            "layouts are not drawn at the decoder stage)"
+        )
+    return grid
+
+
+def _decoder_stages(model, method, inputs: dict[str, torch.Tensor]) -> list[tuple[str, VisualTokens]]:
+    """Run one prefill with the decoder-stage ``method`` attached; per pruning layer, the first image's
+    placeholder tokens that survive it (without a projector-stage method, placeholders are patches)."""
+    from .models.decoder import attach_decoder, visual_token_ids
+
+    ids = inputs["input_ids"]
+    vis = torch.isin(ids[0], torch.tensor(visual_token_ids(model.config), device=ids.device))
+    vis_pos = vis.nonzero().squeeze(1)
+    grid = _decoder_grid(model, inputs, int(vis_pos.numel()))
+    stages = []
+    with attach_decoder(model, [method]) as handle:
+        model(**inputs)
+        for i, stage in enumerate(handle.stages):
+            kept = torch.isin(vis_pos, handle.kept_visual(i)[0].to(vis_pos.device)).cpu()
+            # as VisualTokens (a selection of the full grid), so the stage carries its grid with it
+            full = VisualTokens.from_features(torch.zeros(1, grid[0] * grid[1], 1), grid=grid)
+            stages.append((f"layer {stage.layer}", full.select(kept.nonzero().T)))
+    return stages
 
 
 # ----------------------------------------------------------------------------------------------- gallery / CLI
@@ -566,14 +632,45 @@ def _as_loaded(model, tokenizer) -> _Loaded | None:
     return _Loaded(model, tokenizer=tokenizer, image_size=size if isinstance(size, int) else None)
 
 
-def _build(method, budget, params: dict | None):
+def _build_all(methods: Sequence[Any], budget, params: dict | None) -> list:
+    """Build every method; ``params`` keys are ``"key"`` (every method with that field) or ``"method.key"``.
+
+    A parameter no listed method has raises ``ValueError`` (a typo must not pass silently).
+    """
+    import dataclasses
+
     from .compressor import Compressor, get
 
-    if isinstance(method, Compressor):
-        return get(method, **({"budget": budget} if budget is not None else {}), **(params or {}))
-    if not isinstance(method, str):
-        raise ValueError(f"methods are given by name or as Compressor instances; got {type(method).__name__}")
-    return get(method, **({"budget": budget} if budget is not None else {}), **(params or {}))
+    defaults = []
+    for m in methods:
+        if not isinstance(m, (str, Compressor)):
+            raise ValueError(f"methods are given by name or as Compressor instances; got {type(m).__name__}")
+        defaults.append(get(m))
+    params = dict(params or {})
+    names = [d.name for d in defaults]
+    used: set[str] = set()
+    built = []
+    for m, d in zip(methods, defaults, strict=True):
+        fields = {f.name for f in dataclasses.fields(d) if f.init}
+        mine = {}
+        for key, value in params.items():
+            prefix, dot, field = key.rpartition(".")
+            if dot and prefix == d.name:
+                mine[field] = value  # get() rejects a field the method lacks, naming its fields
+                used.add(key)
+            elif not dot and key in fields:
+                mine[key] = value
+                used.add(key)
+        if budget is not None:
+            mine.setdefault("budget", budget)
+        built.append(get(m, **mine))
+    unused = [k for k in params if k not in used]
+    if unused:
+        raise ValueError(
+            f"parameter(s) {', '.join(unused)} match no method among {', '.join(names)} "
+            "(give KEY=VALUE for a field of a method, or METHOD.KEY=VALUE)"
+        )
+    return built
 
 
 def method_panels(
@@ -587,14 +684,16 @@ def method_panels(
     cell: int | None = None,
 ) -> list[tuple[str, Image.Image]]:
     """One titled token map per method (and per pruning layer of a decoder-stage method)."""
+    built = _build_all(methods, budget, params)  # bad names / parameters fail before any model run
+    inputs = model_inputs(loaded, image, question) if loaded is not None else None
+    shown = model_view(loaded, image, inputs)
     panels = []
-    for m in methods:
-        method = _build(m, budget, params)
-        for stage, tokens in method_stages(loaded, method, image, question, grid):
+    for method in built:
+        for stage, tokens in method_stages(loaded, method, image, question, grid, inputs):
             g, _, anchor, _ = patch_states(tokens)
             kept = int(tokens.counts[0]) if isinstance(tokens, VisualTokens) else int(anchor.sum())
             title = panel_title(method.name + (f" ({stage})" if stage else ""), method.budget, kept, g[0] * g[1])
-            panels.append((title, token_map(image, tokens, cell=cell)))
+            panels.append((title, token_map(shown, tokens, cell=cell)))
     return panels
 
 
@@ -608,15 +707,18 @@ def gallery(
     question: str = DEFAULT_QUESTION,
     cols: int | None = None,
     cell: int | None = None,
+    params: dict[str, Any] | None = None,
 ) -> Image.Image:
     """Every method in ``methods`` at one ``budget`` on one image, as a titled grid of token maps.
 
     ``model, tokenizer``: a loaded VLM and its tokenizer (testbed-style) or processor; ``model=None`` runs the
     methods on pixel features (those needing a model signal raise ``ValueError``). ``image``: see
-    :func:`to_pil`. Each panel is titled with the method, the budget and the tokens kept.
+    :func:`to_pil`. Each panel is titled with the method, the budget and the tokens kept; a decoder-stage
+    method gives one panel per pruning layer. ``params``: hyper-parameters, ``{"key": v}`` for every method
+    with that field or ``{"method.key": v}`` for one.
     """
     pil = to_pil(image)
-    panels = method_panels(_as_loaded(model, tokenizer), pil, methods, budget, question, cell=cell)
+    panels = method_panels(_as_loaded(model, tokenizer), pil, methods, budget, question, params=params, cell=cell)
     return panel_grid(panels, cols if cols is not None else min(len(panels), 4))
 
 
@@ -650,7 +752,7 @@ def _parse_params(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--param {item!r}: expected KEY=VALUE, e.g. layer=2")
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE or METHOD.KEY=VALUE, e.g. fastv.layer=2")
         try:
             params[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -676,7 +778,8 @@ def show_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", help="prompt for text-guided methods")
     parser.add_argument("--grid", default="12x12", help="patch grid HxW for --model none (default 12x12)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="method hyper-parameter, repeatable (e.g. --param layer=2)")
+                        help="method hyper-parameter, repeatable: KEY=VALUE (every method with that field) or "
+                        "METHOD.KEY=VALUE (e.g. --param fastv.layer=3)")
     parser.add_argument("--cols", type=int, help="panels per row (default up to 4)")
     parser.add_argument("--cell", type=int, help="pixels per patch side in the map")
     parser.add_argument("--device", default="cpu")
