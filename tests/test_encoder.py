@@ -211,6 +211,23 @@ def test_budget_gives_fewer_tokens_and_consistent_provenance(llava, pix):
     assert len(rows) == 2 and torch.equal(rows[1].x[0], tokens.x[1])
 
 
+@pytest.mark.parametrize("recorder_first", [True, False])
+def test_hidden_states_recorder_sees_merged_states_whatever_the_hook_order(pix, recorder_first):
+    """transformers installs its hidden_states recorder (a forward hook) lazily, on the first call that asks for
+    hidden states: before our hooks or after them, the recorded states must be the merged ones."""
+    model = tiny_llava()
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        if recorder_first:
+            tower(pix, output_hidden_states=True)
+        with encoder_merging(model, None, get("tome_encoder", budget=20)) as handle:
+            hs = tower(pix, output_hidden_states=True).hidden_states
+            feats = image_features(model, pix)
+    assert [h.shape[1] for h in hs] == [65, 41, 21, 21]
+    assert torch.equal(hs[-2][:, 1:], handle.tokens.x)
+    assert torch.equal(feats, model.model.multi_modal_projector(handle.tokens.x))
+
+
 def test_batched_equals_one_by_one(llava, pix):
     method = get("tome_encoder", budget=0.25)
     with torch.no_grad(), encoder_merging(llava, None, method) as handle:
