@@ -1,0 +1,493 @@
+"""``vtcompress bench``: every applicable method x budgets on the embedded testbed — accuracy, tokens, FLOPs, time.
+
+For each registered method and budget (default 50 %, 33 %, 22 %, 11 %, 5 % of the 144 image tokens) one row:
+
+* ``tokens_in``: image tokens per image that enter the LLM, measured from the shortened inputs; for
+  decoder-stage methods also ``tokens_after``, the image tokens kept from the pruning layer(s) on
+  (``prune_layers``);
+* ``accuracy`` overall and per skill on the testbed test set, ``retained`` (% of the uncompressed model's
+  accuracy) and ``agreement`` (% of answers equal to the uncompressed model's);
+* ``gflops``: analytic prefill FLOPs per sample of exactly what ran (:mod:`vtcompress.bench.flops`), and
+  ``flops_ratio`` vs the uncompressed model;
+* ``latency_ratio``: measured prefill time of one fixed batch vs the uncompressed model timed in the same run
+  (1 torch thread, median of repeats; :mod:`vtcompress.bench.latency`).
+
+Methods that cannot run (a trainable method without a shipped checkpoint for that budget, a budget a method's
+structure cannot produce, an error) become ``status = "skipped: <why>"`` rows: listed under the table, kept in
+the CSV / JSON, never dropped silently.
+
+Outputs (``--out``, default ``results/``): ``bench.md`` (the table printed on stdout), ``bench.csv``,
+``bench.json`` (settings + rows), ``bench.png`` (accuracy vs image tokens kept, one line per method; accuracy
+vs latency ratio) and ``gallery.png`` (one testbed image, every method at one budget, via
+:func:`vtcompress.viz.gallery`).
+
+Library use::
+
+    from vtcompress.bench import run_sweep, write_outputs
+    rows = run_sweep(model, tok, ["fastv", "visionzip"], [0.5, 0.11], samples("test", 200))
+    write_outputs(rows, "results/")
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_BUDGETS",
+    "DEFAULT_SAMPLES",
+    "build_method",
+    "run_sweep",
+    "sort_rows",
+    "format_table",
+    "write_outputs",
+    "plot",
+    "write_gallery",
+    "load_model",
+    "bench_main",
+]
+
+DEFAULT_BUDGETS: tuple[float, ...] = (0.5, 0.33, 0.22, 0.11, 0.05)
+DEFAULT_SAMPLES = 300
+FULL = "full"
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+
+def build_method(name: str, budget: int | float, **params):
+    """The method ``name`` at ``budget``, or a string saying why it cannot run on the testbed.
+
+    Trainable methods load the shipped testbed checkpoint for exactly that budget
+    (:func:`vtcompress.trainable.load_trained`); the others are built with :func:`vtcompress.get`.
+    """
+    from ..compressor import _REGISTRY, get
+
+    get(name) if name not in _REGISTRY else None  # unknown names raise with the valid list
+    cls = _REGISTRY[name]
+    if getattr(cls, "trainable", False):
+        from ..trainable import load_trained
+
+        try:
+            return load_trained(name, budget)
+        except ValueError as e:
+            return f"trainable, no checkpoint: {e}"
+    try:
+        return get(name, budget=budget, **params)
+    except ValueError as e:
+        return f"budget not supported: {e}"
+
+
+def _skill_names(samples) -> list[str]:
+    from ..testbed import SKILLS
+
+    present = {s.skill for s in samples}
+    return [k for k in SKILLS if k in present]
+
+
+def _row(name: str, cls, budget, n0: int) -> dict:
+    return {
+        "method": name,
+        "family": getattr(cls, "family", "") if cls is not None else "",
+        "stage": getattr(cls, "stage", "") if cls is not None else "",
+        "budget": budget,
+        "budget_tokens": n0 if budget is None else (budget if isinstance(budget, int) else max(1, round(budget * n0))),
+    }
+
+
+def run_sweep(
+    model,
+    tokenizer,
+    methods: Sequence[str],
+    budgets: Sequence[int | float],
+    samples,
+    batch_size: int = 64,
+    latency_batch: int = 8,
+    repeats: int = 5,
+    num_threads: int = 1,
+    progress: bool = True,
+    time_latency: bool = True,
+) -> list[dict]:
+    """Evaluate the uncompressed model and every ``method x budget`` on ``samples``; one dict per row.
+
+    The first row is the uncompressed model (``method="full"``). Rows of methods that cannot run carry
+    ``status="skipped: ..."`` and no measurements. Accuracy runs use ``num_threads`` torch threads too (tiny
+    ops are slower with more on small CPUs); latency is the median of ``repeats`` timed prefills of the first
+    ``latency_batch`` samples, the uncompressed model timed before and after the sweep (their median is the
+    reference).
+    """
+    from tqdm.auto import tqdm
+
+    from ..compressor import _REGISTRY, _load_builtin_methods
+    from ..testbed import encode
+    from .flops import VLMArch
+    from .latency import threads, time_prefill
+    from .quality import evaluate_method
+
+    _load_builtin_methods()
+    unknown = [m for m in methods if m not in _REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; valid names: {', '.join(sorted(_REGISTRY))}")
+    if not samples:
+        raise ValueError("samples is empty: pass at least one testbed sample")
+    try:
+        arch = VLMArch.from_config(model.config)
+        n0 = arch.image_tokens
+    except ValueError:
+        arch, n0 = None, int(getattr(model.config, "image_seq_length", 0) or 0)
+    skills = _skill_names(samples)
+    lat_inputs = None
+    if time_latency:
+        enc = encode(tokenizer, samples[:latency_batch], model.config)
+        lat_inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+    jobs = [(None, None)] + [(m, b) for m in methods for b in budgets]
+    rows: list[dict] = []
+    full_times: list[float] = []
+    full_res = None
+    bar = tqdm(jobs, desc="bench", unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    with threads(num_threads):
+        for name, budget in bar:
+            cls = _REGISTRY.get(name) if name else None
+            row = _row(name or FULL, cls, budget, n0)
+            bar.set_postfix_str(f"{row['method']}@{budget}" if name else FULL)
+            method = None
+            if name is not None:
+                method = build_method(name, budget)
+                if isinstance(method, str):
+                    rows.append({**row, "status": f"skipped: {method}"})
+                    continue
+            t0 = time.perf_counter()
+            try:
+                res = evaluate_method(model, tokenizer, method, samples, batch_size=batch_size, arch=arch)
+                lat = time_prefill(model, lat_inputs, method, repeats=repeats, num_threads=num_threads) \
+                    if time_latency else None
+            except Exception as e:  # a method that fails on this model is reported, never dropped
+                if name is None:
+                    raise
+                msg = " ".join(str(e).split())[:300]
+                rows.append({**row, "status": f"skipped: error {type(e).__name__}: {msg}"})
+                continue
+            if name is None:
+                full_res = res
+                if lat is not None:
+                    full_times += lat["times_s"]
+            agree = float(np.mean([p == q for p, q in zip(res["predictions"], full_res["predictions"], strict=True)]))
+            row.update({
+                "status": "ok",
+                "tokens_in": res["tokens_in"],
+                "tokens_after": res["tokens_after"],
+                "prune_layers": ",".join(str(k) for k in res["prune_layers"]),
+                "vision_tokens": res["vision_tokens"][-1] if res["vision_tokens"] else None,
+                "accuracy": res["accuracy"],
+                **{f"acc_{k}": res["per_skill"].get(k, float("nan")) for k in skills},
+                "agreement": 100.0 * agree,
+                "gflops": res["flops"] / 1e9 if res["flops"] is not None else None,
+                "latency_ms": 1e3 * lat["median_s"] if lat is not None else None,
+                "eval_s": time.perf_counter() - t0,
+            })
+            rows.append(row)
+    bar.close()
+    if time_latency:  # the reference is timed again at the end: drift over the sweep averages out
+        full_times += time_prefill(model, lat_inputs, None, repeats=repeats, num_threads=num_threads)["times_s"]
+    _finish_ratios(rows, float(np.median(full_times)) if full_times else None)
+    return rows
+
+
+def _finish_ratios(rows: list[dict], full_latency_s: float | None) -> None:
+    full = rows[0]
+    acc0, fl0 = full["accuracy"], full.get("gflops")
+    if full_latency_s is not None:
+        full["latency_ms"] = 1e3 * full_latency_s
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["retained"] = 100.0 * r["accuracy"] / acc0 if acc0 > 0 else float("nan")
+        r["flops_ratio"] = r["gflops"] / fl0 if r.get("gflops") is not None and fl0 else None
+        lat = r.get("latency_ms")
+        r["latency_ratio"] = lat / full["latency_ms"] if lat is not None and full.get("latency_ms") else None
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    """Full model first, then by budget (largest first), then by accuracy (best first); skipped rows last."""
+    def key(r):
+        if r["method"] == FULL:
+            return (0, 0.0, 0.0, "")
+        b = r["budget_tokens"]
+        acc = r.get("accuracy") if r["status"] == "ok" else -1.0
+        return (1 if r["status"] == "ok" else 2, -b, -acc, r["method"])
+    return sorted(rows, key=key)
+
+
+def _fmt(v, spec: str = ".1f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def _budget_str(r: dict) -> str:
+    b = r["budget"]
+    if b is None:
+        return "100%"
+    return f"{b * 100:g}%" if isinstance(b, float) else f"{b} tok"
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of the ``ok`` rows, sorted, then one line per skipped row."""
+    ok = [r for r in sort_rows(rows) if r["status"] == "ok"]
+    skills = [k[4:] for k in (ok[0] if ok else {}) if k.startswith("acc_")]
+    head = ["method", "family", "stage", "budget", "img tok", "acc %", "retained %", "agree %",
+            *[s[:5] for s in skills], "GFLOPs", "FLOPs x", "latency x"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in ok:
+        tok = _fmt(r["tokens_in"])
+        if r.get("prune_layers"):
+            tok = f"{tok} -> {_fmt(r['tokens_after'])} @L{r['prune_layers']}"
+        cells = [r["method"], r["family"] or "-", r["stage"] or "-", _budget_str(r), tok,
+                 _fmt(100 * r["accuracy"]), _fmt(r.get("retained")), _fmt(r.get("agreement")),
+                 *[_fmt(100 * r[f"acc_{s}"], ".0f") for s in skills],
+                 _fmt(r.get("gflops"), ".3f"), _fmt(r.get("flops_ratio"), ".2f"), _fmt(r.get("latency_ratio"), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    skipped = [r for r in sort_rows(rows) if r["status"] != "ok"]
+    if skipped:
+        lines.append("")
+        lines.append(f"Skipped ({len(skipped)}):")
+        lines += [f"- {r['method']} @ {_budget_str(r)}: {r['status'][len('skipped: '):]}" for r in skipped]
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ["method", "family", "stage", "budget", "budget_tokens", "status", "tokens_in", "tokens_after",
+              "prune_layers", "vision_tokens", "accuracy", "retained", "agreement", "gflops", "flops_ratio",
+              "latency_ms", "latency_ratio", "eval_s"]
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def write_outputs(rows: list[dict], out_dir, meta: dict | None = None, plot_png: bool = True) -> dict[str, Path]:
+    """Write ``bench.md``, ``bench.csv``, ``bench.json`` and (``plot_png``) ``bench.png`` into ``out_dir``.
+
+    Returns the paths by kind (``md``, ``csv``, ``json``, ``png``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sort_rows(rows)
+    paths = {"md": out / "bench.md", "csv": out / "bench.csv", "json": out / "bench.json"}
+    paths["md"].write_text(format_table(rows) + "\n")
+    skill_cols = sorted({k for r in rows for k in r if k.startswith("acc_")})
+    fields = CSV_FIELDS[:11] + skill_cols + CSV_FIELDS[11:]
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    doc = {"meta": meta or {}, "rows": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
+    paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
+    if plot_png:
+        paths["png"] = plot(rows, out / "bench.png")
+    return paths
+
+
+def plot(rows: list[dict], path) -> Path:
+    """Two panels: accuracy vs image tokens kept (one line per method), accuracy vs latency ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    full = next((r for r in ok if r["method"] == FULL), None)
+    methods = sorted({r["method"] for r in ok if r["method"] != FULL})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.5))
+    cmap = plt.get_cmap("tab20")
+    markers = "os^vD<>ph*XP"
+    for i, name in enumerate(methods):
+        pts = sorted((r for r in ok if r["method"] == name), key=lambda r: r["tokens_after"])
+        style = {"color": cmap(i % 20), "marker": markers[i % len(markers)], "ms": 4, "lw": 1.2, "label": name}
+        if pts[0]["stage"] == "decoder":
+            style["ls"] = "--"
+        ax1.plot([r["tokens_after"] for r in pts], [100 * r["accuracy"] for r in pts], **style)
+        # the same budget order in both panels: each line follows the method's budget sweep
+        lat = [(r["latency_ratio"], 100 * r["accuracy"]) for r in pts if r.get("latency_ratio") is not None]
+        if lat:
+            ax2.plot([a for a, _ in lat], [b for _, b in lat], **style)
+    if full is not None:
+        for ax in (ax1, ax2):
+            ax.axhline(100 * full["accuracy"], color="k", lw=1, ls=":", label="full (no compression)")
+        ax1.plot([full["tokens_in"]], [100 * full["accuracy"]], "k*", ms=10)
+        if full.get("latency_ratio") is not None:
+            ax2.plot([1.0], [100 * full["accuracy"]], "k*", ms=10)
+    ax1.set_xscale("log")
+    ticks = [t for t in (2, 5, 10, 20, 50, 100, 144) if full is None or t <= full["tokens_in"]]
+    ax1.set_xticks(ticks, [str(t) for t in ticks])
+    ax1.minorticks_off()
+    ax1.set_xlabel("image tokens kept per image (in the LLM; decoder-stage: after layer K, dashed)")
+    ax1.set_ylabel("testbed accuracy (%)")
+    ax1.set_title("accuracy vs image tokens kept")
+    ax2.set_xlabel("prefill latency / full (1 thread, median)")
+    ax2.set_ylabel("testbed accuracy (%)")
+    ax2.set_title("accuracy vs latency")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_gallery(model, tokenizer, sample, rows: list[dict], budget, path) -> Path | str:
+    """``gallery.png``: every method that ran at ``budget`` on one testbed image (:func:`vtcompress.viz.gallery`).
+
+    Returns the path, or a string saying why no gallery was written.
+    """
+    try:
+        from ..viz import gallery
+    except ImportError:  # the seam: viz.gallery is optional for the bench
+        return "vtcompress.viz.gallery is not available"
+    names = [r["method"] for r in rows if r["status"] == "ok" and r["budget"] == budget and r["method"] != FULL]
+    if not names:
+        return f"no method ran at budget {budget}"
+    methods = [build_method(n, budget) for n in names]
+    methods = [m for m in methods if not isinstance(m, str)]
+    try:
+        img = gallery(model, tokenizer, sample.image, methods, budget, question=sample.question)
+    except Exception as e:  # the gallery is a by-product: report, do not fail the sweep
+        return f"gallery failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def load_model(path=None):
+    """The testbed model and tokenizer: ``path``, else the packaged weights, else (with a warning) an UNTRAINED
+    testbed of the same architecture (random weights, so that the pipeline runs before weights ship).
+
+    Returns ``(model, tokenizer, description)``.
+    """
+    from ..testbed import WEIGHTS_DIR, build_tokenizer, load_testbed
+    from ..testbed.model import build_model
+
+    if path is not None:
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"--model {path!r}: no config.json there (expected a directory saved by save_pretrained)")
+        model, tok = load_testbed(path)
+        return model, tok, str(path)
+    if (WEIGHTS_DIR / "config.json").is_file():
+        model, tok = load_testbed()
+        return model, tok, "packaged testbed"
+    print("vtcompress bench: WARNING: no packaged testbed weights found; using an UNTRAINED testbed (random "
+          "weights): accuracies are chance level", file=sys.stderr)
+    tok = build_tokenizer()
+    return build_model(tok).eval(), tok, "untrained testbed (random weights)"
+
+
+def _parse_budgets(text: str) -> list[int | float]:
+    from ..compressor import check_budget
+
+    out: list[int | float] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            b: int | float = int(part)
+        except ValueError:
+            try:
+                b = float(part)
+            except ValueError:
+                raise ValueError(f"--budgets: {part!r} is not a number; give fractions in (0, 1] or ints "
+                                 "(tokens), e.g. 0.5,0.11") from None
+        check_budget(b)
+        out.append(b)
+    if not out:
+        raise ValueError("--budgets is empty; e.g. --budgets 0.5,0.11")
+    return out
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive int is allowed")
+    return v
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``vtcompress bench`` (see the module docstring); returns the exit code."""
+    from ..compressor import list_methods
+    from ..testbed import samples as make_samples
+
+    p = argparse.ArgumentParser(prog="vtcompress bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", help="comma-separated method names (default: every registered method)")
+    p.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS),
+                   help="comma-separated budgets: fractions of the image tokens in (0, 1] or ints "
+                        "(default %(default)s)")
+    p.add_argument("--samples", type=_positive, default=DEFAULT_SAMPLES, help="test samples (default %(default)s)")
+    p.add_argument("--model", help="a saved testbed-style model directory (default: the packaged testbed)")
+    p.add_argument("--out", default="results", help="output directory (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=64, help="evaluation batch size (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="test-set seed (default %(default)s)")
+    p.add_argument("--latency-batch", type=_positive, default=8,
+                   help="samples in the timed batch (default %(default)s)")
+    p.add_argument("--repeats", type=_positive, default=5, help="timed repeats per row (default %(default)s)")
+    p.add_argument("--threads", type=_positive, default=1, help="torch threads (default %(default)s)")
+    p.add_argument("--gallery-budget", type=float, default=None,
+                   help="budget of gallery.png (default: 0.22 if swept, else the middle budget)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency timing")
+    p.add_argument("--no-plot", action="store_true", help="write no PNGs")
+    args = p.parse_args(argv)
+    try:
+        budgets = _parse_budgets(args.budgets)
+        methods = list_methods() if not args.methods else [m.strip() for m in args.methods.split(",") if m.strip()]
+        valid = set(list_methods())
+        bad = [m for m in methods if m not in valid]
+        if bad:
+            raise ValueError(f"--methods: unknown {', '.join(bad)}; valid names: {', '.join(sorted(valid))}")
+        model, tok, desc = load_model(args.model)
+    except ValueError as e:
+        print(f"vtcompress bench: {e}", file=sys.stderr)
+        return 2
+    test = make_samples("test", args.samples, seed=args.seed)
+    t0 = time.perf_counter()
+    rows = run_sweep(model, tok, methods, budgets, test, batch_size=args.batch_size, latency_batch=args.latency_batch,
+                     repeats=args.repeats, num_threads=args.threads, time_latency=not args.no_latency)
+    meta = {
+        "model": desc, "samples": args.samples, "seed": args.seed, "budgets": budgets, "methods": methods,
+        "batch_size": args.batch_size, "latency_batch": args.latency_batch, "repeats": args.repeats,
+        "threads": args.threads, "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
+        "flops": "analytic prefill FLOPs per sample, lm_head on the last position (vtcompress.bench.flops)",
+    }
+    paths = write_outputs(rows, args.out, meta, plot_png=not args.no_plot)
+    table = paths["md"].read_text()
+    print(f"vtcompress bench — {desc}, {args.samples} test samples, {meta['seconds']} s\n")
+    print(table)
+    if not args.no_plot:
+        gb = args.gallery_budget
+        if gb is None:
+            gb = 0.22 if 0.22 in budgets else budgets[len(budgets) // 2]
+        g = write_gallery(model, tok, test[0], rows, gb, Path(args.out) / "gallery.png")
+        paths["gallery"] = g if isinstance(g, Path) else None
+        if not isinstance(g, Path):
+            print(f"gallery.png not written: {g}", file=sys.stderr)
+    print("wrote " + ", ".join(str(v) for v in paths.values() if v is not None), file=sys.stderr)
+    return 0
