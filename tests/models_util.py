@@ -165,7 +165,8 @@ def _anyres_inputs(model, gen, batch, images, padding, extra_keys=()):
         sizes = torch.tensor([_SIZES[i % len(_SIZES)] for i in range(n)], dtype=torch.long)
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        crops = [image_size_to_num_patches(s.tolist(), _PINPOINTS, 16) for s in sizes]
+        pinpoints = model.config.image_grid_pinpoints
+        crops = [image_size_to_num_patches(s.tolist(), pinpoints, 16) for s in sizes]
         pix = torch.zeros(n, max(crops), 3, 16, 16)
         for i, c in enumerate(crops):
             pix[i, :c] = torch.randn(c, 3, 16, 16, generator=gen)
@@ -200,8 +201,11 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa"):
 
 
 # ----------------------------------------------------------------------------------------- OneVision
-def tiny_onevision(seed: int = 0, attn: str = "sdpa"):
-    """LLaVA-OneVision: SigLIP (no CLS) crops of 16x16 px, anyres_max_9 packing, Qwen2 text (hidden 32)."""
+def tiny_onevision(seed: int = 0, attn: str = "sdpa", pinpoints=None):
+    """LLaVA-OneVision: SigLIP (no CLS) crops of 16x16 px, anyres_max_9 packing, Qwen2 text (hidden 32).
+
+    ``pinpoints=[[64, 64]]`` gives 16 crops per image, whose unpadded grid exceeds 9 crops' worth of patches,
+    so the stock packer down-sizes it bilinearly (anyres_max_9)."""
     torch.manual_seed(seed)
     vis = SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16,
@@ -209,7 +213,7 @@ def tiny_onevision(seed: int = 0, attn: str = "sdpa"):
     )
     cfg = LlavaOnevisionConfig(
         vision_config=vis, text_config=_qwen2(), image_token_index=IMAGE, video_token_index=121,
-        image_grid_pinpoints=_PINPOINTS, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints or _PINPOINTS, vision_feature_layer=-1, vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
     )
     model = _finish(LlavaOnevisionForConditionalGeneration(cfg), seed, attn)

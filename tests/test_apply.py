@@ -488,6 +488,8 @@ def test_encoder_stage_then_projector_on_llava(models):
     to the merged count, provenance comes from the encoder, and batched == one by one."""
     model, make = models["llava"]
     inputs = make(batch=3, images=[1, 0, 2], seed=4)
+    with torch.no_grad():
+        model(**inputs)
     hooks = _hooks(model)
     with torch.no_grad(), vtcompress.apply(model, [NormTopK(budget=4), vtcompress.get("tome_encoder", budget=8)]) \
             as handle:
@@ -555,3 +557,20 @@ def test_cached_generate_equals_uncached(models, family):
             cached = model.generate(**inputs, **gen)
             uncached = model.generate(**inputs, use_cache=False, **gen)
         assert torch.equal(cached, uncached)
+
+
+def test_onevision_downsized_high_resolution_grid():
+    """anyres_max_9: a 16x16 unpadded grid is bilinearly down-sized to 12x12 by the stock packer; the layout
+    map follows it (12 rows, 12 newlines), budget 1.0 is still exact and compression splits per view."""
+    from models_util import tiny_onevision
+
+    model, make = tiny_onevision(pinpoints=[[64, 64]])
+    inputs = make(batch=4, images=[1, 1, 1, 1])  # image 3 is 28x28 px -> 16x16 patches -> 12x12
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        with vtcompress.apply(model, ClsTopK(budget=1.0)):
+            assert torch.equal(model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False), ref)
+        res = vtcompress.compress_inputs(model, NormTopK(budget=40), **inputs)
+    assert [t.grid for t in res.tokens[3]] == [(4, 4), (12, 12)]
+    assert sum(t.num_tokens for t in res.tokens[3]) == 40
+    assert int(res.num_tokens[3, 0]) == 16 + 12 * 13

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -342,7 +343,7 @@ def _placeholder_slots(ids: Tensor, image_id: int, lengths: list[int]) -> tuple[
     return flat, sample
 
 
-def _text_signal(model, adapter, ids: Tensor, mask: Tensor, image_id: int, samples: Tensor):
+def _text_signal(model, ids: Tensor, mask: Tensor, image_id: int, samples: Tensor):
     """Input embeddings of each image's prompt (its sample's non-image tokens): ``[I, T, D]``, ``[I, T]``."""
     emb = model.get_input_embeddings()
     text_ok = (ids != image_id) & mask.bool()
@@ -355,11 +356,10 @@ def _text_signal(model, adapter, ids: Tensor, mask: Tensor, image_id: int, sampl
     return text[samples], tmask[samples]
 
 
-def _shorten(inputs: dict, keep: Tensor, pad_id: int, left: bool) -> tuple[dict, Tensor, Tensor]:
+def _shorten(inputs: dict, keep: Tensor, pad_id: int, left: bool):
     """Drop columns where ``keep [B, S]`` is False from every sequence input; re-pad rows on one side.
 
-    Returns the new inputs, ``dest [B, S]`` (new column of each kept column, -1 otherwise) and the new
-    ``attention_mask``.
+    Returns the new inputs and ``move(t [..., B, S], fill)``, which applies the same to any tensor.
     """
     b, s = keep.shape
     n = keep.sum(1)
@@ -380,7 +380,7 @@ def _shorten(inputs: dict, keep: Tensor, pad_id: int, left: bool) -> tuple[dict,
         if isinstance(t, Tensor) and t.dim() == 2 and tuple(t.shape) == (b, s):
             fill = {"input_ids": pad_id, "labels": -100}.get(key, 0)
             out[key] = move(t, fill)
-    return out, dest, move
+    return out, move
 
 
 def compress_inputs(model: nn.Module, method, *, positions: str = "original", for_generate: bool = False,
@@ -408,11 +408,29 @@ def _check_positions(positions: str, adapter: Adapter) -> None:
                          "their 3-D positions come from the image grid; use positions='original'")
 
 
+@dataclass
+class _View:
+    """One view of one image: the feature indices of its patches (raster order) and its budget per method."""
+
+    image: int
+    view: int
+    index: Tensor
+    budgets: tuple
+
+
+@dataclass
+class _Signals:
+    """Per-image signals aligned with the features (``[L_i, 1]`` attention, ``[L_i, Dk]`` keys, prompt)."""
+
+    attn: list[Tensor] | None = None
+    keys: list[Tensor] | None = None
+    text: Tensor | None = None
+    text_mask: Tensor | None = None
+
+
 def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, *, positions: str,
               for_generate: bool) -> CompressedInputs:
     _check_positions(positions, adapter)
-    enc_methods = [m for m in methods if m.stage == "encoder"]
-    proj_methods = [m for m in methods if m.stage == "projector"]
     if inputs.get("pixel_values") is None:
         return CompressedInputs(inputs=dict(inputs))
     ids = inputs.get("input_ids")
@@ -421,70 +439,87 @@ def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, 
                          f"got {type(ids).__name__ if not isinstance(ids, Tensor) else tuple(ids.shape)}")
     if inputs.get("mm_encoder_outputs"):
         raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
-    base = adapter.base(model)
-    image_id = adapter.image_token_id(model)
+    proj_methods = [m for m in methods if m.stage == "projector"]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    needs = _needs(proj_methods)
+    image_id = adapter.image_token_id(model)
 
-    # 1. the model's own encoder, with signal capture / encoder-stage merging around it
-    enc_kwargs = adapter.encoder_kwargs(model, inputs)
-    layers = adapter.vision_layers(model)
+    out, feats, enc_rows, signals = _encode(model, adapter, methods, inputs)
+    flat, samples = _placeholder_slots(ids, image_id, [int(f.shape[0]) for f in feats])
+    if "text" in _needs(proj_methods):
+        signals.text, signals.text_mask = _text_signal(model, ids, mask, image_id, samples)
+    layouts = adapter.layouts(model, inputs, feats)
+    views = _views(layouts, proj_methods)
+    results = _compress_views(model, views, layouts, feats, signals, enc_rows, proj_methods)
+    new_feats, kept_slots, tokens = _kept_features(layouts, views, results, feats)
+
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    if kept_slots:
+        keep.view(-1)[flat] = torch.cat(kept_slots).to(ids.device)
+    new_inputs = _shortened_inputs(model, adapter, inputs, ids, mask, keep, positions, for_generate)
+    for k in list(adapter.encoder_kwargs(model, inputs)) + list(adapter.encoder_only_keys):
+        new_inputs.pop(k, None)
+    new_inputs["mm_encoder_outputs"] = {"image": adapter.wrap(out, new_feats)}
+    counts = [(int(k.numel()), int(k.sum())) for k in kept_slots]
+    return CompressedInputs(inputs=new_inputs, tokens=tokens, keep=keep, image_sample=samples,
+                            num_tokens=torch.tensor(counts, dtype=torch.long).reshape(-1, 2))
+
+
+def _encode(model, adapter: Adapter, methods: list[Compressor], inputs: dict):
+    """Run the model's own ``get_image_features`` under the signal capture / encoder-stage merging the methods
+    need. Returns its output, the per-image features, the encoder's rows (merging only) and the signals."""
+    enc_methods = [m for m in methods if m.stage == "encoder"]
+    proj_methods = [m for m in methods if m.stage == "projector"]
+    needs = _needs(proj_methods)
     want_attn, want_keys = "cls_attn" in needs, "keys" in needs
+    layers = adapter.vision_layers(model)
     signal_layer = _signal_layer(proj_methods, len(layers)) if (want_attn or want_keys) else None
-    merging = None
-    with _Stack() as stack:
+    merging = rec = None
+    with ExitStack() as stack:
         if enc_methods:
-            merging = stack.enter(_encoder_merging(model, adapter, enc_methods))
-        rec = None
-        if signal_layer is not None and not enc_methods:  # merged towers: keys come from the merge itself
-            rec = stack.enter(capture_signals(
+            merging = stack.enter_context(_encoder_merging(model, adapter, enc_methods))
+        elif signal_layer is not None:  # with a merged tower, keys come from the merge itself
+            rec = stack.enter_context(capture_signals(
                 model, adapter.vision_config(model), adapter.attention_module(layers[signal_layer]),
                 has_cls=adapter.num_prefix_tokens(model) > 0, attn=want_attn, keys=want_keys))
         with torch.no_grad():
-            out = base.get_image_features(**enc_kwargs, return_dict=True)
+            out = adapter.base(model).get_image_features(**adapter.encoder_kwargs(model, inputs), return_dict=True)
     feats = adapter.features(model, inputs, out)
     enc_rows = None
     if merging is not None:
         feats, enc_rows = _encoder_features(merging, feats, want_attn, want_keys)
-    lengths = [int(f.shape[0]) for f in feats]
-    flat, samples = _placeholder_slots(ids, image_id, lengths)
-    dev = feats[0].device if feats else ids.device
-
-    # 2. per-image layouts and the per-feature signals
-    layouts = adapter.layouts(model, inputs, feats)
-    sig_attn = sig_keys = None
+    signals = _Signals()
     if rec is not None and want_attn:
-        sig_attn = adapter.signal_to_features(model, inputs, [a[..., None] for a in rec.attn], "sum", feats)
+        signals.attn = adapter.signal_to_features(model, inputs, [a[..., None] for a in rec.attn], "sum", feats)
     if rec is not None and want_keys:
-        sig_keys = adapter.signal_to_features(model, inputs, rec.keys, "mean", feats)
-    text = text_mask = None
-    if "text" in needs:
-        text, text_mask = _text_signal(model, adapter, ids, mask, image_id, samples)
+        signals.keys = adapter.signal_to_features(model, inputs, rec.keys, "mean", feats)
+    return out, feats, enc_rows, signals
 
-    # 3. one VisualTokens row per view; views with the same grid and budgets are compressed together
-    units = []  # (image, view, feature indices of the view's patches, budgets)
+
+def _views(layouts: list[ImageLayout], proj_methods: list[Compressor]) -> list[_View]:
+    """Every view of every image, with each method's budget split over the views of an image."""
+    views = []
     for i, lay in enumerate(layouts):
-        sizes = []
-        views = []
+        index = []
         for v in range(len(lay.grids)):
             idx = ((lay.view == v) & (lay.patch >= 0)).nonzero().squeeze(1)
-            idx = idx[torch.argsort(lay.patch[idx])]
-            views.append(idx)
-            sizes.append(int(idx.numel()))
-        per_method = [_split_budget(m.budget, sizes) for m in proj_methods]
-        for v, idx in enumerate(views):
-            units.append((i, v, idx, tuple(b[v] for b in per_method)))
+            index.append(idx[torch.argsort(lay.patch[idx])])
+        per_method = [_split_budget(m.budget, [int(x.numel()) for x in index]) for m in proj_methods]
+        views += [_View(i, v, idx, tuple(b[v] for b in per_method)) for v, idx in enumerate(index)]
+    return views
+
+
+def _compress_views(model, views: list[_View], layouts, feats, signals: _Signals, enc_rows, proj_methods):
+    """Run the projector-stage methods; views with the same grid and budgets go through as one batch."""
     groups: dict[tuple, list[int]] = {}
-    for u, (i, v, _idx, budgets) in enumerate(units):
-        groups.setdefault((layouts[i].grids[v], budgets), []).append(u)
+    for u, view in enumerate(views):
+        groups.setdefault((layouts[view.image].grids[view.view], view.budgets), []).append(u)
     results: dict[int, VisualTokens] = {}
     for (grid, budgets), members in groups.items():
-        tok = _start_tokens(members, units, feats, grid, sig_attn, sig_keys, text, text_mask, enc_rows, want_keys)
+        tok = _start_tokens([views[u] for u in members], feats, grid, signals, enc_rows)
         d = tok.x.shape[-1]
         for m, b in zip(proj_methods, budgets, strict=True):
-            mm = m if b == m.budget else dataclasses.replace(m, budget=b)
-            tok = mm(tok)
+            tok = (m if b == m.budget else dataclasses.replace(m, budget=b))(tok)
             if tok.x.shape[-1] != d:
                 raise ValueError(
                     f"method {m.name!r} changed the feature width from {d} to {tok.x.shape[-1]}; the LLM of "
@@ -493,89 +528,75 @@ def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, 
         tok = tok.sort_by_pos()
         for r, u in enumerate(members):
             results[u] = tok.row(r)
-
-    # 4. kept features per image, in placeholder order
-    new_feats, keep_slots, tokens, counts = [], [], [[] for _ in feats], []
-    for u, unit in enumerate(units):
-        tokens[unit[0]].append(results[u])
-    for i, lay in enumerate(layouts):
-        full = feats[i].clone()
-        kept = torch.zeros(lay.view.shape[0], dtype=torch.bool, device=dev)
-        for v, row in enumerate(tokens[i]):
-            view_idx = [un[2] for un in units if un[0] == i and un[1] == v][0]
-            # merged features replace the feature at their anchor patch (pos): the LLM sees them there
-            where = view_idx[row.pos[0]]
-            full[where] = row.x[0].to(full.dtype)
-            kept[where] = True
-        other = (lay.patch < 0) & ~lay.sep  # prefix features: always kept
-        kept |= other
-        if bool(lay.sep.any()):
-            row_kept = torch.zeros(int(lay.group.max()) + 2, dtype=torch.bool, device=dev)
-            row_kept[lay.group[kept & (lay.patch >= 0)]] = True
-            kept |= lay.sep & row_kept[lay.group.clamp(min=0)]
-        new_feats.append(full[kept])
-        keep_slots.append(kept)
-        counts.append((int(kept.numel()), int(kept.sum())))
-
-    # 5. shorten the sequences, positions of the survivors
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    slots = torch.cat(keep_slots).to(ids.device) if keep_slots else torch.zeros(0, dtype=torch.bool)
-    keep.view(-1)[flat] = slots
-    left = not bool((mask[:, -1] == 0).any())
-    pad_id = _pad_id(model, ids, mask, image_id)
-    call_inputs = dict(inputs)
-    call_inputs["attention_mask"] = mask
-    new_inputs, dest, move = _shorten(call_inputs, keep, pad_id, left)
-    pos = _positions(model, adapter, base, inputs, ids, mask, positions, for_generate)
-    if pos is not None:
-        new_pos = move(pos, 0)
-        if adapter.position_scheme == "mrope" and for_generate:
-            m = new_inputs["attention_mask"].long()
-            text_pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
-            new_pos = torch.cat([text_pos[None], new_pos], dim=0)
-        new_inputs["position_ids"] = new_pos
-    elif "position_ids" in new_inputs:
-        new_inputs.pop("position_ids")
-    for k in list(enc_kwargs) + list(adapter.encoder_only_keys):
-        new_inputs.pop(k, None)
-    new_inputs["mm_encoder_outputs"] = {"image": adapter.wrap(out, new_feats)}
-    return CompressedInputs(
-        inputs=new_inputs, tokens=tokens, keep=keep, image_sample=samples,
-        num_tokens=torch.tensor(counts, dtype=torch.long).reshape(-1, 2),
-    )
+    return [results[u] for u in range(len(views))]
 
 
-def _start_tokens(members, units, feats, grid, sig_attn, sig_keys, text, text_mask, enc_rows,
-                  want_keys) -> VisualTokens:
-    """The tokens of a group of same-grid views as one batch: the full grid, or the encoder-merged tokens."""
-    xs, attn, keys, tx, tm = [], [], [], [], []
-    for u in members:
-        i, v, idx, _ = units[u]
-        xs.append(feats[i][idx])
-        if sig_attn is not None:
-            attn.append(sig_attn[i][idx, 0])
-        if sig_keys is not None:
-            keys.append(sig_keys[i][idx])
-        if text is not None:
-            tx.append(text[i])
-            tm.append(text_mask[i])
+def _start_tokens(views: list[_View], feats, grid, signals: _Signals, enc_rows) -> VisualTokens:
+    """The tokens of same-grid views as one batch: the full grid, or the encoder-merged tokens."""
     if enc_rows is not None:
-        # already merged inside the vision tower: the features sit at their anchor patches; start from the
-        # encoder's bookkeeping (pos / size / assign / merged keys) with the projected features
-        rows = [enc_rows[units[u][0]] for u in members]
-        x = torch.stack([feats[units[u][0]][units[u][2]][r.pos[0]] for u, r in zip(members, rows, strict=True)])
+        # merged inside the vision tower: the features sit at their anchor patches; start from the encoder's
+        # bookkeeping (pos / size / assign / merged keys) with the projected features
+        rows = [enc_rows[v.image] for v in views]
+        x = torch.stack([feats[v.image][v.index][r.pos[0]] for v, r in zip(views, rows, strict=True)])
         tok = VisualTokens(
             x=x, mask=torch.cat([r.mask for r in rows]), pos=torch.cat([r.pos for r in rows]), grid=grid,
             size=torch.cat([r.size for r in rows]), assign=torch.cat([r.assign for r in rows]), layout=None,
-            keys=torch.cat([r.keys for r in rows]) if want_keys else None,
+            keys=torch.cat([r.keys for r in rows]) if rows[0].keys is not None else None,
         )
     else:
         tok = VisualTokens.from_features(
-            torch.stack(xs), grid,
-            cls_attn=torch.stack(attn) if attn else None, keys=torch.stack(keys) if keys else None)
-    if tx:
-        tok = tok.replace(text=torch.stack(tx), text_mask=torch.stack(tm))
+            torch.stack([feats[v.image][v.index] for v in views]), grid,
+            cls_attn=torch.stack([signals.attn[v.image][v.index, 0] for v in views]) if signals.attn else None,
+            keys=torch.stack([signals.keys[v.image][v.index] for v in views]) if signals.keys else None)
+    if signals.text is not None:
+        tok = tok.replace(text=signals.text[[v.image for v in views]],
+                          text_mask=signals.text_mask[[v.image for v in views]])
     return tok
+
+
+def _kept_features(layouts: list[ImageLayout], views: list[_View], results: list[VisualTokens], feats):
+    """Per image: the features the LLM receives (kept / merged tokens at their anchor's slot, plus the
+    newlines of rows that keep a token), the kept flag of each original slot, and the per-view tokens."""
+    new_feats, kept_slots, tokens = [], [], [[] for _ in feats]
+    by_image: list[list[tuple[_View, VisualTokens]]] = [[] for _ in feats]
+    for view, row in zip(views, results, strict=True):
+        by_image[view.image].append((view, row))
+        tokens[view.image].append(row)
+    for i, lay in enumerate(layouts):
+        full = feats[i].clone()
+        kept = (lay.patch < 0) & ~lay.sep  # non-patch features (a kept [CLS]) always stay
+        for view, row in by_image[i]:
+            where = view.index[row.pos[0]]
+            full[where] = row.x[0].to(full.dtype)  # merged features sit at their anchor patch
+            kept[where] = True
+        if bool(lay.sep.any()):
+            row_kept = torch.zeros(int(lay.group.max()) + 1, dtype=torch.bool, device=kept.device)
+            row_kept[lay.group[kept & (lay.patch >= 0)]] = True
+            kept |= lay.sep & row_kept[lay.group.clamp(min=0)]
+        new_feats.append(full[kept])
+        kept_slots.append(kept)
+    return new_feats, kept_slots, tokens
+
+
+def _shortened_inputs(model, adapter, inputs, ids, mask, keep, positions, for_generate) -> dict:
+    """Inputs with the dropped placeholders removed (re-padded on the batch's padding side) and the kept
+    tokens' original positions."""
+    left = not bool((mask[:, -1] == 0).any())
+    call_inputs = dict(inputs)
+    call_inputs["attention_mask"] = mask
+    new_inputs, move = _shorten(call_inputs, keep, _pad_id(model, ids, mask, adapter.image_token_id(model)), left)
+    pos = _positions(model, adapter, inputs, ids, mask, positions, for_generate)
+    if pos is None:
+        new_inputs.pop("position_ids", None)
+        return new_inputs
+    new_pos = move(pos, 0)
+    if adapter.position_scheme == "mrope" and for_generate:
+        # row 0: the compact text position generate() prepends; a non-compact row 0 would switch on
+        # packed-sequence masking
+        m = new_inputs["attention_mask"].long()
+        new_pos = torch.cat([((m.cumsum(-1) - 1).masked_fill(m == 0, 0))[None], new_pos], dim=0)
+    new_inputs["position_ids"] = new_pos
+    return new_inputs
 
 
 def _pad_id(model, ids: Tensor, mask: Tensor, image_id: int) -> int:
@@ -589,7 +610,7 @@ def _pad_id(model, ids: Tensor, mask: Tensor, image_id: int) -> int:
     return int(pid) if pid is not None and int(pid) != image_id else 0
 
 
-def _positions(model, adapter, base, inputs, ids, mask, positions, for_generate) -> Tensor | None:
+def _positions(model, adapter, inputs, ids, mask, positions, for_generate) -> Tensor | None:
     """Position ids of the FULL sequence, as the stock model would build them (``None``: let it)."""
     given = inputs.get("position_ids")
     if adapter.position_scheme == "mrope":
@@ -598,7 +619,7 @@ def _positions(model, adapter, base, inputs, ids, mask, positions, for_generate)
         tt = inputs.get("mm_token_type_ids")
         if tt is None:
             tt = (ids == adapter.image_token_id(model)).to(torch.int)
-        pos, _ = base.get_rope_index(ids, tt, image_grid_thw=inputs.get("image_grid_thw"),
+        pos, _ = adapter.base(model).get_rope_index(ids, tt, image_grid_thw=inputs.get("image_grid_thw"),
                                      video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
         return pos
     if given is not None:
@@ -614,25 +635,6 @@ def _positions(model, adapter, base, inputs, ids, mask, positions, for_generate)
 
 
 # ============================================================================== encoder stage seam
-class _Stack:
-    """A tiny ExitStack that also accepts objects with ``__enter__``/``__exit__``."""
-
-    def __init__(self):
-        from contextlib import ExitStack
-
-        self._stack = ExitStack()
-
-    def enter(self, cm):
-        return self._stack.enter_context(cm)
-
-    def __enter__(self):
-        self._stack.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._stack.__exit__(*exc)
-
-
 def _encoder_merging(model, adapter: Adapter, methods: list[Compressor]):
     if len(methods) > 1:
         raise ValueError(f"only one encoder-stage method can run at a time; got {[m.name for m in methods]}")
