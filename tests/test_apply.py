@@ -574,3 +574,12 @@ def test_onevision_downsized_high_resolution_grid():
     assert [t.grid for t in res.tokens[3]] == [(4, 4), (12, 12)]
     assert sum(t.num_tokens for t in res.tokens[3]) == 40
     assert int(res.num_tokens[3, 0]) == 16 + 12 * 13
+
+
+def test_one_apply_at_a_time(models):
+    model, make = models["llava"]
+    with vtcompress.apply(model, NormTopK(budget=0.5)):
+        with pytest.raises(ValueError, match="another apply"):
+            vtcompress.apply(model, NormTopK(budget=0.25))
+        assert "generate" in vars(model)
+    assert "generate" not in vars(model)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..compressor import Compressor, check_budget, get
+from ..compressor import Compressor, get
 from ..tokens import VisualTokens
 from .signals import capture_signals
 
@@ -678,7 +678,9 @@ def _encoder_features(merging, feats: list[Tensor], want_attn: bool, want_keys: 
 class ApplyHandle:
     """Returned by :func:`apply`: a context manager and a handle with :meth:`remove`.
 
-    While active, ``model(**inputs)`` and ``model.generate(**inputs)`` run with the methods applied.
+    While active, ``model(**inputs)`` and ``model.generate(**inputs)`` run with the methods applied (the
+    top-level model: calls to ``model.model`` directly are not compressed). One apply per model at a time;
+    compose methods by passing a list.
     :attr:`last` holds the :class:`CompressedInputs` of the latest call (its ``tokens`` show which tokens
     survived). ``generate`` returns the ORIGINAL prompt ids followed by the new tokens, so slicing by the
     prompt length works as without compression. ``model(**inputs)`` returns logits over the SHORTENED
@@ -698,8 +700,8 @@ class ApplyHandle:
         self._decoder = None
         self._had_generate = "generate" in vars(model)
         base = self.adapter.base(model)
+        # runtime state stock generate() keeps on the model (Qwen2-VL's rope_deltas), put back on exit
         self._rope_deltas = getattr(base, "rope_deltas", None) if hasattr(base, "rope_deltas") else _MISSING
-        self._active = False
         self._install()
 
     @property
@@ -724,7 +726,6 @@ class ApplyHandle:
                         "decoder-stage methods need vtcompress.models.decoder.attach_decoder, which is not "
                         "available in this build") from e
                 self._decoder = attach_decoder(model, decoder)
-            self._active = True
         except BaseException:
             self.remove()
             raise
@@ -804,7 +805,6 @@ class ApplyHandle:
         base = self.adapter.base(self.model)
         if self._rope_deltas is not _MISSING:
             base.rope_deltas = self._rope_deltas
-        self._active = False
 
     def __enter__(self) -> ApplyHandle:
         return self
@@ -832,6 +832,4 @@ def apply(model: nn.Module, method, *, positions: str = "original", restore_prom
         with vtcompress.apply(model, vtcompress.get("fastervlm", budget=64)):
             out = model.generate(**inputs, max_new_tokens=20)
     """
-    for m in resolve_methods(method):
-        check_budget(m.budget)
     return ApplyHandle(model, resolve_methods(method), positions=positions, restore_prompt=restore_prompt)
