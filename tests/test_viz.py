@@ -208,3 +208,148 @@ def test_panel_grid_bad_input():
         panel_grid([])
     with pytest.raises(ValueError, match="cols must be an int >= 1"):
         panel_grid([("a", Image.new("RGB", (4, 4)))], cols=0)
+
+
+# ------------------------------------------------------------------------------------------ vtcompress show
+
+PAD = 8  # panel_grid's default padding
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A randomly initialised testbed-architecture LLaVA (12 x 12 patches, 4 LLM layers) saved like a user's model."""
+    from vtcompress.testbed.model import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok, vision_hidden=32, text_hidden=32, vision_layers=2, text_layers=4).eval()
+    path = tmp_path_factory.mktemp("tiny_testbed")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, model, tok
+
+
+def _panels(png, n_panels: int, cell: int = 32, grid: int = 12) -> list[np.ndarray]:
+    """Cut a one-row panel grid written by ``vtcompress show`` back into its maps."""
+    arr = np.asarray(Image.open(png).convert("RGB"))
+    side = cell * grid
+    assert arr.shape[1] == n_panels * side + (n_panels + 1) * PAD
+    th = arr.shape[0] - side - 2 * PAD
+    assert th > 0
+    return [arr[PAD + th : PAD + th + side, PAD + i * (side + PAD) : PAD + i * (side + PAD) + side]
+            for i in range(n_panels)]
+
+
+def _outlined(panel: np.ndarray, cell: int = 32, grid: int = 12) -> int:
+    """Cells whose whole top pixel row is the outline colour: the kept tokens' anchors."""
+    rows = panel[::cell][:grid].reshape(grid, grid, cell, 3)
+    return int((rows == OUTLINE).all(axis=(-1, -2)).sum())
+
+
+def test_show_writes_the_map_of_compress_inputs(tiny_dir, tmp_path):
+    from vtcompress import get
+    from vtcompress.models import compress_inputs
+    from vtcompress.testbed import encode, make_sample
+    from vtcompress.testbed.data import SKILLS, sample_seed
+    from vtcompress.viz import show_main
+
+    path, model, tok = tiny_dir
+    out = tmp_path / "map.png"
+    assert show_main(["--sample", "2", "--method", "visionzip", "--budget", "20", "--model", str(path),
+                      "--out", str(out)]) == 0
+    (panel,) = _panels(out, 1)
+    sample = make_sample(sample_seed("test", 2), SKILLS[2 % len(SKILLS)])
+    enc = encode(tok, [sample], model.config)
+    enc.pop("answer_ids")
+    with torch.no_grad():
+        res = compress_inputs(model, get("visionzip", budget=20), **enc)
+    ref = np.asarray(token_map(sample.image, res.tokens[0][0]))
+    np.testing.assert_array_equal(panel, ref)
+    assert _outlined(panel) == 20
+
+
+def test_show_several_methods_side_by_side(tiny_dir, tmp_path):
+    from vtcompress.viz import show_main
+
+    path = tiny_dir[0]
+    out = tmp_path / "grid.png"
+    assert show_main(["--sample", "0", "--methods", "uniform,avg_pool,fastv", "--budget", "36",
+                      "--model", str(path), "--out", str(out)]) == 0
+    uniform, pooled, fastv = _panels(out, 3)
+    assert _outlined(uniform) == 36 and _outlined(pooled) == 36 and _outlined(fastv) == 36
+    # pooling merges every patch: no patch is dimmed, so no cell is as dark as a dropped one in the uniform map
+    assert pooled.mean() > uniform.mean()
+
+
+def test_show_decoder_method_one_panel_per_pruning_layer(tiny_dir, tmp_path):
+    from vtcompress.viz import show_main
+
+    path = tiny_dir[0]
+    out = tmp_path / "pyramid.png"
+    assert show_main(["--sample", "1", "--method", "pyramiddrop", "--budget", "0.5", "--param", "layers=(1,2,3)",
+                      "--param", "ref_depth=4", "--model", str(path), "--out", str(out)]) == 0
+    panels = _panels(out, 3)
+    assert [_outlined(p) for p in panels] == [72, 36, 18]
+
+
+def test_show_user_image_without_model(tmp_path, capsys):
+    from vtcompress.viz import show_main
+
+    img = tmp_path / "in.png"
+    Image.fromarray(_image(5)).save(img)
+    out = tmp_path / "sub" / "map.png"
+    assert show_main([str(img), "--model", "none", "--grid", "4x5", "--method", "uniform", "--budget", "5",
+                      "--cell", "16", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        im.verify()
+    arr = np.asarray(Image.open(out).convert("RGB"))
+    assert arr.shape[1] == GRID[1] * CELL + 2 * PAD
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{missing}", "--model", "none", "--method", "uniform"], "does not exist"),
+        (["{garbage}", "--model", "none", "--method", "uniform"], "cannot read image"),
+        (["--sample", "0", "--model", "none", "--method", "fastervlm"], "needs the 'cls_attn' signal"),
+        (["--sample", "0", "--model", "none", "--method", "fastv"], "needs a model"),
+        (["--sample", "0", "--model", "none", "--method", "uniform", "--budget", "500"], "out of range"),
+        (["--sample", "0", "--model", "none", "--method", "uniform", "--budget", "1.5"], "out of range"),
+        (["--sample", "0", "--model", "none", "--method", "uniform", "--budget", "lots"], "not a number"),
+        (["--sample", "0", "--model", "none", "--method", "no_such_method"], "unknown method"),
+        (["--sample", "0", "--model", "none", "--method", "uniform", "--param", "layer=2"], "match no method"),
+        (["--sample", "0", "--model", "{missing}", "--method", "uniform"], "expected 'testbed', 'none'"),
+        (["--model", "none", "--method", "uniform"], "IMAGE path or --sample"),
+        (["--sample", "0", "--model", "none", "--method", "uniform", "--out", "{tmp}/map.jpg"], "PNG"),
+    ],
+)
+def test_show_bad_input_exit_code_and_message(argv, message, tmp_path, capsys):
+    from vtcompress.viz import show_main
+
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not a png")
+    subs = {"{missing}": str(tmp_path / "missing.png"), "{garbage}": str(garbage)}
+    argv = [subs.get(a, a.replace("{tmp}", str(tmp_path))) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "never.png")]
+    assert show_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("vtcompress show: error:")
+    assert not (tmp_path / "never.png").exists()
+
+
+def test_gallery_every_method_at_one_budget(tiny_dir):
+    from vtcompress.viz import gallery
+
+    _, model, tok = tiny_dir
+    image = _image(6)
+    out = gallery(model, tok, image, ["random", "divprune", "fastv"], 0.25, cols=2)
+    side = 12 * 32
+    assert out.size[0] == 2 * side + 3 * PAD
+    th = (out.size[1] - 2 * side - 3 * PAD) / 2
+    assert th == int(th) and th > 0
+    arr = np.asarray(out)
+    y = PAD + int(th)
+    assert _outlined(arr[y : y + side, PAD : PAD + side]) == 36
+    with pytest.raises(ValueError, match="needs the 'cls_attn' signal"):
+        gallery(None, None, image, ["fastervlm"], 0.25)

@@ -837,7 +837,7 @@ def _show(args) -> Path:
 
 
 #: drawn by ``vtcompress show`` when no method is named (those registered, in this order).
-DEFAULT_METHODS = ("random", "uniform", "avgpool", "tome", "divprune", "fastervlm", "visionzip", "prumerge",
+DEFAULT_METHODS = ("random", "uniform", "avg_pool", "tome", "tome_encoder", "divprune", "visionzip", "prumerge",
                    "fastv", "sparsevlm")
 
 
