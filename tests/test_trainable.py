@@ -362,3 +362,12 @@ def test_folder_through_apply(tiny):
         ci = compress_inputs(model, vc.get("folder", budget=0.11), **kw)
     assert ci.num_tokens[:, 1].tolist() == [16, 16, 16]
     assert ci.inputs["input_ids"].shape[1] == enc["input_ids"].shape[1] - 128
+
+
+def test_unshuffle_mlp_on_a_grid_not_divisible_by_its_factor():
+    tok = _tokens(b=2, grid=(5, 7))
+    out = vc.get("unshuffle_mlp", budget=0.25)(tok)  # factor 2 -> ceil(5/2) x ceil(7/2) = 3 x 4
+    assert out.layout == (3, 4) and out.size[0].tolist() == [4, 4, 4, 2, 4, 4, 4, 2, 2, 2, 2, 1]
+    g = tok.x.reshape(2, 5, 7, D_MODEL)
+    torch.testing.assert_close(out.x[:, 11], g[:, 4, 6])  # the corner cell holds one real patch
+    torch.testing.assert_close(out.x[:, 0], g[:, :2, :2].mean((1, 2)))

@@ -220,17 +220,17 @@ def _unshuffle_grid(x, layout: tuple[int, int], factor: int):
     Returns ``[B, ceil(H/f) * ceil(W/f), f*f*C]``: output cell ``(i, j)`` concatenates the patches
     ``(f*i + a, f*j + b)`` for ``a, b < f`` in row-major ``(a, b)`` order, which is what InternVL's
     ``pixel_shuffle(scale_factor=0.5)`` produces for ``f = 2``. Grids not divisible by ``f`` are padded by
-    repeating the last row / column (InternVL itself requires divisibility).
+    repeating the last row / column (InternVL itself requires divisibility), then the shared
+    :func:`pixel_unshuffle_tokens` kernel runs.
     """
     b, _, c = x.shape
     hh, ww = layout
     h, w = -(-hh // factor), -(-ww // factor)
-    grid = x.reshape(b, hh, ww, c)
-    if (h * factor, w * factor) != (hh, ww):
-        grid = _F.pad(grid.permute(0, 3, 1, 2), (0, w * factor - ww, 0, h * factor - hh), mode="replicate")
-        grid = grid.permute(0, 2, 3, 1)
-    grid = grid.reshape(b, h, factor, w, factor, c).permute(0, 1, 3, 2, 4, 5)
-    return grid.reshape(b, h * w, factor * factor * c)
+    if (h * factor, w * factor) == (hh, ww):
+        return pixel_unshuffle_tokens(x, layout, factor)
+    grid = x.reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+    grid = _F.pad(grid, (0, w * factor - ww, 0, h * factor - hh), mode="replicate").permute(0, 2, 3, 1)
+    return pixel_unshuffle_tokens(grid.reshape(b, -1, c), (h * factor, w * factor), factor)
 
 
 @_register
