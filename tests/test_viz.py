@@ -353,3 +353,47 @@ def test_gallery_every_method_at_one_budget(tiny_dir):
     assert _outlined(arr[y : y + side, PAD : PAD + side]) == 36
     with pytest.raises(ValueError, match="needs the 'cls_attn' signal"):
         gallery(None, None, image, ["fastervlm"], 0.25)
+
+
+def test_model_dir_with_processor_draws_on_what_the_model_saw(tmp_path):
+    """A saved model with an AutoProcessor (CLIP centre crop): the map is drawn over the crop, not the input."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from vtcompress.testbed.model import build_tokenizer
+    from vtcompress.viz import load_model, model_inputs, model_view, show_main
+
+    tok = build_tokenizer()
+    proc = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=16)
+    LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    wide = np.zeros((32, 48, 3), np.uint8)
+    wide[:, :8] = (255, 0, 0)  # cropped away by the 32 x 32 centre crop
+    wide[:, 8:40] = _image(7)[:32, :32]
+    wide[:, 40:] = (0, 0, 255)  # cropped away
+    loaded = load_model(str(tmp_path / "m"))
+    seen = np.asarray(model_view(loaded, Image.fromarray(wide), model_inputs(loaded, Image.fromarray(wide))))
+    assert seen.shape == (32, 32, 3)
+    assert np.abs(seen.astype(int) - wide[:, 8:40].astype(int)).max() <= 1
+    img = tmp_path / "wide.png"
+    Image.fromarray(wide).save(img)
+    out = tmp_path / "map.png"
+    assert show_main([str(img), "--model", str(tmp_path / "m"), "--method", "uniform", "--budget", "8",
+                      "--out", str(out)]) == 0
+    (panel,) = _panels(out, 1, cell=96, grid=4)
+    assert _outlined(panel, cell=96, grid=4) == 8
