@@ -583,3 +583,18 @@ def test_one_apply_at_a_time(models):
             vtcompress.apply(model, NormTopK(budget=0.25))
         assert "generate" in vars(model)
     assert "generate" not in vars(model)
+
+
+def test_decoder_only_method_is_delegated(models):
+    """Only decoder-stage methods: apply installs no projector hook and no generate wrapper; attach_decoder
+    does the work (budget 1.0 == stock), and removal is exact."""
+    model, make = models["internvl"]
+    inputs = make(batch=2, images=[1, 2])
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        hooks = _hooks(model)
+        with vtcompress.apply(model, vtcompress.get("fastv", budget=1.0, layer=1)) as handle:
+            assert "generate" not in vars(model) and handle.adapter is None
+            out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)
+    assert _hooks(model) == hooks

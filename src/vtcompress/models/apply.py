@@ -690,19 +690,24 @@ class ApplyHandle:
     def __init__(self, model: nn.Module, methods: list[Compressor], positions: str = "original",
                  restore_prompt: bool = True):
         self.model = model
-        self.adapter = adapter_for(model)
-        _check_positions(positions, self.adapter)
         self.methods = methods
+        # decoder-only methods need no adapter (attach_decoder also serves plain causal LMs)
+        self.adapter = adapter_for(model) if self._compressing else None
+        if self.adapter is not None:
+            _check_positions(positions, self.adapter)
         self.positions = positions
         self.restore_prompt = restore_prompt
         self.last: CompressedInputs | None = None
         self._hooks: list = []
         self._decoder = None
         self._had_generate = "generate" in vars(model)
-        base = self.adapter.base(model)
+        base = self._base()
         # runtime state stock generate() keeps on the model (Qwen2-VL's rope_deltas), put back on exit
         self._rope_deltas = getattr(base, "rope_deltas", None) if hasattr(base, "rope_deltas") else _MISSING
         self._install()
+
+    def _base(self) -> nn.Module:
+        return self.adapter.base(self.model) if self.adapter is not None else getattr(self.model, "model", self.model)
 
     @property
     def _compressing(self) -> bool:
@@ -802,7 +807,7 @@ class ApplyHandle:
         self._hooks.clear()
         if not self._had_generate and vars(self.model).get("generate") == self._generate:
             del self.model.generate
-        base = self.adapter.base(self.model)
+        base = self._base()
         if self._rope_deltas is not _MISSING:
             base.rope_deltas = self._rope_deltas
 
