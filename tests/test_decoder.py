@@ -525,3 +525,32 @@ def test_dart_rule_closed_form():
         assert out.pos[b][out.mask[b]].tolist() == expect
     with pytest.raises(ValueError, match="pivot"):
         get("dart", pivot_image=0, pivot_text=0)
+
+
+def test_unsupported_inputs_raise_clear_errors():
+    model, make = tiny_llava()
+    inputs = make(batch=1, images=[1])
+    with attach_decoder(model, get("fastv", budget=0.5, layer=1)), torch.no_grad():
+        with pytest.raises(ValueError, match="labels"):
+            model(**inputs, labels=inputs["input_ids"])
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        with pytest.raises(ValueError, match="input_ids"):
+            model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        with pytest.raises(ValueError, match="DynamicCache"):
+            model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_apply_projector_then_fastv_every_family(family):
+    """One apply: DivPrune at the projector (positions kept), then FastV inside the LLM; cache, batch invariants."""
+    model, make = BUILDERS[family]()
+    inputs = make(batch=2, images=[1, 1], padding="left", seed=1)
+    methods = [get("divprune", budget=0.5), get("fastv", budget=0.5, layer=1)]
+    with vtcompress.apply(model, methods) as handle:
+        cached = _gen(model, inputs, n=4)
+        assert torch.equal(cached, _gen(model, inputs, n=4, use_cache=False))
+        assert handle._decoder.run.mode == "continue"  # the uncached run reused the prefill's decision
+        for b in range(2):
+            one = _split(family, inputs, b)
+            new = _gen(model, one, n=4)[0, one["input_ids"].shape[1]:]
+            _same_new_tokens(new, cached[b, inputs["input_ids"].shape[1]:])

@@ -287,6 +287,9 @@ class DecoderHandle:
     def _top_hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("past_key_values")
+        if past is not None and getattr(past, "is_compileable", False):
+            raise ValueError(f"decoder-stage pruning needs a growing cache (DynamicCache): layers from K on hold fewer "
+                             f"tokens; got {type(past).__name__} (do not pass cache_implementation='static')")
         past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         mask = kwargs.get("attention_mask")
         if past_len > 0:
