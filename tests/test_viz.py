@@ -268,13 +268,17 @@ def test_show_writes_the_map_of_compress_inputs(tiny_dir, tmp_path):
 
 
 def test_show_several_methods_side_by_side(tiny_dir, tmp_path):
+    from vtcompress.testbed import samples
     from vtcompress.viz import show_main
 
     path = tiny_dir[0]
     out = tmp_path / "grid.png"
     assert show_main(["--sample", "0", "--methods", "uniform,avg_pool,fastv", "--budget", "36",
-                      "--model", str(path), "--out", str(out)]) == 0
-    uniform, pooled, fastv = _panels(out, 3)
+                      "--model", str(path), "--out", str(out), "--input-panel"]) == 0
+    shown, uniform, pooled, fastv = _panels(out, 4)
+    # the input panel: the 96 x 96 sample, each pixel a 4 x 4 block
+    image = samples("test", 1)[0].image
+    np.testing.assert_array_equal(shown, image.repeat(4, axis=0).repeat(4, axis=1))
     assert _outlined(uniform) == 36 and _outlined(pooled) == 36 and _outlined(fastv) == 36
     # pooling merges every patch: no patch is dimmed, so no cell is as dark as a dropped one in the uniform map
     assert pooled.mean() > uniform.mean()

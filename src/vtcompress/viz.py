@@ -682,8 +682,10 @@ def method_panels(
     grid: tuple[int, int] = (12, 12),
     params: dict | None = None,
     cell: int | None = None,
+    input_panel: bool = False,
 ) -> list[tuple[str, Image.Image]]:
-    """One titled token map per method (and per pruning layer of a decoder-stage method)."""
+    """One titled token map per method (and per pruning layer of a decoder-stage method); with
+    ``input_panel`` first the image as the model saw it, titled with the question."""
     built = _build_all(methods, budget, params)  # bad names / parameters fail before any model run
     inputs = model_inputs(loaded, image, question) if loaded is not None else None
     shown = model_view(loaded, image, inputs)
@@ -694,6 +696,11 @@ def method_panels(
             kept = int(tokens.counts[0]) if isinstance(tokens, VisualTokens) else int(anchor.sum())
             title = panel_title(method.name + (f" ({stage})" if stage else ""), method.budget, kept, g[0] * g[1])
             panels.append((title, token_map(shown, tokens, cell=cell)))
+    if input_panel and panels:
+        size = panels[0][1].size
+        exact = size[0] % shown.width == 0 and size[1] % shown.height == 0
+        plain = shown.resize(size, Image.Resampling.NEAREST if exact else Image.Resampling.BICUBIC)
+        panels.insert(0, (f"input\n{question}" if loaded is not None else "input", plain))
     return panels
 
 
@@ -782,6 +789,7 @@ def show_main(argv: list[str] | None = None) -> int:
                         "METHOD.KEY=VALUE (e.g. --param fastv.layer=3)")
     parser.add_argument("--cols", type=int, help="panels per row (default up to 4)")
     parser.add_argument("--cell", type=int, help="pixels per patch side in the map")
+    parser.add_argument("--input-panel", action="store_true", help="first panel: the image as the model saw it")
     parser.add_argument("--device", default="cpu")
     try:
         args = parser.parse_args(argv)
@@ -814,6 +822,9 @@ def _show(args) -> Path:
         methods = default_methods()
     if not methods:
         raise ValueError(f"no method to draw; registered methods: {', '.join(list_methods()) or 'none'}")
+    path = Path(args.out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out!r}: the map is written as PNG; give a path ending in .png")
     question = args.question
     if args.sample is not None:
         from .testbed.data import SKILLS, make_sample, sample_seed
@@ -825,19 +836,17 @@ def _show(args) -> Path:
     else:
         image = _open_image(args.image)
     loaded = load_model(args.model, device=args.device)
-    panels = method_panels(loaded, image, methods, budget, question or DEFAULT_QUESTION, grid, params, args.cell)
+    panels = method_panels(loaded, image, methods, budget, question or DEFAULT_QUESTION, grid, params, args.cell,
+                           input_panel=args.input_panel)
     cols = args.cols if args.cols is not None else min(len(panels), 4)
     out = panel_grid(panels, cols)
-    path = Path(args.out)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"--out {args.out!r}: the map is written as PNG; give a path ending in .png")
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path, format="PNG")
     return path
 
 
 #: drawn by ``vtcompress show`` when no method is named (those registered, in this order).
-DEFAULT_METHODS = ("random", "uniform", "avg_pool", "tome", "tome_encoder", "divprune", "visionzip", "prumerge",
+DEFAULT_METHODS = ("random", "uniform", "avg_pool", "tome", "divprune", "visionzip", "prumerge",
                    "fastv", "sparsevlm")
 
 
