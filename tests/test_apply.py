@@ -598,3 +598,15 @@ def test_decoder_only_method_is_delegated(models):
             out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert torch.equal(out, ref)
     assert _hooks(model) == hooks
+
+
+def test_gradients_reach_the_projector(models):
+    """apply follows the caller's grad mode: a loss on the compressed run trains the projector."""
+    model, make = models["llava"]
+    inputs = make(batch=2, images=[1, 1])
+    proj = model.model.multi_modal_projector.linear_1.weight
+    proj.grad = None
+    with vtcompress.apply(model, PairMerge()):
+        model(**inputs).logits.sum().backward()
+    assert proj.grad is not None and float(proj.grad.abs().sum()) > 0
+    model.zero_grad(set_to_none=True)

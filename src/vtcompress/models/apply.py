@@ -351,9 +351,7 @@ def _text_signal(model, ids: Tensor, mask: Tensor, image_id: int, samples: Tenso
     order = torch.argsort((~text_ok).to(torch.int8), dim=1, stable=True)[:, :t]  # text tokens first, in order
     tid = ids.gather(1, order)
     tmask = text_ok.gather(1, order)
-    with torch.no_grad():
-        text = emb(tid)
-    return text[samples], tmask[samples]
+    return emb(tid)[samples], tmask[samples]
 
 
 def _shorten(inputs: dict, keep: Tensor, pad_id: int, left: bool):
@@ -482,8 +480,8 @@ def _encode(model, adapter: Adapter, methods: list[Compressor], inputs: dict):
             rec = stack.enter_context(capture_signals(
                 model, adapter.vision_config(model), adapter.attention_module(layers[signal_layer]),
                 has_cls=adapter.num_prefix_tokens(model) > 0, attn=want_attn, keys=want_keys))
-        with torch.no_grad():
-            out = adapter.base(model).get_image_features(**adapter.encoder_kwargs(model, inputs), return_dict=True)
+        # the caller's grad mode holds: a projector (or a trainable compressor) can be trained through apply
+        out = adapter.base(model).get_image_features(**adapter.encoder_kwargs(model, inputs), return_dict=True)
     feats = adapter.features(model, inputs, out)
     enc_rows = None
     if merging is not None:
