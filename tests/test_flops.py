@@ -252,3 +252,36 @@ def test_bad_input_raises(llava, kwargs, match):
 def test_unsupported_config_raises():
     with pytest.raises(ValueError, match="model_type"):
         VLMArch.from_config(LlamaConfig())
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("random", {"budget": 0.25}),  # projector stage
+        ("visionzip", {"budget": 0.25}),  # projector stage with [CLS] attention
+        ("tome_encoder", {"budget": 0.5}),  # encoder stage: fewer tokens per vision layer
+        ("fastv", {"budget": 0.25, "layer": 1}),  # decoder stage
+        ("pyramiddrop", {"budget": 0.5}),  # decoder stage, its own layer schedule
+    ],
+)
+def test_registered_methods_through_apply_match(llava, name, params):
+    """Run a registered method with vtcompress.apply; the tokens the probe saw give the analytic count."""
+    import vtcompress
+    from vtcompress.bench.quality import TokenProbe, flops_of_record
+
+    model, make_inputs = llava
+    inputs = make_inputs(batch=1)
+    method = vtcompress.get(name, **params)
+    with vtcompress.apply(model, method), TokenProbe(model) as probe:
+        measured = counted(lambda: model(**inputs, logits_to_keep=1))
+    (record,) = probe.records
+    analytic = flops_of_record(VLMArch.from_config(model.config), record)[0]
+    assert close(analytic, measured), (record, analytic, measured)
+    full = prefill_flops(model.config, text_tokens=text_tokens(inputs, 16)[0]).total
+    assert analytic < full
+    if method.stage == "decoder":
+        assert record.llm_lengths[-1] < record.llm_lengths[0] and record.image == [16]
+    elif method.stage == "encoder":
+        assert record.vision_lengths[0] == 16 and record.vision_lengths[-1] < 16
+    else:
+        assert record.image == [4] and len(set(record.llm_lengths)) == 1

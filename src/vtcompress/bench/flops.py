@@ -19,8 +19,11 @@ What is counted, and how (the same convention as ``torch.utils.flop_counter.Flop
   merging shortens its input;
 * the LLM decoder: per layer the ``q``/``k``/``v``/``o`` projections, attention, and the gated MLP
   (``gate``, ``up``, ``down``); a decoder-stage schedule ``[(K, kept), ...]`` shortens the sequence seen by
-  layers ``>= K`` to ``text + images * kept`` tokens; the selection itself (a few query rows' attention over
-  the keys, ``O(rows * L * d)``) is not counted — document-level overhead below 1 % of a layer;
+  layers ``>= K`` to ``text + images * kept`` tokens; the selection itself is counted when
+  ``selection_rows=r > 0``: the attention of ``r`` query rows (FastV / PyramidDrop: the last token) over the
+  ``n`` tokens entering layer ``K-1``, recomputed from that layer's input as
+  :mod:`vtcompress.models.decoder` does (``q`` projection of the rows, ``k`` projection of all ``n`` tokens,
+  ``r x n`` scores per head) — about 1 % of a tiny model's prefill, far less for real ones;
 * the ``lm_head`` runs on the last position (``logits="last"``, what generation's prefill needs), on every
   position (``"all"``, what a plain ``model(**inputs)`` call computes) or on ``logits=n`` positions
   (``logits_to_keep=n``).
@@ -241,6 +244,7 @@ def prefill_flops(
     logits: str | int = "last",
     batch: int = 1,
     attention: bool = True,
+    selection_rows: int = 0,
 ) -> Flops:
     """Prefill FLOPs of one forward pass of a LLaVA-style VLM over a batch of equal sequences.
 
@@ -261,6 +265,8 @@ def prefill_flops(
         logits: ``"last"`` (1 position), ``"all"`` (every position of the last layer) or an int (positions).
         batch: sequences in the batch (everything scales linearly).
         attention: count the attention score / weighted-sum products (``False``: only the weight products).
+        selection_rows: query rows whose attention a decoder-stage method computes at each schedule layer to
+            choose the survivors (1 for FastV / PyramidDrop; 0: not counted).
 
     Returns:
         :class:`Flops` (``vision``, ``projector``, ``llm``, ``lm_head``, ``total``) for the whole batch.
@@ -311,6 +317,13 @@ def prefill_flops(
         last_k, last_kept = k, kept
     lengths = [text_tokens + images * n for n in kept_at]
     llm = sum(decoder_layer_flops(t, n, attention=attention) for n in lengths)
+    _check_count("selection_rows", selection_rows, 0, 10**9)
+    if selection_rows:
+        r = selection_rows
+        for k, _ in schedule:
+            n = lengths[k - 1] if k > 0 else text_tokens + images * image_tokens
+            llm += 2 * r * t.hidden * t.heads * t.head_dim + 2 * n * t.hidden * t.kv_heads * t.head_dim
+            llm += 2 * t.heads * r * n * t.head_dim if attention else 0
 
     if logits == "last":
         positions = 1

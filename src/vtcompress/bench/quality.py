@@ -155,8 +155,13 @@ def schedule_of(record: CallRecord, row: int) -> list[tuple[int, int]]:
     return out
 
 
-def flops_of_record(arch, record: CallRecord, logits: str | int = "last") -> list[int]:
-    """Analytic prefill FLOPs of each sequence of a record (its own text and image counts, schedule, tower)."""
+def flops_of_record(arch, record: CallRecord, logits: str | int = "last", selection_rows: int = 1) -> list[int]:
+    """Analytic prefill FLOPs of each sequence of a record (its own text and image counts, schedule, tower).
+
+    Per sequence WITHOUT its padding (a per-sample cost, independent of how the batch was padded); a
+    decoder-stage schedule counts ``selection_rows`` query rows of scoring per pruning layer (the last token of
+    FastV / PyramidDrop; SparseVLM's several raters cost a little more than counted).
+    """
     from .flops import prefill_flops
 
     full_vision = arch.vision.patches
@@ -168,7 +173,8 @@ def flops_of_record(arch, record: CallRecord, logits: str | int = "last") -> lis
         images = max(record.images[b], 1)
         per_image = min(record.image[b] // images, arch.image_tokens)
         out.append(prefill_flops(arch, text_tokens=record.text[b], image_tokens=per_image, images=images,
-                                 schedule=schedule_of(record, b), vision_tokens=vis, logits=logits).total)
+                                 schedule=schedule_of(record, b), vision_tokens=vis, logits=logits,
+                                 selection_rows=selection_rows).total)
     return out
 
 

@@ -34,6 +34,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -104,6 +105,38 @@ def _row(name: str, cls, budget, n0: int) -> dict:
     }
 
 
+# the model, tokenizer and samples a forked evaluation worker inherits (set just before the pool starts)
+_WORKER: dict = {}
+
+
+def _evaluate_job(job: tuple[int, str | None, int | float | None]) -> tuple[int, dict | str]:
+    """Evaluate one ``(index, method name, budget)``; a string result says why it could not run."""
+    from .quality import evaluate_method
+
+    i, name, budget = job
+    w = _WORKER
+    method = None
+    if name is not None:
+        method = build_method(name, budget)
+        if isinstance(method, str):
+            return i, method
+    t0 = time.perf_counter()
+    try:
+        res = evaluate_method(w["model"], w["tokenizer"], method, w["samples"], batch_size=w["batch_size"],
+                              arch=w["arch"])
+    except Exception as e:  # a method that fails on this model is reported, never dropped
+        if name is None:
+            raise
+        return i, f"error {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    res.pop("correct", None)
+    res["eval_s"] = time.perf_counter() - t0
+    return i, res
+
+
+def _worker_init(num_threads: int) -> None:
+    torch.set_num_threads(num_threads)
+
+
 def run_sweep(
     model,
     tokenizer,
@@ -116,14 +149,18 @@ def run_sweep(
     num_threads: int = 1,
     progress: bool = True,
     time_latency: bool = True,
+    workers: int = 1,
 ) -> list[dict]:
     """Evaluate the uncompressed model and every ``method x budget`` on ``samples``; one dict per row.
 
     The first row is the uncompressed model (``method="full"``). Rows of methods that cannot run carry
-    ``status="skipped: ..."`` and no measurements. Accuracy runs use ``num_threads`` torch threads too (tiny
-    ops are slower with more on small CPUs); latency is the median of ``repeats`` timed prefills of the first
-    ``latency_batch`` samples, the uncompressed model timed before and after the sweep (their median is the
-    reference).
+    ``status="skipped: ..."`` and no measurements.
+
+    Two phases: (1) accuracy and token counts of every run, in ``workers`` forked processes (each with
+    ``num_threads`` torch threads: tiny ops are slower with more threads on small CPUs); (2) latency, alone
+    in this process so that nothing competes with the timed runs: the median of ``repeats`` timed prefills of
+    the first ``latency_batch`` samples, the uncompressed model timed before and after the methods (the
+    median of both sets is the reference).
     """
     from tqdm.auto import tqdm
 
@@ -131,7 +168,6 @@ def run_sweep(
     from ..testbed import encode
     from .flops import VLMArch
     from .latency import threads, time_prefill
-    from .quality import evaluate_method
 
     _load_builtin_methods()
     unknown = [m for m in methods if m not in _REGISTRY]
@@ -139,66 +175,90 @@ def run_sweep(
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; valid names: {', '.join(sorted(_REGISTRY))}")
     if not samples:
         raise ValueError("samples is empty: pass at least one testbed sample")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}: a positive int is allowed")
     try:
         arch = VLMArch.from_config(model.config)
         n0 = arch.image_tokens
     except ValueError:
         arch, n0 = None, int(getattr(model.config, "image_seq_length", 0) or 0)
     skills = _skill_names(samples)
-    lat_inputs = None
+
+    jobs = [(0, None, None)] + [(i + 1, m, b) for i, (m, b) in enumerate((m, b) for m in methods for b in budgets)]
+    results: dict[int, dict | str] = {}
+    bar = tqdm(total=len(jobs) * (2 if time_latency else 1), desc="bench", unit="run", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    _WORKER.update(model=model, tokenizer=tokenizer, samples=samples, batch_size=batch_size, arch=arch)
+    try:
+        with threads(num_threads):
+            # the reference first, here: a method that fails on the uncompressed model is a real error
+            results[0] = _evaluate_job(jobs[0])[1]
+            bar.update()
+            bar.set_postfix_str("accuracy")
+            if workers > 1 and len(jobs) > 2:
+                import multiprocessing as mp
+
+                # fork: the workers share the loaded model copy-on-write (no reload, no pickling of weights)
+                with mp.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(num_threads,)) as pool:
+                    for i, res in pool.imap_unordered(_evaluate_job, jobs[1:]):
+                        results[i] = res
+                        bar.update()
+            else:
+                for job in jobs[1:]:
+                    results[job[0]] = _evaluate_job(job)[1]
+                    bar.update()
+    finally:
+        _WORKER.clear()
+
+    latency: dict[int, float] = {}
+    full_times: list[float] = []
     if time_latency:
         enc = encode(tokenizer, samples[:latency_batch], model.config)
         lat_inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-
-    jobs = [(None, None)] + [(m, b) for m in methods for b in budgets]
-    rows: list[dict] = []
-    full_times: list[float] = []
-    full_res = None
-    bar = tqdm(jobs, desc="bench", unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    with threads(num_threads):
-        for name, budget in bar:
-            cls = _REGISTRY.get(name) if name else None
-            row = _row(name or FULL, cls, budget, n0)
-            bar.set_postfix_str(f"{row['method']}@{budget}" if name else FULL)
-            method = None
-            if name is not None:
-                method = build_method(name, budget)
-                if isinstance(method, str):
-                    rows.append({**row, "status": f"skipped: {method}"})
-                    continue
-            t0 = time.perf_counter()
+        bar.set_postfix_str("latency")
+        for i, name, budget in jobs:
+            if isinstance(results[i], str):
+                bar.update()
+                continue
+            method = build_method(name, budget) if name is not None else None
             try:
-                res = evaluate_method(model, tokenizer, method, samples, batch_size=batch_size, arch=arch)
-                lat = time_prefill(model, lat_inputs, method, repeats=repeats, num_threads=num_threads) \
-                    if time_latency else None
-            except Exception as e:  # a method that fails on this model is reported, never dropped
-                if name is None:
-                    raise
-                msg = " ".join(str(e).split())[:300]
-                rows.append({**row, "status": f"skipped: error {type(e).__name__}: {msg}"})
+                t = time_prefill(model, lat_inputs, method, repeats=repeats, num_threads=num_threads)
+            except Exception as e:  # ran on the test set, but not on this batch: say so in the row
+                results[i] = f"error while timing {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                bar.update()
                 continue
             if name is None:
-                full_res = res
-                if lat is not None:
-                    full_times += lat["times_s"]
-            agree = float(np.mean([p == q for p, q in zip(res["predictions"], full_res["predictions"], strict=True)]))
-            row.update({
-                "status": "ok",
-                "tokens_in": res["tokens_in"],
-                "tokens_after": res["tokens_after"],
-                "prune_layers": ",".join(str(k) for k in res["prune_layers"]),
-                "vision_tokens": res["vision_tokens"][-1] if res["vision_tokens"] else None,
-                "accuracy": res["accuracy"],
-                **{f"acc_{k}": res["per_skill"].get(k, float("nan")) for k in skills},
-                "agreement": 100.0 * agree,
-                "gflops": res["flops"] / 1e9 if res["flops"] is not None else None,
-                "latency_ms": 1e3 * lat["median_s"] if lat is not None else None,
-                "eval_s": time.perf_counter() - t0,
-            })
-            rows.append(row)
-    bar.close()
-    if time_latency:  # the reference is timed again at the end: drift over the sweep averages out
+                full_times += t["times_s"]
+            latency[i] = t["median_s"]
+            bar.update()
+        # the reference is timed again at the end: drift over the sweep averages out
         full_times += time_prefill(model, lat_inputs, None, repeats=repeats, num_threads=num_threads)["times_s"]
+    bar.close()
+
+    full_res = results[0]
+    rows: list[dict] = []
+    for i, name, budget in jobs:
+        cls = _REGISTRY.get(name) if name else None
+        row = _row(name or FULL, cls, budget, n0)
+        res = results[i]
+        if isinstance(res, str):
+            rows.append({**row, "status": f"skipped: {res}"})
+            continue
+        agree = float(np.mean([p == q for p, q in zip(res["predictions"], full_res["predictions"], strict=True)]))
+        row.update({
+            "status": "ok",
+            "tokens_in": res["tokens_in"],
+            "tokens_after": res["tokens_after"],
+            "prune_layers": ",".join(str(k) for k in res["prune_layers"]),
+            "vision_tokens": res["vision_tokens"][-1] if res["vision_tokens"] else None,
+            "accuracy": res["accuracy"],
+            **{f"acc_{k}": res["per_skill"].get(k, float("nan")) for k in skills},
+            "agreement": 100.0 * agree,
+            "gflops": res["flops"] / 1e9 if res["flops"] is not None else None,
+            "latency_ms": 1e3 * latency[i] if i in latency else None,
+            "eval_s": res["eval_s"],
+        })
+        rows.append(row)
     _finish_ratios(rows, float(np.median(full_times)) if full_times else None)
     return rows
 
@@ -450,7 +510,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-batch", type=_positive, default=8,
                    help="samples in the timed batch (default %(default)s)")
     p.add_argument("--repeats", type=_positive, default=5, help="timed repeats per row (default %(default)s)")
-    p.add_argument("--threads", type=_positive, default=1, help="torch threads (default %(default)s)")
+    p.add_argument("--threads", type=_positive, default=1, help="torch threads per process (default %(default)s)")
+    p.add_argument("--workers", type=_positive, default=min(2, os.cpu_count() or 1),
+                   help="processes evaluating accuracy in parallel; latency is timed alone (default %(default)s)")
     p.add_argument("--gallery-budget", type=float, default=None,
                    help="budget of gallery.png (default: 0.22 if swept, else the middle budget)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency timing")
@@ -470,11 +532,13 @@ def bench_main(argv: list[str] | None = None) -> int:
     test = make_samples("test", args.samples, seed=args.seed)
     t0 = time.perf_counter()
     rows = run_sweep(model, tok, methods, budgets, test, batch_size=args.batch_size, latency_batch=args.latency_batch,
-                     repeats=args.repeats, num_threads=args.threads, time_latency=not args.no_latency)
+                     repeats=args.repeats, num_threads=args.threads, time_latency=not args.no_latency,
+                     workers=args.workers)
     meta = {
         "model": desc, "samples": args.samples, "seed": args.seed, "budgets": budgets, "methods": methods,
         "batch_size": args.batch_size, "latency_batch": args.latency_batch, "repeats": args.repeats,
-        "threads": args.threads, "torch": torch.__version__, "seconds": round(time.perf_counter() - t0, 1),
+        "threads": args.threads, "workers": args.workers, "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - t0, 1),
         "flops": "analytic prefill FLOPs per sample, lm_head on the last position (vtcompress.bench.flops)",
     }
     paths = write_outputs(rows, args.out, meta, plot_png=not args.no_plot)
