@@ -58,28 +58,21 @@ def _trainable_params(model, compressor, train_projector: bool) -> list[torch.nn
     return params
 
 
-def compressed_logits(model, compressor, enc: dict, train_projector: bool = False) -> torch.Tensor:
+def compressed_logits(model, compressor, enc: dict) -> torch.Tensor:
     """Last-position logits ``[B, V]`` of ``model`` on the batch ``enc`` (from :func:`testbed.model.encode`)
     with ``compressor`` applied through :func:`~vtcompress.models.apply.compress_inputs`.
 
-    ``compress_inputs`` runs the frozen feature extraction without gradients and the compressor with them;
-    with ``train_projector`` the projected features are recomputed with gradients (the projector's own
-    parameters train) and compressed again, so the placeholders / positions stay those of the apply path.
+    ``compress_inputs`` keeps the caller's grad mode, so under ``torch.enable_grad()`` gradients reach the
+    compressor and every model parameter with ``requires_grad`` (the projector with ``--train-projector``);
+    the frozen vision tower builds no graph.
     """
     from ..models.apply import compress_inputs
-    from ..tokens import VisualTokens
 
-    dev = next(model.parameters()).device
-    kw = {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev),
-          "pixel_values": enc["pixel_values"].to(dev, next(model.parameters()).dtype)}
-    ci = compress_inputs(model, compressor, **kw)
-    inputs = ci.inputs
-    if train_projector:
-        feats = model.model.get_image_features(pixel_values=kw["pixel_values"], return_dict=True).pooler_output
-        out = compressor(VisualTokens.from_features(torch.stack(list(feats)), _grid(model)))
-        image = inputs["mm_encoder_outputs"]["image"]
-        image.pooler_output = list(out.x)
-    return model(**inputs).logits[:, -1, :]
+    p = next(model.parameters())
+    ci = compress_inputs(model, compressor, input_ids=enc["input_ids"].to(p.device),
+                         attention_mask=enc["attention_mask"].to(p.device),
+                         pixel_values=enc["pixel_values"].to(p.device, p.dtype))
+    return model(**ci.inputs).logits[:, -1, :]
 
 
 def _batch(split: str, start: int, n: int, seed: int) -> list[D.Sample]:
@@ -132,7 +125,7 @@ def train_compressor(model, tokenizer, compressor, *, steps: int = 300, batch_si
     for step in bar:
         chunk = fixed_samples if fixed_samples is not None else _batch("train", step * batch_size, batch_size, seed)
         enc = encode(tokenizer, chunk, model.config)
-        logits = compressed_logits(model, compressor, enc, train_projector)
+        logits = compressed_logits(model, compressor, enc)
         loss = F.cross_entropy(logits.float(), enc["answer_ids"].to(logits.device))
         if distill > 0:
             with torch.no_grad():
