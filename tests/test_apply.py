@@ -610,3 +610,14 @@ def test_gradients_reach_the_projector(models):
         model(**inputs).logits.sum().backward()
     assert proj.grad is not None and float(proj.grad.abs().sum()) > 0
     model.zero_grad(set_to_none=True)
+
+
+def test_int_budget_is_per_image_across_tiles(models):
+    """InternVL images of 1, 2 and 3 tiles (4 tokens each) under an int budget of 6 per image: the 1-tile
+    image keeps all 4, the others keep 6 split over their tiles in proportion."""
+    model, make = models["internvl"]
+    inputs = make(batch=2, images=[1, 2])  # tiles 1, 2, 3
+    res = vtcompress.compress_inputs(model, NormTopK(budget=6), **inputs)
+    assert res.num_tokens.tolist() == [[4, 4], [8, 6], [12, 6]]
+    assert [[t.num_tokens for t in views] for views in res.tokens] == [[4], [3, 3], [2, 2, 2]]
+    assert res.image_sample.tolist() == [0, 1, 1]

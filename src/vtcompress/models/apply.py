@@ -315,8 +315,12 @@ def _needs(methods: Sequence[Compressor]) -> set[str]:
 
 
 def _split_budget(budget, sizes: list[int]) -> list:
-    """An int per-image ``budget`` split over views in proportion to their sizes (largest remainder, >= 1)."""
-    if not isinstance(budget, int) or isinstance(budget, bool) or len(sizes) == 1:
+    """An int per-image ``budget`` split over views in proportion to their sizes (largest remainder, >= 1).
+
+    Images differ in size (anyres grids, InternVL tiles, Qwen2-VL resolutions), so an int budget at least an
+    image's token count keeps all of that image's tokens.
+    """
+    if not isinstance(budget, int) or isinstance(budget, bool):
         return [budget] * len(sizes)
     total = sum(sizes)
     if budget >= total:
