@@ -27,8 +27,17 @@ where it was and the text after the image does not move (as FastV keeps its posi
   contiguously (what reference implementations of projector-stage pruning do, since they simply feed fewer
   tokens).
 
-Decoder-stage methods are delegated to :func:`vtcompress.models.decoder.attach_decoder`, installed after the
-projector-stage hooks so that it sees the shortened ``input_ids``.
+Budgets are per image: a fraction applies to every view; an int is split over an image's views in proportion
+to their sizes (at least one each), and an image with fewer tokens than the int keeps them all.
+
+Composition: the encoder-stage method (ToMe / FOLDER inside the vision tower,
+:func:`vtcompress.models.encoder.encoder_merging`; LLaVA-1.5 only, since the other families rebuild a full grid
+after the tower) runs first, then the projector-stage methods in list order, then the decoder stage, delegated to
+:func:`vtcompress.models.decoder.attach_decoder` and installed after the projector-stage hooks so that it sees
+the shortened ``input_ids``.
+
+Limits: images only (Qwen2-VL videos raise); the attention signal of a windowed Qwen2.5-VL layer is the mean
+attention received within each window; a method must keep the feature width (the LLM's input width).
 """
 
 from __future__ import annotations
