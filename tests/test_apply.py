@@ -368,9 +368,9 @@ def test_save_and_load_then_apply(tmp_path):
     inputs = make(batch=2, images=[1, 1])
     with torch.no_grad():
         ref = loaded.generate(**inputs, max_new_tokens=3, do_sample=False)
-        with vtcompress.apply(loaded, ClsTopK(budget=1.0)):
+        with vtcompress.apply(loaded, vtcompress.get("fastervlm", budget=1.0)):
             same = loaded.generate(**inputs, max_new_tokens=3, do_sample=False)
-        with vtcompress.apply(loaded, ClsTopK(budget=4)) as handle:
+        with vtcompress.apply(loaded, vtcompress.get("fastervlm", budget=4)) as handle:
             out = loaded.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(same, ref)
     assert out.shape == ref.shape
