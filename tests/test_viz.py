@@ -78,14 +78,15 @@ def test_merged_patches_share_a_colour_and_groups_differ():
     dest[0, [2, 3]] = 1
     singles = [p for p in range(n) if p not in (0, 1, 5, 2, 3, 19)]
     dest[0, singles] = torch.arange(2, 2 + len(singles))
-    anchor = torch.tensor([[0, 2, *singles]])
+    anchor = torch.tensor([[0, 3, *singles]])  # token 1 sits at patch 3, so patch 2 is a plain member
     merged = t.merge(dest, anchor)
     assert merged.size[0, 0] == 3 and merged.size[0, 1] == 2
     out = np.asarray(token_map(img, merged, cell=CELL))
     w = _band_width()
     inner = [_cell(out, p, w) for p in range(n)]
-    colour0 = np.rint(128 * (1 - TINT_ALPHA) + np.asarray(PALETTE[0], np.float32) * TINT_ALPHA)
-    colour1 = np.rint(128 * (1 - TINT_ALPHA) + np.asarray(PALETTE[1], np.float32) * TINT_ALPHA)
+    tint0 = 128 * (1 - TINT_ALPHA) + np.asarray(PALETTE[0], np.float32) * TINT_ALPHA
+    tint1 = 128 * (1 - TINT_ALPHA) + np.asarray(PALETTE[1], np.float32) * TINT_ALPHA
+    colour0, colour1 = np.rint(tint0), np.rint(tint1)
     for p in (0, 1, 5):
         assert (inner[p] == colour0).all(), p
     for p in (2, 3):
@@ -94,6 +95,11 @@ def test_merged_patches_share_a_colour_and_groups_differ():
     for p in singles:
         assert (inner[p] == 128).all(), p  # kept single patches: untouched
     assert (inner[19] == round(128 * DIM_FACTOR)).all()
+    # no grid line inside a group (patch 1's left edge, patch 5's top edge: both border patch 0 of their own
+    # group); a line between two groups (patch 2's left edge borders patch 1 of group 0)
+    assert (out[2 : CELL - 2, CELL] == colour0).all()  # patch 1's left column
+    assert (out[CELL, 2 : CELL - 2] == colour0).all()  # patch 5's top row
+    assert (out[2 : CELL - 2, 2 * CELL] == np.rint(tint1 * GRID_SHADE)).all()  # patch 2's left column
     # anchors are outlined, the other members of a group are not
     assert (out[0, 0:CELL] == OUTLINE).all()  # patch 0's top band
     assert not (out[0, CELL : 2 * CELL] == OUTLINE).all(axis=-1).any()  # patch 1 is merged into 0, no outline

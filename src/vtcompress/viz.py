@@ -3,7 +3,8 @@
 A token map is the image resized so that each patch of the original ``grid`` is a ``cell`` x ``cell`` pixel
 square, with
 
-* the patch grid drawn as thin dark lines (each cell's top and left pixel row darkened by :data:`GRID_SHADE`);
+* the patch grid drawn as thin dark lines (each cell's top and left pixel row darkened by :data:`GRID_SHADE`),
+  left out between two patches of the same merged group, so a group reads as one region;
 * every **dropped** patch (``assign == -1``) dimmed towards black: its pixels are multiplied by
   :data:`DIM_FACTOR` (0.3, i.e. 70 % of the way to black), so what was thrown away stays legible;
 * every **merged** group (several patches assigned to the same output token) tinted with its own colour:
@@ -248,8 +249,14 @@ def _render(base: Image.Image, grid, assign, anchor, group, cell: int) -> Image.
     yy = np.arange(gh * cell) % cell
     xx = np.arange(gw * cell) % cell
     if cell >= 4:
-        arr[yy == 0, :] *= GRID_SHADE
-        arr[:, xx == 0] *= GRID_SHADE
+        # no grid line between two patches of the same merged group, so each group reads as one region
+        g = np.where(merged, assign, -1).reshape(gh, gw)
+        same_up = np.zeros((gh, gw), dtype=bool)
+        same_up[1:] = (g[1:] == g[:-1]) & (g[1:] >= 0)
+        same_left = np.zeros((gh, gw), dtype=bool)
+        same_left[:, 1:] = (g[:, 1:] == g[:, :-1]) & (g[:, 1:] >= 0)
+        line = ((yy == 0)[:, None] & ~up(same_up.reshape(-1))) | ((xx == 0)[None, :] & ~up(same_left.reshape(-1)))
+        arr[line] *= GRID_SHADE
     width = max(1, cell // 12)
     band = ((yy < width) | (yy >= cell - width))[:, None] | ((xx < width) | (xx >= cell - width))[None, :]
     arr[band & up(anchor)] = OUTLINE
