@@ -17,7 +17,10 @@ Rows, one per budget (image tokens kept out of 576):
   tower, merging in every layer up to ``vision_feature_layer=-2``), with a larger tower.
 
 ``ideal`` is the ratio of analytic FLOPs (full / compressed); ``realized`` the ratio of measured times (median
-of ``--repeats`` runs; full and compressed are timed alternately in the same run, after a warm-up). FLOPs count
+of ``--repeats`` runs; full and compressed are timed alternately in the same run, after a warm-up). Both the
+wall time and the process CPU time are measured: with one torch thread the CPU time is the compute time and
+stays meaningful when other jobs share the cores (the wall time then includes waiting for a core), so the
+``realized`` column and the first ``realized/ideal`` use the CPU time; the last column uses the wall time. FLOPs count
 every matrix product ``[m,k] @ [k,n]`` as ``2mnk``: the q/k/v/o projections, the gated MLP, attention as
 ``QK^T`` and ``AV`` over the causal triangle (``n(n+1)/2`` query-key pairs, what a causal kernel computes;
 bidirectional in the vision tower), the ``lm_head`` on the last position, the patch-embedding convolution and
@@ -124,14 +127,16 @@ def tower_flops(cfg: LlavaConfig, tokens_per_layer: list[int] | None = None, pro
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall, cpu) seconds of one call. With one torch thread the process CPU time is the compute time, and it
+    does not count the time the process waits for a core when other work shares the machine."""
+    w0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
-def median_pair(full_fn, comp_fn, repeats: int) -> tuple[float, float]:
-    """Medians of alternating runs (warm-up first), so drift hits both sides alike."""
+def median_pair(full_fn, comp_fn, repeats: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median (wall, cpu) of alternating runs of the two (after a warm-up), so drift hits both sides alike."""
     full_fn()
     comp_fn()
     full, comp = [], []
@@ -139,7 +144,11 @@ def median_pair(full_fn, comp_fn, repeats: int) -> tuple[float, float]:
         order = (full_fn, comp_fn) if r % 2 == 0 else (comp_fn, full_fn)
         for fn in order:
             (full if fn is full_fn else comp).append(timed(fn))
-    return statistics.median(full), statistics.median(comp)
+
+    def med(runs):
+        return statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
+
+    return med(full), med(comp)
 
 
 def prompt(text: int, images: int = 576):
@@ -183,28 +192,23 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     method0 = pick_method(args.method, args.budgets[0])
-    print(f"LLaVA-shaped random model: LLM hidden {args.hidden}, {args.layers} layers, MLP {cfg.text_config.intermediate_size}, "
-          f"vocab {cfg.text_config.vocab_size}; CLIP tower hidden {args.vision_hidden}, {args.vision_layers} layers, "
+    print(f"LLaVA-shaped random model: LLM hidden {args.hidden}, {args.layers} layers, "
+          f"MLP {cfg.text_config.intermediate_size}, vocab {cfg.text_config.vocab_size}; "
+          f"CLIP tower hidden {args.vision_hidden}, {args.vision_layers} layers, "
           f"576 patches; {args.text} text tokens; {torch.get_num_threads()} thread(s); median of {args.repeats}; "
           f"projector-stage method: {method0.name or type(method0).__name__}\n")
-    print("| part | image tokens | sequence | GFLOP | time (s) | ideal speed-up | realized speed-up | realized/ideal |")
-    print("|---|---|---|---|---|---|---|---|")
+    table = Table()
 
     f_full = llm_flops(cfg.text_config, n_full)
-    rows = []
     for k in args.budgets:
         n = args.text + k
-        t_full, t_comp = median_pair(llm(n_full), llm(n), args.repeats)
-        rows.append(("LLM", k, n, llm_flops(cfg.text_config, n), t_comp, f_full, t_full))
-    print(f"| LLM | 576 | {n_full} | {f_full / 1e9:.1f} | {statistics.median([r[6] for r in rows]):.3f} | 1.00 | 1.00 | - |")
-    for part, k, n, f, t, ff, tf in rows:
-        ideal, real = ff / f, tf / t
-        print(f"| {part} | {k} | {n} | {f / 1e9:.1f} | {t:.3f} | {ideal:.2f} | {real:.2f} | {real / ideal:.3f} |")
+        full, comp = median_pair(llm(n_full), llm(n), args.repeats)
+        table.add("LLM", k, n, f_full, llm_flops(cfg.text_config, n), full, comp)
 
     if not args.no_e2e:
         apply = getattr(vtcompress, "apply", None)
         if apply is None:
-            print("\n(vtcompress.apply is not available: end-to-end rows skipped)")
+            print("(vtcompress.apply is not available: end-to-end rows skipped)\n")
         else:
             ids, am = prompt(args.text)
             pix = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
@@ -214,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=am, pixel_values=pix, logits_to_keep=1)
 
-            erows = []
             for k in args.budgets:
                 method = pick_method(args.method, k)
 
@@ -222,21 +225,43 @@ def main(argv: list[str] | None = None) -> int:
                     with torch.no_grad(), apply(model, method):
                         model(input_ids=ids, attention_mask=am, pixel_values=pix, logits_to_keep=1)
 
-                t_full, t_comp = median_pair(stock, compressed, args.repeats)
-                f = tower_flops(cfg) + llm_flops(cfg.text_config, args.text + k)
-                erows.append((k, args.text + k, f, t_comp, t_full))
-            t_stock = statistics.median([r[4] for r in erows])
-            print(f"| e2e | 576 | {n_full} | {e_full / 1e9:.1f} | {t_stock:.3f} | 1.00 | 1.00 | - |")
-            for k, n, f, t, tf in erows:
-                ideal, real = e_full / f, tf / t
-                print(f"| e2e | {k} | {n} | {f / 1e9:.1f} | {t:.3f} | {ideal:.2f} | {real:.2f} | {real / ideal:.3f} |")
+                full, comp = median_pair(stock, compressed, args.repeats)
+                e = tower_flops(cfg) + llm_flops(cfg.text_config, args.text + k)
+                table.add("e2e", k, args.text + k, e_full, e, full, comp)
 
-    if args.tower:
-        tower_rows(args)
+    notes = tower_rows(args, table) if args.tower else []
+    table.print()
+    for line in notes:
+        print(line)
     return 0
 
 
-def tower_rows(args) -> None:
+class Table:
+    """Rows grouped by part; each part starts with its full row (medians of the full runs of that part)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[tuple]] = {}
+
+    def add(self, part, k, n, f_full, f, full, comp) -> None:
+        self.rows.setdefault(part, []).append((k, n, f_full, f, full, comp))
+
+    def print(self) -> None:
+        print("| part | image tokens | sequence | GFLOP | wall (s) | cpu (s) | ideal speed-up "
+              "| realized speed-up (cpu) | realized/ideal (cpu) | realized/ideal (wall) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for part, rows in self.rows.items():
+            wall = statistics.median(r[4][0] for r in rows)
+            cpu = statistics.median(r[4][1] for r in rows)
+            f_full, n_full = rows[0][2], rows[0][1] - rows[0][0] + 576
+            print(f"| {part} | 576 | {n_full} | {f_full / 1e9:.1f} | {wall:.3f} | {cpu:.3f} | 1.00 | 1.00 | - | - |")
+            for k, n, ff, f, full, comp in rows:
+                ideal = ff / f
+                real_w, real_c = full[0] / comp[0], full[1] / comp[1]
+                print(f"| {part} | {k} | {n} | {f / 1e9:.1f} | {comp[0]:.3f} | {comp[1]:.3f} | {ideal:.2f} | "
+                      f"{real_c:.2f} | {real_c / ideal:.3f} | {real_w / ideal:.3f} |")
+
+
+def tower_rows(args, table: Table) -> list[str]:
     """ToMe inside a CLIP tower (feature layer -2): the tower alone, full vs merged to each budget."""
     from vtcompress.models.encoder import encoder_merging
 
@@ -252,12 +277,10 @@ def tower_rows(args) -> None:
             tower(pix, output_hidden_states=-2)
 
     full_f = tower_flops(cfg, projector=False)
-    print(f"\nCLIP tower hidden {args.tower_hidden}, {args.tower_layers} layers, 336 px / 14 px patches "
-          "(577 tokens), features at hidden_states[-2]; tome_encoder merges in the layers before it\n")
-    print("| part | image tokens | schedule (r per layer) | GFLOP | time (s) | ideal speed-up | realized speed-up "
-          "| realized/ideal |")
-    print("|---|---|---|---|---|---|---|---|")
-    rows = []
+    notes = [f"\n`tower`: CLIP tower alone, hidden {args.tower_hidden}, {args.tower_layers} layers, 336 px / 14 px "
+             "patches (577 tokens), features at hidden_states[-2]; `sequence` = patch tokens at the feature layer; "
+             "tome_encoder merges in the layers before it (r per layer below; the matching itself is not counted "
+             "in the FLOPs, so its cost shows in realized/ideal)."]
     for k in args.budgets:
         method = vtcompress.get("tome_encoder", budget=k)
         handle = encoder_merging(model, None, method)
@@ -273,12 +296,10 @@ def tower_rows(args) -> None:
             with encoder_merging(model, None, method):
                 run()
 
-        t_full, t_comp = median_pair(run, merged, args.repeats)
-        rows.append((k, sched, f, t_comp, t_full))
-    print(f"| tower | 576 | - | {full_f / 1e9:.1f} | {statistics.median([r[4] for r in rows]):.3f} | 1.00 | 1.00 | - |")
-    for k, sched, f, t, tf in rows:
-        ideal, real = full_f / f, tf / t
-        print(f"| tower | {k} | {sched} | {f / 1e9:.1f} | {t:.3f} | {ideal:.2f} | {real:.2f} | {real / ideal:.3f} |")
+        full, comp = median_pair(run, merged, args.repeats)
+        table.add("tower", k, k, full_f, f, full, comp)
+        notes.append(f"- budget {k}: r = {sched}")
+    return notes
 
 
 if __name__ == "__main__":
