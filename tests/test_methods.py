@@ -258,6 +258,37 @@ def test_tome_hand_made_case():
     assert vtcompress.get("tome", budget=5)(keyed).assign[0].tolist() == [0, 0, 1, 2, 3, 4]
 
 
+def _tome_reference_groups(metric: torch.Tensor, r: int, class_token: bool) -> list[set[int]]:
+    """facebookresearch/ToMe ``bipartite_soft_matching`` for one image, written as loops: the merged groups."""
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    a_ids, b_ids = list(range(0, len(m), 2)), list(range(1, len(m), 2))
+    best = []
+    for ai in a_ids:
+        sims = [float(m[ai] @ m[bi]) for bi in b_ids]
+        score = -math.inf if (class_token and ai == 0) else max(sims)
+        best.append((score, ai, b_ids[sims.index(max(sims))]))
+    src = sorted(best, key=lambda e: -e[0])[:r]  # the r best edges merge
+    groups = {bi: {bi} for bi in b_ids}
+    for _, ai, bi in src:
+        groups[bi].add(ai)
+    merged_a = {ai for _, ai, _ in src}
+    return sorted([g for g in groups.values()] + [{ai} for ai in a_ids if ai not in merged_a], key=min)
+
+
+@pytest.mark.parametrize("protect", [0, 1])
+def test_tome_round_matches_the_reference_formulation(protect):
+    tokens = make_tokens(b=2, grid=(5, 5), d=6, seed=17)
+    r = 9
+    out = vtcompress.get("tome", budget=25 - r, protect=protect)(tokens)  # one round: r <= 12
+    for i in range(2):
+        groups = [set((out.assign[i] == t).nonzero().squeeze(1).tolist()) for t in range(out.num_tokens)]
+        assert sorted(groups, key=min) == _tome_reference_groups(tokens.keys[i].double(), r, protect == 1)
+        for t, g in enumerate(groups):  # merge_wavg: size-weighted mean, sizes 1 here
+            torch.testing.assert_close(out.x[i, t], tokens.x[i, sorted(g)].mean(0), rtol=0, atol=1e-6)
+            dst = [p for p in g if p % 2 == 1] if len(g) > 1 else list(g)
+            assert [int(out.pos[i, t])] == dst  # the B (destination) token is the group's anchor
+
+
 def test_tome_rounds_are_size_weighted():
     tokens = make_tokens(b=1, grid=(4, 4), seed=9, spikes=0)
     out = vtcompress.get("tome", budget=3, max_r=2)(tokens)

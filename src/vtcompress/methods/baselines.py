@@ -55,9 +55,9 @@ class UniformPrune(Compressor):
     ``h' = round(sqrt(k H / W))`` rows (clamped to ``[ceil(k / W), min(H, k)]``) at the centres of ``h'``
     equal bands, row ``j`` holding ``k_j = ceil((j+1) k / h') - ceil(j k / h')`` picks at the centres of
     ``k_j`` equal column bands; e.g. ``k = 144`` on 24x24 keeps rows and columns 1, 3, ..., 23 (one patch
-    per 2x2 block). Otherwise (pruned or ragged rows) the
-    ``k`` picks are evenly spaced over the row's ``n`` valid tokens in raster order, pick ``i`` at
-    ``floor((i + 1/2) n / k)``. Exactly ``k`` tokens, kept in spatial order; full budget keeps everything.
+    per 2x2 block). Otherwise (pruned or ragged rows) the ``k`` picks are evenly spaced over the row's ``n``
+    valid tokens in raster order, pick ``i`` at ``floor((i + 1/2) n / k)``. Exactly ``k`` tokens, kept in
+    spatial order; the full budget keeps everything.
     """
 
     budget: int | float = 0.5
