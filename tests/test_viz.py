@@ -407,3 +407,21 @@ def test_model_dir_with_processor_draws_on_what_the_model_saw(tmp_path):
                       "--out", str(out)]) == 0
     (panel,) = _panels(out, 1, cell=96, grid=4)
     assert _outlined(panel, cell=96, grid=4) == 8
+
+
+def test_gallery_skip_errors_gives_a_dimmed_panel(tiny_dir):
+    from vtcompress.viz import gallery
+
+    _, model, tok = tiny_dir
+    image = np.ascontiguousarray(_image(8)[:, :64])  # square, 64 x 64 (the testbed resizes it to 96 x 96)
+    bad = {"fastv.layer": 9}  # the tiny LLM has 4 layers: fastv cannot prune at layer 9
+    with pytest.raises(ValueError, match="layer=9 is out of range"):
+        gallery(model, tok, image, ["uniform", "fastv"], 36, params=bad)
+    out = gallery(model, tok, image, ["uniform", "fastv"], 36, params=bad, skip_errors=True)
+    side = 12 * 32
+    assert out.size[0] == 2 * side + 3 * PAD
+    arr = np.asarray(out)
+    y = out.size[1] - PAD - side
+    failed = arr[y : y + side, 2 * PAD + side : 2 * PAD + 2 * side].astype(np.float32)
+    plain = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST), np.float32)
+    np.testing.assert_array_equal(failed, np.rint(plain * DIM_FACTOR))

@@ -690,25 +690,42 @@ def method_panels(
     params: dict | None = None,
     cell: int | None = None,
     input_panel: bool = False,
+    skip_errors: bool = False,
 ) -> list[tuple[str, Image.Image]]:
     """One titled token map per method (and per pruning layer of a decoder-stage method); with
-    ``input_panel`` first the image as the model saw it, titled with the question."""
+    ``input_panel`` first the image as the model saw it, titled with the question.
+
+    ``skip_errors``: a method that raises ``ValueError`` / ``NotImplementedError`` while running (e.g. a budget
+    its structure cannot reach on this model) gets a fully dimmed panel titled with the reason instead of
+    stopping the whole grid. Unknown names and parameters always raise.
+    """
     built = _build_all(methods, budget, params)  # bad names / parameters fail before any model run
     inputs = model_inputs(loaded, image, question) if loaded is not None else None
     shown = model_view(loaded, image, inputs)
-    panels = []
+    panels: list[tuple[str, Image.Image | None]] = []
     for method in built:
-        for stage, tokens in method_stages(loaded, method, image, question, grid, inputs):
+        try:
+            stages = method_stages(loaded, method, image, question, grid, inputs)
+        except (ValueError, NotImplementedError) as exc:
+            if not skip_errors:
+                raise
+            reason = str(exc) if len(str(exc)) <= 90 else str(exc)[:87] + "..."
+            panels.append((f"{method.name}  budget {method.budget}\nnot drawn: {reason}", None))
+            continue
+        for stage, tokens in stages:
             g, _, anchor, _ = patch_states(tokens)
             kept = int(tokens.counts[0]) if isinstance(tokens, VisualTokens) else int(anchor.sum())
             title = panel_title(method.name + (f" ({stage})" if stage else ""), method.budget, kept, g[0] * g[1])
             panels.append((title, token_map(shown, tokens, cell=cell)))
-    if input_panel and panels:
-        size = panels[0][1].size
-        exact = size[0] % shown.width == 0 and size[1] % shown.height == 0
-        plain = shown.resize(size, Image.Resampling.NEAREST if exact else Image.Resampling.BICUBIC)
-        panels.insert(0, (f"input\n{question}" if loaded is not None else "input", plain))
-    return panels
+    drawn = [im for _, im in panels if im is not None]
+    size = drawn[0].size if drawn else (TARGET_SIDE, TARGET_SIDE)
+    exact = size[0] % shown.width == 0 and size[1] % shown.height == 0
+    plain = shown.resize(size, Image.Resampling.NEAREST if exact else Image.Resampling.BICUBIC)
+    dimmed = Image.fromarray(np.rint(np.asarray(plain, dtype=np.float32) * DIM_FACTOR).astype(np.uint8), "RGB")
+    out = [(t, im if im is not None else dimmed) for t, im in panels]
+    if input_panel:
+        out.insert(0, (f"input\n{question}" if loaded is not None else "input", plain))
+    return out
 
 
 def gallery(
@@ -722,6 +739,7 @@ def gallery(
     cols: int | None = None,
     cell: int | None = None,
     params: dict[str, Any] | None = None,
+    skip_errors: bool = False,
 ) -> Image.Image:
     """Every method in ``methods`` at one ``budget`` on one image, as a titled grid of token maps.
 
@@ -729,10 +747,12 @@ def gallery(
     methods on pixel features (those needing a model signal raise ``ValueError``). ``image``: see
     :func:`to_pil`. Each panel is titled with the method, the budget and the tokens kept; a decoder-stage
     method gives one panel per pruning layer. ``params``: hyper-parameters, ``{"key": v}`` for every method
-    with that field or ``{"method.key": v}`` for one.
+    with that field or ``{"method.key": v}`` for one. ``skip_errors``: a method that cannot run here gets a
+    dimmed panel titled with the reason instead of raising (see :func:`method_panels`).
     """
     pil = to_pil(image)
-    panels = method_panels(_as_loaded(model, tokenizer), pil, methods, budget, question, params=params, cell=cell)
+    panels = method_panels(_as_loaded(model, tokenizer), pil, methods, budget, question, params=params, cell=cell,
+                           skip_errors=skip_errors)
     return panel_grid(panels, cols if cols is not None else min(len(panels), 4))
 
 
@@ -797,6 +817,8 @@ def show_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cols", type=int, help="panels per row (default up to 4)")
     parser.add_argument("--cell", type=int, help="pixels per patch side in the map")
     parser.add_argument("--input-panel", action="store_true", help="first panel: the image as the model saw it")
+    parser.add_argument("--skip-errors", action="store_true", help="a method that cannot run gets a dimmed panel "
+                        "with the reason instead of stopping (always on when no method is named)")
     parser.add_argument("--device", default="cpu")
     try:
         args = parser.parse_args(argv)
@@ -821,6 +843,7 @@ def _show(args) -> Path:
     budget = _parse_budget(args.budget)
     grid = _parse_grid(args.grid)
     params = _parse_params(args.param)
+    named = bool(args.methods or args.method)
     if args.methods:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     elif args.method:
@@ -844,7 +867,7 @@ def _show(args) -> Path:
         image = _open_image(args.image)
     loaded = load_model(args.model, device=args.device)
     panels = method_panels(loaded, image, methods, budget, question or DEFAULT_QUESTION, grid, params, args.cell,
-                           input_panel=args.input_panel)
+                           input_panel=args.input_panel, skip_errors=args.skip_errors or not named)
     cols = args.cols if args.cols is not None else min(len(panels), 4)
     out = panel_grid(panels, cols)
     path.parent.mkdir(parents=True, exist_ok=True)
