@@ -79,6 +79,9 @@ class ToMe(Compressor):
             if not bool((r > 0).any()):
                 return tokens
             dest, anchor = bipartite_soft_matching(_metric(tokens), r, tokens.mask, self.protect)
+            if torch.equal((anchor >= 0).sum(1), counts):
+                # no edge could merge: only non-finite similarities (e.g. NaN keys) get here
+                raise ValueError("tome found no finite similarity to merge by; the keys/features contain NaN/inf")
             tokens = tokens.merge(dest, anchor)
 
 
