@@ -554,3 +554,29 @@ def test_apply_projector_then_fastv_every_family(family):
             one = _split(family, inputs, b)
             new = _gen(model, one, n=4)[0, one["input_ids"].shape[1]:]
             _same_new_tokens(new, cached[b, inputs["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize("name", ["fastv", "pyramiddrop", "sparsevlm", "dart"])
+def test_decoder_rules_keep_visual_tokens_invariants(name):
+    """Every decoder-stage rule on synthesized signals: exact counts, spatial order, provenance and sizes."""
+    g = torch.Generator().manual_seed(3)
+    b, n, q, d = 3, 40, 5, 8
+    counts = torch.tensor([40, 31, 9])
+    mask = torch.arange(n)[None] < counts[:, None]
+    t = VisualTokens.from_features(torch.randn(b, n, d, generator=g), grid=(1, n), mask=mask,
+                                   keys=torch.randn(b, n, 4, generator=g), text=torch.randn(b, q, d, generator=g),
+                                   text_mask=torch.arange(q)[None] < torch.tensor([[5], [3], [1]]))
+    t = t.replace(attn=torch.rand(b, n, q, generator=g))
+    method = get(name, budget=0.25)
+    out = method.compress_stage(t, 0, 1)
+    out.validate()
+    assert torch.equal(out.counts, torch.round(counts * 0.25).long())
+    for r in range(b):
+        pos = out.pos[r][out.mask[r]]
+        assert bool((pos[1:] > pos[:-1]).all())
+        assert bool((pos < counts[r]).all())
+        kept = out.mask[r].nonzero().squeeze(1)
+        assert torch.equal(out.assign[r, pos], kept)  # each kept token is the home of its anchor patch
+        covered = (out.assign[r] >= 0).sum()
+        assert float(out.size[r].sum()) == float(covered)
+    assert get(name, budget=1.0).compress_stage(t, 0, 1).counts.tolist() == counts.tolist()

@@ -12,7 +12,8 @@ How one prefill runs (``K`` is a stage layer of a method; a method may have seve
   attention rows of the chosen query tokens (the last token, or the prompt tokens) — q of those rows
   only, K of all tokens in chunks, full causal + padding row normaliser, head mean — so the result is
   exactly the row ``output_attentions=True`` returns for layer ``K-1`` under eager attention, while
-  the layer itself keeps running SDPA / FlashAttention; optionally the keys of the visual tokens;
+  the layer itself keeps running SDPA / FlashAttention (FastV's reference also reads layer ``K-1``'s
+  attention to prune before layer ``K``); optionally the keys of the visual tokens (``k_proj`` output);
 * a pre-hook on ``layers[K]`` wraps the visual tokens' hidden states (the output of layer ``K-1``)
   with the signal in :class:`~vtcompress.tokens.VisualTokens`, calls the method (a pure function on
   them), and returns the kept rows of ``hidden_states``; that hook and the hooks of every later layer
@@ -32,6 +33,17 @@ Consequences:
   their padding and then from their dropped visual tokens; fillers that are not padding are masked
   out as keys (each still attends to itself, so its row is never empty). With the usual left-padded
   batch of same-length prompts the fillers are pads and no mask changes;
+* the query token of "last"-row methods is the last real token of each row; the prompt ("text") rows
+  are the real non-visual tokens after each row's first visual token;
+* multi-stage methods (PyramidDrop, SparseVLM): stage ``s`` works on the survivors of stage ``s - 1``,
+  its signal computed on the pruned sequence at its own layer ``K_s - 1``; merged tokens (SparseVLM's
+  recycling) replace the hidden state at their anchor's slot;
+* supported: eager, sdpa and flash attention masks (tensors; flex attention's BlockMask is refused),
+  DynamicCache (static caches are refused: the layers from ``K`` on hold fewer tokens), greedy / sampled
+  / beam generation (beams of one sample share its decision). Not handled: sliding-window layers (the
+  window would count kept tokens). FlashAttention is only exercised on GPU, which the tests here lack;
+  under it, layers from ``K`` on get ``position_ids=None`` (gapped positions of a batch of one would read
+  as packed sequences; positions travel in ``position_embeddings``);
 * ``generate(use_cache=False)`` re-runs the whole sequence each step: a forward with
   ``use_cache=False`` whose ``input_ids`` extend the previous prefill's prompt reuses that prefill's
   decision (the cached run cannot change its mind either), so cached and uncached generation match.
