@@ -30,6 +30,7 @@ import argparse
 import math
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ __all__ = [
     "method_stages",
     "pixel_tokens",
     "model_view",
+    "LoadedModel",
 ]
 
 #: dropped patches keep this fraction of their brightness (pixel * 0.3: blended 70 % towards black).
@@ -415,15 +417,27 @@ DEFAULT_QUESTION = "what colour is the circle ?"
 PIXEL_PATCH = 8
 
 
-class _Loaded:
-    """A model ready to compress one image: the model, how to build its inputs, and its patch grid."""
+@dataclass
+class LoadedModel:
+    """A model ready to compress one image, and how to build its inputs.
 
-    def __init__(self, model, tokenizer=None, processor=None, image_size: int | None = None, name: str = ""):
-        self.model, self.tokenizer, self.processor, self.image_size, self.name = (
-            model, tokenizer, processor, image_size, name)
+    Attributes:
+        model: a stock ``...ForConditionalGeneration`` in eval mode.
+        tokenizer: testbed-style tokenizer (no processor): images are resized to ``image_size`` and normalised
+            like ``vtcompress.testbed.encode``.
+        processor: the model's ``AutoProcessor``, used instead when present.
+        image_size: square input side of the vision tower (tokenizer route).
+        name: where it came from, for messages.
+    """
+
+    model: Any
+    tokenizer: Any = None
+    processor: Any = None
+    image_size: int | None = None
+    name: str = ""
 
 
-def load_model(spec: str = "testbed", device: str = "cpu") -> _Loaded | None:
+def load_model(spec: str = "testbed", device: str = "cpu") -> LoadedModel | None:
     """``"testbed"`` (the shipped weights), ``"none"`` (no model: pixel patches are the features), or a local
     directory holding a saved supported model (``from_pretrained``), with an ``AutoProcessor`` or, for a
     testbed-style directory, just a tokenizer."""
@@ -438,7 +452,7 @@ def load_model(spec: str = "testbed", device: str = "cpu") -> _Loaded | None:
                 "`vtcompress testbed train`, or pass --model DIR (a saved model) or --model none"
             )
         model, tok = load_testbed(device=device)
-        return _Loaded(model, tokenizer=tok, image_size=int(model.config.vision_config.image_size), name="testbed")
+        return LoadedModel(model, tokenizer=tok, image_size=int(model.config.vision_config.image_size), name="testbed")
     path = Path(spec)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ValueError(
@@ -449,17 +463,17 @@ def load_model(spec: str = "testbed", device: str = "cpu") -> _Loaded | None:
     model = AutoModelForImageTextToText.from_pretrained(str(path)).to(device).eval()
     has_processor = any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json"))
     if has_processor:
-        return _Loaded(model, processor=AutoProcessor.from_pretrained(str(path)), name=path.name)
+        return LoadedModel(model, processor=AutoProcessor.from_pretrained(str(path)), name=path.name)
     tok = AutoTokenizer.from_pretrained(str(path))
     tok.padding_side = "left"
     vision = getattr(model.config, "vision_config", None)
     size = getattr(vision, "image_size", None)
     if not isinstance(size, int):
         raise ValueError(f"{spec!r} has no processor config and its vision config gives no square image_size")
-    return _Loaded(model, tokenizer=tok, image_size=size, name=path.name)
+    return LoadedModel(model, tokenizer=tok, image_size=size, name=path.name)
 
 
-def model_inputs(loaded: _Loaded, image: Image.Image, question: str = DEFAULT_QUESTION) -> dict[str, torch.Tensor]:
+def model_inputs(loaded: LoadedModel, image: Image.Image, question: str = DEFAULT_QUESTION) -> dict[str, torch.Tensor]:
     """The inputs of one (image, question) for ``loaded``'s model, built like its training / processor does.
 
     Testbed-style models (no processor): the image resized to the tower's ``image_size`` (bicubic) and
@@ -526,7 +540,7 @@ def _stages_of(result: Any) -> list[tuple[str, Any]]:
 
 
 def method_stages(
-    loaded: _Loaded | None,
+    loaded: LoadedModel | None,
     method,
     image: Image.Image,
     question: str = DEFAULT_QUESTION,
@@ -547,7 +561,7 @@ def method_stages(
     return _stages_of(_compress_with_model(loaded.model, method, inputs))
 
 
-def model_view(loaded: _Loaded | None, image: Image.Image, inputs: dict[str, torch.Tensor] | None) -> Image.Image:
+def model_view(loaded: LoadedModel | None, image: Image.Image, inputs: dict[str, torch.Tensor] | None) -> Image.Image:
     """The image as the model saw it, to draw the map on.
 
     A processor may crop (CLIP's centre crop): then the first image's ``pixel_values [.., 3, H, W]`` are
@@ -630,13 +644,13 @@ def _decoder_stages(model, method, inputs: dict[str, torch.Tensor]) -> list[tupl
 # ----------------------------------------------------------------------------------------------- gallery / CLI
 
 
-def _as_loaded(model, tokenizer) -> _Loaded | None:
-    if model is None or isinstance(model, _Loaded):
+def _as_loaded(model, tokenizer) -> LoadedModel | None:
+    if model is None or isinstance(model, LoadedModel):
         return model
     if tokenizer is not None and hasattr(tokenizer, "image_processor"):
-        return _Loaded(model, processor=tokenizer)
+        return LoadedModel(model, processor=tokenizer)
     size = getattr(getattr(model.config, "vision_config", None), "image_size", None)
-    return _Loaded(model, tokenizer=tokenizer, image_size=size if isinstance(size, int) else None)
+    return LoadedModel(model, tokenizer=tokenizer, image_size=size if isinstance(size, int) else None)
 
 
 def _build_all(methods: Sequence[Any], budget, params: dict | None) -> list:
@@ -681,7 +695,7 @@ def _build_all(methods: Sequence[Any], budget, params: dict | None) -> list:
 
 
 def method_panels(
-    loaded: _Loaded | None,
+    loaded: LoadedModel | None,
     image: Image.Image,
     methods: Sequence[Any],
     budget: int | float | None,
