@@ -621,3 +621,21 @@ def test_int_budget_is_per_image_across_tiles(models):
     assert res.num_tokens.tolist() == [[4, 4], [8, 6], [12, 6]]
     assert [[t.num_tokens for t in views] for views in res.tokens] == [[4], [3, 3], [2, 2, 2]]
     assert res.image_sample.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "internvl"])
+def test_beam_search_and_several_returns(models, family):
+    """generate expands the compressed inputs (3-D positions, InternVL's Tensor features) for beams; the
+    returned sequences start with the original prompt repeated per returned sequence."""
+    model, make = models[family]
+    inputs = make(batch=2, images=[1, 2])
+    gen = {"max_new_tokens": 3, "min_new_tokens": 3, "num_beams": 2, "num_return_sequences": 2, "do_sample": False}
+    with torch.no_grad():
+        ref = model.generate(**inputs, **gen)
+        with vtcompress.apply(model, NormTopK(budget=1.0)):
+            assert torch.equal(model.generate(**inputs, **gen), ref)
+        with vtcompress.apply(model, NormTopK(budget=0.5)):
+            out = model.generate(**inputs, **gen)
+    s = inputs["input_ids"].shape[1]
+    assert out.shape == (4, s + 3)
+    assert torch.equal(out[:, :s], inputs["input_ids"].repeat_interleave(2, dim=0))
