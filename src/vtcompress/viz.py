@@ -833,7 +833,8 @@ def show_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-panel", action="store_true", help="first panel: the image as the model saw it")
     parser.add_argument("--skip-errors", action="store_true", help="a method that cannot run gets a dimmed panel "
                         "with the reason instead of stopping (always on when no method is named)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, ...)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage and the error
@@ -879,6 +880,10 @@ def _show(args) -> Path:
         image, question = Image.fromarray(s.image, "RGB"), question or s.question
     else:
         image = _open_image(args.image)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: give a number of CPU threads >= 1")
+        torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device)
     panels = method_panels(loaded, image, methods, budget, question or DEFAULT_QUESTION, grid, params, args.cell,
                            input_panel=args.input_panel, skip_errors=args.skip_errors or not named)
