@@ -176,6 +176,7 @@ def test_leaving_apply_restores_the_model(models):
     impl = (model.config._attn_implementation, model.config.vision_config._attn_implementation,
             model.config.text_config._attn_implementation)
     mapping = dict(AttentionInterface._global_mapping)
+    config = model.config.to_dict()
     with torch.no_grad(), vtcompress.apply(model, ClsTopK(budget=4)):
         assert "generate" in vars(model)
         assert _hook_count(model) > sum(len(a) + len(b) for a, b in hooks.values())
@@ -187,6 +188,7 @@ def test_leaving_apply_restores_the_model(models):
     assert (model.config._attn_implementation, model.config.vision_config._attn_implementation,
             model.config.text_config._attn_implementation) == impl
     assert AttentionInterface._global_mapping == mapping
+    assert model.config.to_dict() == config
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)
 
