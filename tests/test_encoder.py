@@ -103,6 +103,8 @@ def test_schedule_meets_budget_and_halving_limit():
     assert get("tome_encoder", budget=16).schedule(64, 2) == [32, 16]
     assert get("tome_encoder", budget=0.25).schedule(64, 2) == [32, 16]
     assert get("tome_encoder", budget=1.0).schedule(64, 2) == [0, 0]
+    # halving binds in the last layer: min(R, n // 2, n - k) with the least R reaching 64 (R = 159 leaves 65)
+    assert get("tome_encoder", budget=64).schedule(576, 4) == [160, 160, 128, 64]
     assert get("tome_encoder", r=20).schedule(64, 3) == [20, 20, 12]  # ToMe's r, capped at half the tokens
     assert get("tome_encoder", r=(5, 0, 2)).schedule(64, 3) == [5, 0, 2]
     with pytest.raises(ValueError, match="out of reach"):
@@ -356,9 +358,9 @@ def test_siglip_tower_without_prefix_token(pix):
             same = tower(pix, output_hidden_states=True)
         with encoder_merging(model, None, get("tome_encoder", budget=12)) as handle:
             out = tower(pix, output_hidden_states=True)
-            assert handle.schedule == [18, 22, 12]  # even 52/3 -> 18; then 46 -> 24 needs 22 (24 halves to 12)
+            assert handle.schedule == [20, 20, 12]  # 52 evenly (18, 17, 17) overruns 29 // 2: R = 20 is the least
     assert torch.equal(same.last_hidden_state, ref.last_hidden_state)
-    assert [h.shape[1] for h in out.hidden_states] == [64, 46, 24, 12]
+    assert [h.shape[1] for h in out.hidden_states] == [64, 44, 24, 12]
     tokens = handle.tokens
     assert torch.equal(tokens.x, out.hidden_states[-1])  # no prefix: every token is a patch token
     assert torch.equal(tokens.size.sum(1), torch.full((2,), float(N0)))

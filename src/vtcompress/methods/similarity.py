@@ -141,8 +141,9 @@ class ToMeEncoder(Compressor):
     Token count produced: with ``budget`` ``K`` (int) or a fraction ``f`` of the ``N0`` patches, the feature
     layer holds exactly ``K`` (resp. ``round(f * N0)``, at least 1) patch tokens per image; the merges are spread
     evenly over the ``L`` layers before the feature layer (earlier layers take the remainder), each layer merging
-    at most half of its tokens; when that limit binds, earlier layers merge more so that the later ones (each
-    at most halving) still reach ``K``; a budget below what ``L`` halvings reach raises. ``r`` (ToMe's own knob)
+    at most half of its tokens; when that limit binds, layer ``l`` merges ``min(R, n_l // 2, n_l - K)`` with the
+    smallest ``R`` that reaches ``K`` (the most even non-increasing schedule); a budget below what ``L`` halvings
+    reach raises. ``r`` (ToMe's own knob)
     replaces the budget: an int merges ``min(r, n_l // 2)`` tokens in every layer, a tuple gives one ``r`` per
     layer; the count is then ``N0 - sum(r_l)``.
 
@@ -206,13 +207,32 @@ class ToMeEncoder(Compressor):
                 f"budget={self.budget!r} ({k} tokens) is out of reach: {num_layers} ToMe layer(s) each merge at most "
                 f"half of the tokens, leaving at least {reach} of {num_patches}"
             )
-        for i in range(num_layers):
-            left = num_layers - i
-            even = -(-(n - k) // left)  # the remaining merges spread evenly, earlier layers take the remainder
-            needed = n - k * 2 ** (left - 1)  # the fewest that still lets the later layers (halving) reach k
-            out.append(min(n // 2, max(even, needed)))
-            n -= out[-1]
-        return out
+
+        def greedy(cap: int) -> list[int]:
+            """Merge ``min(cap, n // 2, n - k)`` per layer: the schedule whose largest step is ``cap``."""
+            steps, m = [], num_patches
+            for _ in range(num_layers):
+                steps.append(min(cap, m // 2, m - k))
+                m -= steps[-1]
+            return steps
+
+        # the even split (earlier layers take the remainder) when no layer would merge more than half its tokens
+        even = [total // num_layers + (1 if i < total % num_layers else 0) for i in range(num_layers)]
+        for r in even:
+            if r > n // 2:
+                break
+            n -= r
+        else:
+            return even
+        # otherwise the most even non-increasing schedule: the smallest largest step that still reaches k
+        lo, hi = 1, num_patches // 2
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(greedy(mid)) == total:
+                hi = mid
+            else:
+                lo = mid + 1
+        return greedy(lo)
 
     def merge_step(self, tokens: VisualTokens, r: int | Tensor) -> VisualTokens:
         """One bipartite soft-matching round: merge ``r`` (``[B]`` or int) tokens of each row away.
