@@ -376,6 +376,11 @@ def test_explicit_arguments_and_errors(llava, pix):
         assert handle.schedule == [24]
         hs = llava.model.vision_tower(pix, output_hidden_states=True).hidden_states
     assert [h.shape[1] for h in hs] == [65, 41, 41, 41]
+    # several feature layers (concatenated by the model): merging stops before the first, all hold the same tokens
+    with torch.no_grad(), encoder_merging(llava, None, get("tome_encoder", budget=40), feature_layer=[2, 1]) as handle:
+        hs = llava.model.vision_tower(pix, output_hidden_states=True).hidden_states
+    assert handle.schedule == [24]
+    assert torch.equal(handle.tokens.x, torch.cat([hs[2][:, 1:], hs[1][:, 1:]], dim=-1))
     with pytest.raises(ValueError, match="encoder-stage"):
         encoder_merging(llava, None, Compressor(budget=0.5))  # the base class is a projector-stage method
     with pytest.raises(ValueError, match="feature_layer 7"):

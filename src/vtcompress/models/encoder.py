@@ -367,10 +367,7 @@ class EncoderMerging:
         if not all(f in st.features for f in self.spec.feature_layers):
             return
         x = torch.cat([st.features[f] for f in self.spec.feature_layers], dim=-1)
-        vt = st.vt.replace(x=x)
-        if vt.keys is None:
-            vt = vt.replace(keys=None)
-        self.tokens = vt
+        self.tokens = st.vt.replace(x=x)
 
     # --------------------------------------------------------------------------- lifecycle
     def rows(self) -> list[VisualTokens]:
