@@ -641,3 +641,35 @@ def test_beam_search_and_several_returns(models, family):
     s = inputs["input_ids"].shape[1]
     assert out.shape == (4, s + 3)
     assert torch.equal(out[:, :s], inputs["input_ids"].repeat_interleave(2, dim=0))
+
+
+def test_qwen_images_compressed_next_to_an_uncompressed_video(models):
+    """A batch with images and a video: the images are compressed, the video passes through (encoded with the
+    model's own get_video_features, since the stock forward takes pixels or encoder outputs, not both)."""
+    model, make = models["qwen2_vl"]
+    inputs = make(batch=2, images=[1, 1])
+    vc = model.config.vision_config
+    dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    video = [122] + [121] * 8 + [123]  # 2 frames x 4x4 patches -> 8 tokens
+    pads = torch.zeros(1, len(video), dtype=torch.long)
+    row1 = torch.tensor([video])
+    inputs["input_ids"] = torch.cat([torch.cat([pads, inputs["input_ids"][:1]], 1),
+                                     torch.cat([inputs["input_ids"][1:], row1], 1)])
+    inputs["attention_mask"] = torch.cat([torch.cat([pads, inputs["attention_mask"][:1]], 1),
+                                          torch.cat([inputs["attention_mask"][1:], torch.ones_like(row1)], 1)])
+    types = torch.tensor([[0] + [2] * 8 + [0]])
+    inputs["mm_token_type_ids"] = torch.cat([torch.cat([pads, inputs["mm_token_type_ids"][:1]], 1),
+                                             torch.cat([inputs["mm_token_type_ids"][1:], types], 1)])
+    inputs["pixel_values_videos"] = torch.randn(2 * 16, dim, generator=torch.Generator().manual_seed(0))
+    inputs["video_grid_thw"] = torch.tensor([[2, 4, 4]])
+    gen = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+    with torch.no_grad():
+        ref = model.generate(**inputs, **gen)
+        with vtcompress.apply(model, NormTopK(budget=1.0)):
+            assert torch.equal(model.generate(**inputs, **gen), ref)
+        res = vtcompress.compress_inputs(model, NormTopK(budget=2), **inputs)
+        model(**res.inputs)
+    assert set(res.inputs["mm_encoder_outputs"]) == {"image", "video"}
+    assert "pixel_values_videos" not in res.inputs
+    assert int((res.inputs["input_ids"] == 121).sum()) == 8  # the video keeps all its tokens
+    assert res.num_tokens[:, 1].tolist() == [2, 2]

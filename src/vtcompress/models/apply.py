@@ -36,7 +36,8 @@ after the tower) runs first, then the projector-stage methods in list order, the
 :func:`vtcompress.models.decoder.attach_decoder` and installed after the projector-stage hooks so that it sees
 the shortened ``input_ids``.
 
-Limits: images only (Qwen2-VL videos raise); the attention signal of a windowed Qwen2.5-VL layer is the mean
+Videos pass through uncompressed (encoded here too, since the stock forward takes either pixels or encoder
+outputs). Limits: the attention signal of a windowed Qwen2.5-VL layer is the mean
 attention received within each window; a method must keep the feature width (the LLM's input width).
 """
 
@@ -468,9 +469,18 @@ def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, 
     if kept_slots:
         keep.view(-1)[flat] = torch.cat(kept_slots).to(ids.device)
     new_inputs = _shortened_inputs(model, adapter, inputs, ids, mask, keep, positions, for_generate)
-    for k in list(adapter.encoder_kwargs(model, inputs)) + list(adapter.encoder_only_keys):
+    mm = {"image": adapter.wrap(out, new_feats)}
+    # the stock forward takes either raw pixels or encoder outputs: videos (not compressed) are encoded here too
+    video_fn = getattr(adapter.base(model), "get_video_features", None)
+    video_keys = []
+    if inputs.get("pixel_values_videos") is not None and video_fn is not None:
+        params = inspect.signature(video_fn).parameters
+        video_kwargs = {k: v for k, v in inputs.items() if k in params and k != "kwargs" and v is not None}
+        mm["video"] = video_fn(**video_kwargs, return_dict=True)
+        video_keys = list(video_kwargs)
+    for k in list(adapter.encoder_kwargs(model, inputs)) + list(adapter.encoder_only_keys) + video_keys:
         new_inputs.pop(k, None)
-    new_inputs["mm_encoder_outputs"] = {"image": adapter.wrap(out, new_feats)}
+    new_inputs["mm_encoder_outputs"] = mm
     counts = [(int(k.numel()), int(k.sum())) for k in kept_slots]
     return CompressedInputs(inputs=new_inputs, tokens=tokens, keep=keep, image_sample=samples,
                             num_tokens=torch.tensor(counts, dtype=torch.long).reshape(-1, 2))
@@ -628,8 +638,9 @@ def _positions(model, adapter, inputs, ids, mask, positions, for_generate) -> Te
         if given is not None:
             return given[-3:] if given.dim() == 3 else given[None].expand(3, -1, -1)
         tt = inputs.get("mm_token_type_ids")
-        if tt is None:
-            tt = (ids == adapter.image_token_id(model)).to(torch.int)
+        if tt is None:  # what the processor returns: 1 for image, 2 for video placeholders
+            video = getattr(model.config, "video_token_id", None)
+            tt = (ids == adapter.image_token_id(model)).to(torch.int) + 2 * (ids == video).to(torch.int)
         pos, _ = adapter.base(model).get_rope_index(ids, tt, image_grid_thw=inputs.get("image_grid_thw"),
                                      video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
         return pos

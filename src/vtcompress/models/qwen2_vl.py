@@ -49,12 +49,6 @@ class Qwen2VLAdapter(Adapter):
         t, h, w = (int(v) for v in thw)
         return (t * h // m, w // m)
 
-    def encoder_kwargs(self, model, inputs):
-        if inputs.get("pixel_values_videos") is not None:
-            raise ValueError("vtcompress.apply compresses images; pixel_values_videos is not supported yet for "
-                             f"{self.family} (pass images only)")
-        return super().encoder_kwargs(model, inputs)
-
     def layouts(self, model, inputs, feats: list[Tensor]) -> list[ImageLayout]:
         out = []
         for f, thw in zip(feats, inputs["image_grid_thw"], strict=True):
