@@ -425,3 +425,28 @@ def test_gallery_skip_errors_gives_a_dimmed_panel(tiny_dir):
     failed = arr[y : y + side, 2 * PAD + side : 2 * PAD + 2 * side].astype(np.float32)
     plain = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST), np.float32)
     np.testing.assert_array_equal(failed, np.rint(plain * DIM_FACTOR))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "internvl"])
+def test_every_family_maps_projector_and_decoder_stages(family):
+    """Stock tiny models of each family: a full budget keeps every patch of every view, at the projector stage
+    (compress_inputs) and at the decoder stage (one prefill with the decoder hooks); half a budget keeps at
+    most half of the first image's placeholders inside the LLM."""
+    from models_util import BUILDERS
+    from vtcompress import get
+    from vtcompress.viz import LoadedModel, method_stages
+
+    model, make_inputs = BUILDERS[family]()
+    inputs = make_inputs(batch=1)
+    loaded = LoadedModel(model)
+    image = Image.new("RGB", (32, 32))
+    for name, params in (("uniform", {}), ("fastv", {"layer": 1})):
+        stages = method_stages(loaded, get(name, budget=1.0, **params), image, inputs=inputs)
+        assert stages
+        for _, tokens in stages:
+            assert int(tokens.counts[0]) == tokens.num_patches
+            assert (np.asarray(token_map(image, tokens, cell=8)) == OUTLINE).all(axis=-1).any()
+    n_placeholders = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    half = method_stages(loaded, get("fastv", budget=0.5, layer=1), image, inputs=inputs)
+    kept = sum(int(t.counts[0]) for _, t in half)
+    assert 0 < kept <= round(0.5 * n_placeholders)

@@ -599,45 +599,46 @@ def _compress_with_model(model, method, inputs: dict[str, torch.Tensor]) -> Any:
     return [(f"view {i}", v) for i, v in enumerate(views)]
 
 
-def _decoder_grid(model, inputs: dict[str, torch.Tensor], n: int) -> tuple[int, int]:
-    """The grid whose cells the ``n`` placeholder tokens of the first image stand for, in raster order."""
-    thw = inputs.get("image_grid_thw")
-    if isinstance(thw, torch.Tensor):  # Qwen2-VL: the patch merger folds merge x merge patches into one token
-        merge = int(getattr(model.config.vision_config, "spatial_merge_size", 1))
-        t, h, w = (int(v) for v in thw[0])
-        grid = (h // merge, w // merge)
-    else:
-        from .models.apply import adapter_for
+def _first_image_layout(model, inputs: dict[str, torch.Tensor]):
+    """The adapter's :class:`~vtcompress.models.apply.ImageLayout` of the first image: for each of its
+    placeholder tokens, the view (base grid, high-resolution grid, tile) and the patch it stands for."""
+    from .models.apply import adapter_for
 
-        grid = adapter_for(model).grid(model)
-        if grid[0] * grid[1] == 4 * n:  # pixel shuffle (InternVL) halves each side
-            grid = (grid[0] // 2, grid[1] // 2)
-    if grid[0] * grid[1] != n:
-        raise ValueError(
-            f"decoder-stage token maps need one grid of placeholders per image; the first image has {n} "
-            f"placeholder tokens but its grid {grid} has {grid[0] * grid[1]} cells (anyres / multi-tile "
-            "layouts are not drawn at the decoder stage)"
-        )
-    return grid
+    adapter = adapter_for(model)
+    out = adapter.base(model).get_image_features(**adapter.encoder_kwargs(model, inputs))
+    feats = adapter.features(model, inputs, out)
+    return adapter.layouts(model, inputs, feats)[0]
 
 
 def _decoder_stages(model, method, inputs: dict[str, torch.Tensor]) -> list[tuple[str, VisualTokens]]:
-    """Run one prefill with the decoder-stage ``method`` attached; per pruning layer, the first image's
-    placeholder tokens that survive it (without a projector-stage method, placeholders are patches)."""
+    """Run one prefill with the decoder-stage ``method`` attached.
+
+    Returns, per pruning layer (and per view of the first image, for anyres / tiled models), the patches
+    whose placeholder tokens are still in the sequence from that layer on, as a selection of the view's full
+    grid (without a projector-stage method, each placeholder is one patch; row separators are not drawn).
+    """
     from .models.decoder import attach_decoder, visual_token_ids
 
+    layout = _first_image_layout(model, inputs)
     ids = inputs["input_ids"]
     vis = torch.isin(ids[0], torch.tensor(visual_token_ids(model.config), device=ids.device))
-    vis_pos = vis.nonzero().squeeze(1)
-    grid = _decoder_grid(model, inputs, int(vis_pos.numel()))
+    n = layout.view.shape[0]
+    vis_pos = vis.nonzero().squeeze(1)[:n]  # the first image's placeholders come first
+    if vis_pos.numel() != n:
+        raise ValueError(f"the prompt has {vis_pos.numel()} image placeholders, fewer than the {n} features of "
+                         "its first image")
+    view, patch = layout.view.cpu(), layout.patch.cpu()
     stages = []
     with attach_decoder(model, [method]) as handle:
         model(**inputs)
         for i, stage in enumerate(handle.stages):
-            kept = torch.isin(vis_pos, handle.kept_visual(i)[0].to(vis_pos.device)).cpu()
-            # as VisualTokens (a selection of the full grid), so the stage carries its grid with it
-            full = VisualTokens.from_features(torch.zeros(1, grid[0] * grid[1], 1), grid=grid)
-            stages.append((f"layer {stage.layer}", full.select(kept.nonzero().T)))
+            kept = torch.isin(vis_pos, handle.kept_visual(i)[0].to(vis_pos.device)).cpu() & (patch >= 0)
+            for v, grid in enumerate(layout.grids):
+                idx = patch[kept & (view == v)].sort().values
+                # as VisualTokens (a selection of the view's full grid), so the stage carries its grid
+                full = VisualTokens.from_features(torch.zeros(1, grid[0] * grid[1], 1), grid=grid)
+                title = f"layer {stage.layer}" + (f", view {v}" if len(layout.grids) > 1 else "")
+                stages.append((title, full.select(idx[None])))
     return stages
 
 
