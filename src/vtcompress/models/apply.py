@@ -795,10 +795,12 @@ class ApplyHandle:
 
     def _generate(self, *args, **kwargs):
         gen = type(self.model).generate.__get__(self.model)
+        if len(args) > 1:
+            raise ValueError("with vtcompress.apply, pass generate's arguments after input_ids by keyword")
         if args:
             if "input_ids" in kwargs or "inputs" in kwargs:
                 raise ValueError("input_ids given twice")
-            kwargs["input_ids"], args = args[0], args[1:]
+            kwargs["input_ids"], args = args[0], ()
         if "inputs" in kwargs:
             kwargs["input_ids"] = kwargs.pop("inputs")
         if kwargs.get("pixel_values") is None:
