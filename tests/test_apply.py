@@ -603,13 +603,20 @@ def test_decoder_only_method_is_delegated(models):
 
 
 def test_gradients_reach_the_projector(models):
-    """apply follows the caller's grad mode: a loss on the compressed run trains the projector."""
+    """apply follows the caller's grad mode: a loss on the compressed run (labels shortened with the
+    sequence) trains the projector."""
     model, make = models["llava"]
     inputs = make(batch=2, images=[1, 1])
     proj = model.model.multi_modal_projector.linear_1.weight
     proj.grad = None
-    with vtcompress.apply(model, PairMerge()):
-        model(**inputs).logits.sum().backward()
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    with vtcompress.apply(model, PairMerge()) as handle:
+        out = model(**inputs, labels=labels)
+        out.loss.backward()
+    short = handle.last.inputs["labels"]
+    assert short.shape == handle.last.inputs["input_ids"].shape
+    kept = handle.last.inputs["attention_mask"].bool()
+    assert torch.equal(short[kept], handle.last.inputs["input_ids"][kept])  # labels follow their tokens
     assert proj.grad is not None and float(proj.grad.abs().sum()) > 0
     model.zero_grad(set_to_none=True)
 
