@@ -189,3 +189,11 @@ def test_cli_writes_everything(tmp_path, capsys):
 def test_cli_bad_input(argv, match, capsys, tmp_path):
     assert bench_main([*argv, "--out", str(tmp_path)]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_average_tokens_over_layers(sweep):
+    """Projector stage: the same in every layer; FastV at layer 2 of 4: (144 + 144 + k + k) / 4."""
+    for b in BUDGETS:
+        k = round(b * 144)
+        assert by(sweep, "random", b)["tokens_avg"] == k
+        assert by(sweep, "fastv", b)["tokens_avg"] == (2 * 144 + 2 * k) / 4

@@ -7,8 +7,9 @@ What is counted, and how (the same convention as ``torch.utils.flop_counter.Flop
   rotary embeddings, residual adds and embedding lookups cost nothing (they are element-wise or gathers and
   are negligible next to the products);
 * attention costs ``QK^T`` plus ``softmax(.) V`` over the FULL ``n x s`` score matrix of every query head
-  (``4 * heads * n * s * head_dim``) — what eager attention computes and what FlopCounterMode counts for SDPA
-  kernels; a causal kernel may skip half of it, we do not model that. Grouped-query attention (fewer
+  (``4 * heads * n * s * head_dim``) — what eager attention computes and what FlopCounterMode counts for the
+  CUDA SDPA kernels (it has no formula for the CPU flash kernel, so on CPU compare against eager attention);
+  a causal kernel may skip half of it, we do not model that. Grouped-query attention (fewer
   key/value heads) only shrinks the ``k``/``v`` projections: the scores still run per query head;
 * the vision tower runs ALL its layers (the stock towers do, even when ``vision_feature_layer=-2`` reads an
   earlier one), on the patch tokens plus its prefix tokens ([CLS] for CLIP; none for SigLIP, whose attention
@@ -24,6 +25,9 @@ What is counted, and how (the same convention as ``torch.utils.flop_counter.Flop
   ``n`` tokens entering layer ``K-1``, recomputed from that layer's input as
   :mod:`vtcompress.models.decoder` does (``q`` projection of the rows, ``k`` projection of all ``n`` tokens,
   ``r x n`` scores per head) — about 1 % of a tiny model's prefill, far less for real ones;
+* a method's own scoring and matching on the visual tokens (similarity matrices of ToMe / DivPrune / VisionZip
+  merging, a few ``N x N x D`` products) is not counted: measured through ``vtcompress.apply`` it is below
+  0.2 % of a tiny model's prefill (``tests/test_flops.py``);
 * the ``lm_head`` runs on the last position (``logits="last"``, what generation's prefill needs), on every
   position (``"all"``, what a plain ``model(**inputs)`` call computes) or on ``logits=n`` positions
   (``logits_to_keep=n``).
@@ -32,10 +36,13 @@ Reference: the LLaVA-1.5 architecture (Liu et al., "Improved Baselines with Visu
 arXiv 2310.03744); FastV (Chen et al., arXiv 2403.06764) reports the same per-layer accounting for
 decoder-stage pruning.
 
->>> arch = VLMArch.from_config(model.config)
->>> full = prefill_flops(arch, text_tokens=40)                       # 144 image tokens, all layers
->>> fastv = prefill_flops(arch, text_tokens=40, schedule=[(2, 36)])  # 36 image tokens from layer 2 on
->>> fastv.total / full.total
+Example::
+
+    arch = VLMArch.from_config(model.config)
+    full = prefill_flops(arch, text_tokens=40)                          # 144 image tokens, all layers
+    pruned = prefill_flops(arch, text_tokens=40, image_tokens=36)       # a projector-stage method keeping 36
+    fastv = prefill_flops(arch, text_tokens=40, schedule=[(2, 36)], selection_rows=1)  # 36 from layer 2 on
+    fastv.total / full.total
 """
 
 from __future__ import annotations

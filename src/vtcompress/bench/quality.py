@@ -186,7 +186,8 @@ def evaluate_method(model, tokenizer, method, samples, batch_size: int = 64, arc
 
     Returns a dict: ``accuracy``, ``per_skill``, ``predictions``, ``correct`` (from the testbed's evaluate),
     ``tokens_in`` (mean image tokens per image into the LLM), ``tokens_after`` (mean image tokens per image
-    after the last decoder-stage pruning layer; equal to ``tokens_in`` without one), ``prune_layers`` (the
+    after the last decoder-stage pruning layer; equal to ``tokens_in`` without one), ``tokens_avg`` (mean image
+    tokens per image over the decoder layers: what decoder-stage methods are compared by), ``prune_layers`` (the
     decoder layers where tokens were dropped), ``vision_tokens`` (mean patch tokens per vision layer), and
     ``flops`` (mean analytic prefill FLOPs per sample, ``None`` if ``arch`` is ``None``).
     """
@@ -205,12 +206,19 @@ def evaluate_method(model, tokenizer, method, samples, batch_size: int = 64, arc
         raise RuntimeError("the probe saw no forward call of the base model: is this a stock LLaVA-style VLM?")
     images = np.array([max(i, 1) for r in recs for i in r.images], dtype=np.float64)
     tokens_in = np.array([i for r in recs for i in r.image], dtype=np.float64) / images
-    after, layers = [], set()
+    after, avg, layers = [], [], set()
     for r in recs:
+        n_layers = max(len(r.llm_lengths), 1)
         for b in range(len(r.image)):
             sched = schedule_of(r, b)
             layers.update(k for k, _ in sched)
-            after.append(sched[-1][1] if sched else r.image[b] / max(r.images[b], 1))
+            per_image = r.image[b] / max(r.images[b], 1)
+            after.append(sched[-1][1] if sched else per_image)
+            # image tokens per image in each decoder layer, averaged over the layers (LLM work per layer)
+            per_layer = [per_image] * n_layers
+            for k, kept in sched:
+                per_layer[k:] = [kept] * (n_layers - k)
+            avg.append(float(np.mean(per_layer)))
     vis = [r.vision_lengths for r in recs if r.vision_lengths]
     flops = None
     if arch is not None:
@@ -219,6 +227,7 @@ def evaluate_method(model, tokenizer, method, samples, batch_size: int = 64, arc
         **res,
         "tokens_in": float(tokens_in.mean()),
         "tokens_after": float(np.mean(after)),
+        "tokens_avg": float(np.mean(avg)),
         "prune_layers": sorted(layers),
         "vision_tokens": np.mean(np.array(vis, dtype=np.float64), axis=0).tolist() if vis else [],
         "flops": flops,

@@ -4,11 +4,13 @@ For each registered method and budget (default 50 %, 33 %, 22 %, 11 %, 5 % of th
 
 * ``tokens_in``: image tokens per image that enter the LLM, measured from the shortened inputs; for
   decoder-stage methods also ``tokens_after``, the image tokens kept from the pruning layer(s) on
-  (``prune_layers``);
+  (``prune_layers``), and ``tokens_avg``, the image tokens per image averaged over the decoder layers (the
+  x-axis of the plot: it puts decoder-stage and projector-stage methods on the same scale of LLM work);
 * ``accuracy`` overall and per skill on the testbed test set, ``retained`` (% of the uncompressed model's
   accuracy) and ``agreement`` (% of answers equal to the uncompressed model's);
-* ``gflops``: analytic prefill FLOPs per sample of exactly what ran (:mod:`vtcompress.bench.flops`), and
-  ``flops_ratio`` vs the uncompressed model;
+* ``gflops``: analytic prefill FLOPs per sample of exactly what ran (:mod:`vtcompress.bench.flops`: the tokens
+  the probe saw in the tower and in every decoder layer; each sample at its own unpadded length, ``lm_head``
+  on the last position), and ``flops_ratio`` vs the uncompressed model;
 * ``latency_ratio``: measured prefill time of one fixed batch vs the uncompressed model timed in the same run
   (1 torch thread, median of repeats; :mod:`vtcompress.bench.latency`).
 
@@ -73,7 +75,8 @@ def build_method(name: str, budget: int | float, **params):
     """
     from ..compressor import _REGISTRY, get
 
-    get(name) if name not in _REGISTRY else None  # unknown names raise with the valid list
+    if name not in _REGISTRY:
+        get(name)  # raises ValueError with the valid names
     cls = _REGISTRY[name]
     if getattr(cls, "trainable", False):
         from ..trainable import load_trained
@@ -150,6 +153,7 @@ def run_sweep(
     progress: bool = True,
     time_latency: bool = True,
     workers: int = 1,
+    ref_every: int = 10,
 ) -> list[dict]:
     """Evaluate the uncompressed model and every ``method x budget`` on ``samples``; one dict per row.
 
@@ -159,8 +163,9 @@ def run_sweep(
     Two phases: (1) accuracy and token counts of every run, in ``workers`` forked processes (each with
     ``num_threads`` torch threads: tiny ops are slower with more threads on small CPUs); (2) latency, alone
     in this process so that nothing competes with the timed runs: the median of ``repeats`` timed prefills of
-    the first ``latency_batch`` samples, the uncompressed model timed before and after the methods (the
-    median of both sets is the reference).
+    the first ``latency_batch`` samples; the uncompressed model is timed first, again after every
+    ``ref_every`` timed methods and at the end, and the median of all its times is the reference (so a slow
+    drift of the machine over the sweep does not tilt the ratios).
     """
     from tqdm.auto import tqdm
 
@@ -216,10 +221,14 @@ def run_sweep(
         enc = encode(tokenizer, samples[:latency_batch], model.config)
         lat_inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values")}
         bar.set_postfix_str("latency")
+        timed = 0
         for i, name, budget in jobs:
             if isinstance(results[i], str):
                 bar.update()
                 continue
+            if name is not None and timed and timed % ref_every == 0:  # re-time the reference now and then
+                full_times += time_prefill(model, lat_inputs, None, repeats=repeats, num_threads=num_threads)["times_s"]
+            timed += 1
             method = build_method(name, budget) if name is not None else None
             try:
                 t = time_prefill(model, lat_inputs, method, repeats=repeats, num_threads=num_threads)
@@ -249,6 +258,7 @@ def run_sweep(
             "status": "ok",
             "tokens_in": res["tokens_in"],
             "tokens_after": res["tokens_after"],
+            "tokens_avg": res["tokens_avg"],
             "prune_layers": ",".join(str(k) for k in res["prune_layers"]),
             "vision_tokens": res["vision_tokens"][-1] if res["vision_tokens"] else None,
             "accuracy": res["accuracy"],
@@ -308,14 +318,14 @@ def format_table(rows: list[dict]) -> str:
     """A markdown table of the ``ok`` rows, sorted, then one line per skipped row."""
     ok = [r for r in sort_rows(rows) if r["status"] == "ok"]
     skills = [k[4:] for k in (ok[0] if ok else {}) if k.startswith("acc_")]
-    head = ["method", "family", "stage", "budget", "img tok", "acc %", "retained %", "agree %",
+    head = ["method", "family", "stage", "budget", "img tok", "avg tok", "acc %", "retained %", "agree %",
             *[s[:5] for s in skills], "GFLOPs", "FLOPs x", "latency x"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in ok:
         tok = _fmt(r["tokens_in"])
         if r.get("prune_layers"):
             tok = f"{tok} -> {_fmt(r['tokens_after'])} @L{r['prune_layers']}"
-        cells = [r["method"], r["family"] or "-", r["stage"] or "-", _budget_str(r), tok,
+        cells = [r["method"], r["family"] or "-", r["stage"] or "-", _budget_str(r), tok, _fmt(r.get("tokens_avg")),
                  _fmt(100 * r["accuracy"]), _fmt(r.get("retained")), _fmt(r.get("agreement")),
                  *[_fmt(100 * r[f"acc_{s}"], ".0f") for s in skills],
                  _fmt(r.get("gflops"), ".3f"), _fmt(r.get("flops_ratio"), ".2f"), _fmt(r.get("latency_ratio"), ".2f")]
@@ -329,8 +339,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 CSV_FIELDS = ["method", "family", "stage", "budget", "budget_tokens", "status", "tokens_in", "tokens_after",
-              "prune_layers", "vision_tokens", "accuracy", "retained", "agreement", "gflops", "flops_ratio",
-              "latency_ms", "latency_ratio", "eval_s"]
+              "tokens_avg", "prune_layers", "vision_tokens", "accuracy", "retained", "agreement", "gflops",
+              "flops_ratio", "latency_ms", "latency_ratio", "eval_s"]
 
 
 def _jsonable(v):
@@ -352,7 +362,8 @@ def write_outputs(rows: list[dict], out_dir, meta: dict | None = None, plot_png:
     paths = {"md": out / "bench.md", "csv": out / "bench.csv", "json": out / "bench.json"}
     paths["md"].write_text(format_table(rows) + "\n")
     skill_cols = sorted({k for r in rows for k in r if k.startswith("acc_")})
-    fields = CSV_FIELDS[:11] + skill_cols + CSV_FIELDS[11:]
+    cut = CSV_FIELDS.index("accuracy") + 1
+    fields = CSV_FIELDS[:cut] + skill_cols + CSV_FIELDS[cut:]
     with paths["csv"].open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -379,11 +390,11 @@ def plot(rows: list[dict], path) -> Path:
     cmap = plt.get_cmap("tab20")
     markers = "os^vD<>ph*XP"
     for i, name in enumerate(methods):
-        pts = sorted((r for r in ok if r["method"] == name), key=lambda r: r["tokens_after"])
+        pts = sorted((r for r in ok if r["method"] == name), key=lambda r: r["tokens_avg"])
         style = {"color": cmap(i % 20), "marker": markers[i % len(markers)], "ms": 4, "lw": 1.2, "label": name}
         if pts[0]["stage"] == "decoder":
             style["ls"] = "--"
-        ax1.plot([r["tokens_after"] for r in pts], [100 * r["accuracy"] for r in pts], **style)
+        ax1.plot([r["tokens_avg"] for r in pts], [100 * r["accuracy"] for r in pts], **style)
         # the same budget order in both panels: each line follows the method's budget sweep
         lat = [(r["latency_ratio"], 100 * r["accuracy"]) for r in pts if r.get("latency_ratio") is not None]
         if lat:
@@ -398,7 +409,7 @@ def plot(rows: list[dict], path) -> Path:
     ticks = [t for t in (2, 5, 10, 20, 50, 100, 144) if full is None or t <= full["tokens_in"]]
     ax1.set_xticks(ticks, [str(t) for t in ticks])
     ax1.minorticks_off()
-    ax1.set_xlabel("image tokens kept per image (in the LLM; decoder-stage: after layer K, dashed)")
+    ax1.set_xlabel("image tokens kept per image, mean over LLM layers (decoder-stage methods dashed)")
     ax1.set_ylabel("testbed accuracy (%)")
     ax1.set_title("accuracy vs image tokens kept")
     ax2.set_xlabel("prefill latency / full (1 thread, median)")
