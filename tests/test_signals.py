@@ -182,3 +182,16 @@ def test_attention_signal_closed_form():
     mask[..., :3] = True
     pm = ((q @ k.transpose(-1, -2)) * 0.5).masked_fill(~mask, float("-inf")).softmax(-1)
     torch.testing.assert_close(attention_signal(q, k, mask, 0.5, has_cls=False), pm.mean(2).mean(1))
+
+
+def test_mean_attention_in_query_chunks(monkeypatch):
+    """The no-[CLS] signal is accumulated over query chunks; tiny chunks give the same result."""
+    import vtcompress.models.signals as sig
+
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 9, 4)
+    whole = attention_signal(q, k, None, None, has_cls=False)
+    monkeypatch.setattr(sig, "_CHUNK_ELEMENTS", 2 * 3 * 9 * 2)  # 2 queries per chunk
+    torch.testing.assert_close(attention_signal(q, k, None, None, has_cls=False), whole)
+    p = ((q @ k.transpose(-1, -2)) * 0.5).softmax(-1)
+    torch.testing.assert_close(whole, p.mean(2).mean(1))

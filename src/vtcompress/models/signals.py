@@ -10,7 +10,7 @@ unchanged, and for the one chosen attention module it also computes
 
 - ``attn [B, L]``: head-mean ``softmax(q_cls K^T * scale)`` (the [CLS] row), or, for encoders without a
   [CLS] token (SigLIP, the Qwen2-VL vision tower), the head-mean attention each token receives, averaged
-  over the queries (computed in query chunks, so memory stays ``O(chunk * L)``);
+  over the queries (computed in query chunks, so the extra memory stays bounded);
 - ``keys [B, L, Dh]``: the keys averaged over heads.
 
 The switch is ``model.set_attn_implementation({"vision_config": name})``; the previous implementation and
@@ -33,7 +33,7 @@ __all__ = ["SignalRecord", "capture_signals", "attention_signal", "SIGNAL_ATTENT
 
 #: name under which the wrapping attention function is registered while a capture is active
 SIGNAL_ATTENTION = "vtcompress_signals"
-_QUERY_CHUNK = 1024
+_CHUNK_ELEMENTS = 1 << 24
 _LOCK = threading.RLock()
 # id(vision config) -> base implementation name; id(attention module) -> recorder
 _BASES: dict[int, str] = {}
@@ -95,10 +95,13 @@ def attention_signal(
             logits = logits + mask[..., :1, :]
         return logits.softmax(-1)[:, :, 0].mean(1)
     total = torch.zeros(b, h, key.shape[2], dtype=torch.float32, device=query.device)
-    for start in range(0, lq, _QUERY_CHUNK):  # chunks over queries bound the memory, not a loop over tokens
-        logits = (q[:, :, start : start + _QUERY_CHUNK] @ k) * scale
+    # query chunks bound the extra memory to ~_CHUNK_ELEMENTS floats (a SigLIP batch of 10 crops x 16 heads x
+    # 729 tokens would otherwise need 340 MB); a loop over a few chunks, not over tokens
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, b * h * key.shape[2]))
+    for start in range(0, lq, chunk):
+        logits = (q[:, :, start : start + chunk] @ k) * scale
         if mask is not None:
-            logits = logits + mask[..., start : start + _QUERY_CHUNK, :]
+            logits = logits + mask[..., start : start + chunk, :]
         total += logits.softmax(-1).sum(2)
     return (total / lq).mean(1)
 
