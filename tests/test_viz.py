@@ -443,10 +443,32 @@ def test_every_family_maps_projector_and_decoder_stages(family):
     for name, params in (("uniform", {}), ("fastv", {"layer": 1})):
         stages = method_stages(loaded, get(name, budget=1.0, **params), image, inputs=inputs)
         assert stages
-        for _, tokens in stages:
+        views = sorted({v for _, _, v in stages})
+        assert views == list(range(2 if family == "llava_next" else 1))  # anyres: base and high-resolution grid
+        for _, tokens, _ in stages:
             assert int(tokens.counts[0]) == tokens.num_patches
             assert (np.asarray(token_map(image, tokens, cell=8)) == OUTLINE).all(axis=-1).any()
     n_placeholders = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     half = method_stages(loaded, get("fastv", budget=0.5, layer=1), image, inputs=inputs)
-    kept = sum(int(t.counts[0]) for _, t in half)
+    kept = sum(int(t.counts[0]) for _, t, _ in half)
     assert 0 < kept <= round(0.5 * n_placeholders)
+
+
+def test_model_view_picks_the_crop_of_each_view():
+    """Tiles (as many views as crops): view v is crop v, un-normalised; anyres (crops and views differ in number):
+    view 0 is the base crop and later views the whole input image."""
+    from types import SimpleNamespace
+
+    from vtcompress.viz import LoadedModel, model_view
+
+    proc = SimpleNamespace(image_processor=SimpleNamespace(image_mean=[0.5] * 3, image_std=[0.25] * 3))
+    loaded = LoadedModel(model=None, processor=proc)
+    tiles = torch.stack([torch.full((3, 8, 8), float(v)) for v in (-2.0, 0.0, 2.0)])  # 0, 0.5, 1 after un-norm
+    whole = Image.new("RGB", (20, 10), (1, 2, 3))
+    for v, value in enumerate((0, 128, 255)):
+        got = np.asarray(model_view(loaded, whole, {"pixel_values": tiles}, v, 3))
+        assert got.shape == (8, 8, 3) and (got == value).all()
+    anyres = {"pixel_values": tiles[None]}  # [1, crops, 3, H, W], 2 views
+    assert (np.asarray(model_view(loaded, whole, anyres, 0, 2)) == 0).all()
+    assert model_view(loaded, whole, anyres, 1, 2) is whole
+    assert model_view(LoadedModel(model=None), whole, anyres, 0, 2) is whole  # no processor: plain resize route

@@ -528,14 +528,14 @@ def _no_model_check(method) -> None:
         )
 
 
-def _stages_of(result: Any) -> list[tuple[str, Any]]:
-    """Normalise what a compression returned into ``[(stage title or "", tokens or kept mask), ...]``."""
+def _stages_of(result: Any) -> list[tuple[str, Any, int]]:
+    """Normalise what a compression returned into ``[(stage title or "", tokens or kept mask, view), ...]``."""
     if isinstance(result, VisualTokens):
-        return [("", result)]
+        return [("", result, 0)]
     if isinstance(result, Mapping):
-        return [(f"layer {k}", v) for k, v in result.items()]
+        return [(f"layer {k}", v, 0) for k, v in result.items()]
     if isinstance(result, (list, tuple)):
-        return [(str(t), v) for t, v in result]
+        return [(str(item[0]), item[1], int(item[2]) if len(item) > 2 else 0) for item in result]
     raise ValueError(f"cannot draw a compression result of type {type(result).__name__}")
 
 
@@ -546,13 +546,14 @@ def method_stages(
     question: str = DEFAULT_QUESTION,
     grid: tuple[int, int] = (12, 12),
     inputs: dict[str, torch.Tensor] | None = None,
-) -> list[tuple[str, Any]]:
+) -> list[tuple[str, Any, int]]:
     """Run ``method`` (a built :class:`~vtcompress.compressor.Compressor`) on one image.
 
-    Returns ``[(stage title, tokens)]``: one entry for a projector / encoder-stage method (title ``""``), one
-    per pruning layer for a decoder-stage method (``"layer K"``). ``loaded`` is ``None`` for no model (pixel
-    features on ``grid``; methods needing a model signal raise ``ValueError``). ``inputs``: the model inputs
-    of ``image`` if already built by :func:`model_inputs`.
+    Returns ``[(stage title, tokens, view)]``: one entry for a projector / encoder-stage method (title ``""``),
+    one per pruning layer for a decoder-stage method (``"layer K"``); models with several views per image
+    (anyres grids, tiles) give one entry per view (``"view v"``, ``"layer K, view v"``). ``loaded`` is
+    ``None`` for no model (pixel features on ``grid``; methods needing a model signal raise ``ValueError``).
+    ``inputs``: the model inputs of ``image`` if already built by :func:`model_inputs`.
     """
     if loaded is None:
         _no_model_check(method)
@@ -561,25 +562,40 @@ def method_stages(
     return _stages_of(_compress_with_model(loaded.model, method, inputs))
 
 
-def model_view(loaded: LoadedModel | None, image: Image.Image, inputs: dict[str, torch.Tensor] | None) -> Image.Image:
-    """The image as the model saw it, to draw the map on.
+def model_view(
+    loaded: LoadedModel | None,
+    image: Image.Image,
+    inputs: dict[str, torch.Tensor] | None,
+    view: int = 0,
+    num_views: int = 1,
+) -> Image.Image:
+    """The image as the model saw it in ``view`` (of ``num_views``), to draw that view's map on.
 
-    A processor may crop (CLIP's centre crop): then the first image's ``pixel_values [.., 3, H, W]`` are
-    un-normalised with the processor's mean and std. Otherwise (testbed: a plain resize; processors that
-    flatten patches) the input image itself, which the grid covers whole.
+    With a processor that hands the model whole crops (``pixel_values [.., crops, 3, H, W]``: CLIP's centre
+    crop, InternVL tiles, the base crop of anyres models), the view's crop un-normalised with the processor's
+    mean and std: view ``v`` is crop ``v`` when there are as many views as crops (tiles), else view 0 is the
+    first crop and later views (anyres high-resolution grids, which span the image) the input image. Without
+    a processor (testbed: a plain resize) or with flattened patches (Qwen2-VL), the input image.
     """
     if loaded is None or loaded.processor is None or inputs is None:
         return image
     pv = inputs.get("pixel_values")
     if not isinstance(pv, torch.Tensor) or pv.dim() not in (4, 5) or pv.shape[-3] != 3:
         return image
-    first = pv.reshape(-1, *pv.shape[-3:])[0].detach().float().cpu()
+    crops = pv.reshape(-1, *pv.shape[-3:])
+    if num_views == crops.shape[0]:
+        crop = crops[view]
+    elif view == 0:
+        crop = crops[0]
+    else:
+        return image
+    crop = crop.detach().float().cpu()
     ip = getattr(loaded.processor, "image_processor", None)
     mean, std = getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
     if mean is None or std is None:
-        return to_pil(first)  # min-max stretched
-    first = first * torch.tensor(std).reshape(3, 1, 1) + torch.tensor(mean).reshape(3, 1, 1)
-    return to_pil(first.clamp(0, 1))
+        return to_pil(crop)  # min-max stretched
+    crop = crop * torch.tensor(std).reshape(3, 1, 1) + torch.tensor(mean).reshape(3, 1, 1)
+    return to_pil(crop.clamp(0, 1))
 
 
 @torch.no_grad()
@@ -596,7 +612,7 @@ def _compress_with_model(model, method, inputs: dict[str, torch.Tensor]) -> Any:
         raise ValueError(f"{type(model).__name__} returned no visual tokens for the image")
     if len(views) == 1:
         return views[0]
-    return [(f"view {i}", v) for i, v in enumerate(views)]
+    return [(f"view {i}", v, i) for i, v in enumerate(views)]
 
 
 def _first_image_layout(model, inputs: dict[str, torch.Tensor]):
@@ -638,7 +654,7 @@ def _decoder_stages(model, method, inputs: dict[str, torch.Tensor]) -> list[tupl
                 # as VisualTokens (a selection of the view's full grid), so the stage carries its grid
                 full = VisualTokens.from_features(torch.zeros(1, grid[0] * grid[1], 1), grid=grid)
                 title = f"layer {stage.layer}" + (f", view {v}" if len(layout.grids) > 1 else "")
-                stages.append((title, full.select(idx[None])))
+                stages.append((title, full.select(idx[None]), v))
     return stages
 
 
@@ -727,11 +743,13 @@ def method_panels(
             reason = str(exc) if len(str(exc)) <= 90 else str(exc)[:87] + "..."
             panels.append((f"{method.name}  budget {method.budget}\nnot drawn: {reason}", None))
             continue
-        for stage, tokens in stages:
+        num_views = max(v for _, _, v in stages) + 1
+        for stage, tokens, v in stages:
             g, _, anchor, _ = patch_states(tokens)
             kept = int(tokens.counts[0]) if isinstance(tokens, VisualTokens) else int(anchor.sum())
             title = panel_title(method.name + (f" ({stage})" if stage else ""), method.budget, kept, g[0] * g[1])
-            panels.append((title, token_map(shown, tokens, cell=cell)))
+            view_image = shown if v == 0 else model_view(loaded, image, inputs, v, num_views)
+            panels.append((title, token_map(view_image, tokens, cell=cell)))
     drawn = [im for _, im in panels if im is not None]
     size = drawn[0].size if drawn else (TARGET_SIDE, TARGET_SIDE)
     exact = size[0] % shown.width == 0 and size[1] % shown.height == 0
