@@ -418,6 +418,16 @@ def test_text_only_batch_passes_through(models):
             assert torch.equal(model(**inputs).logits, ref)
 
 
+def test_signal_the_model_cannot_give(models):
+    @dataclass
+    class NeedsDepth(NormTopK):
+        needs = ("depth",)
+
+    model, make = models["llava"]
+    with pytest.raises(ValueError, match="'depth'.*provides cls_attn, keys, text"):
+        vtcompress.compress_inputs(model, NeedsDepth(budget=0.5), **make(batch=1))
+
+
 def test_signal_layer_out_of_range(models):
     @dataclass
     class Deep(ClsTopK):
