@@ -59,6 +59,9 @@ __all__ = [
     "pixel_tokens",
     "model_view",
     "LoadedModel",
+    "method_panels",
+    "default_methods",
+    "DEFAULT_METHODS",
 ]
 
 #: dropped patches keep this fraction of their brightness (pixel * 0.3: blended 70 % towards black).
