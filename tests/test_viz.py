@@ -472,3 +472,18 @@ def test_model_view_picks_the_crop_of_each_view():
     assert (np.asarray(model_view(loaded, whole, anyres, 0, 2)) == 0).all()
     assert model_view(loaded, whole, anyres, 1, 2) is whole
     assert model_view(LoadedModel(model=None), whole, anyres, 0, 2) is whole  # no processor: plain resize route
+
+
+def test_gallery_uses_compressor_instances_as_given():
+    """The bench passes built (possibly trained) methods: same budget -> the very instance runs."""
+    from vtcompress import get
+    from vtcompress.viz import _build_all, gallery
+
+    inst = get("uniform", budget=5)
+    assert _build_all([inst], 5, None)[0] is inst
+    other = _build_all([inst], 7, None)[0]
+    assert other is not inst and other.budget == 7 and inst.budget == 5
+    out = gallery(None, None, _image(9), [inst], 5)  # no model: pixel features on the default 12 x 12 grid
+    assert out.size[0] == 12 * 32 + 2 * PAD
+    (panel,) = [np.asarray(out)[out.size[1] - PAD - 384 : out.size[1] - PAD, PAD : PAD + 384]]
+    assert _outlined(panel) == 5

@@ -702,9 +702,10 @@ def _build_all(methods: Sequence[Any], budget, params: dict | None) -> list:
             elif not dot and key in fields:
                 mine[key] = value
                 used.add(key)
-        if budget is not None:
+        if budget is not None and not (isinstance(m, Compressor) and m.budget == budget):
             mine.setdefault("budget", budget)
-        built.append(get(m, **mine))
+        # an instance is used as given when nothing changes: rebuilding it would re-initialise trained modules
+        built.append(get(m, **mine) if mine or not isinstance(m, Compressor) else m)
     unused = [k for k in params if k not in used]
     if unused:
         raise ValueError(
