@@ -314,6 +314,13 @@ def test_show_user_image_without_model(tmp_path, capsys):
     arr = np.asarray(Image.open(out).convert("RGB"))
     assert arr.shape[1] == GRID[1] * CELL + 2 * PAD
     assert "wrote" in capsys.readouterr().out
+    # the same through the `vtcompress` entry point
+    from vtcompress.cli import main
+
+    again = tmp_path / "again.png"
+    assert main(["show", str(img), "--model", "none", "--grid", "4x5", "--method", "uniform", "--budget", "5",
+                 "--cell", "16", "--out", str(again)]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
 
 
 @pytest.mark.parametrize(
