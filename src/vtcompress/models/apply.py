@@ -167,7 +167,8 @@ class Adapter:
 
     # --- where things are -----------------------------------------------------------------------
     def matches(self, model: nn.Module) -> bool:
-        return type(model).__name__ in self.model_classes
+        # by class name (no transformers import at module load), subclasses included
+        return any(c.__name__ in self.model_classes for c in type(model).__mro__)
 
     def base(self, model: nn.Module) -> nn.Module:
         """The ``...Model`` holding ``get_image_features`` and the language model."""
