@@ -12,7 +12,7 @@ from PIL import Image
 
 import vtcompress
 from vtcompress.bench import TokenProbe, bench_main, format_table, run_sweep, sort_rows, time_prefill, write_outputs
-from vtcompress.bench.flops import VLMArch, prefill_flops
+from vtcompress.bench.flops import VLMArch, kv_cache_bytes, prefill_flops
 from vtcompress.testbed import encode, evaluate, samples
 from vtcompress.testbed.model import build_model, build_tokenizer
 
@@ -90,6 +90,11 @@ def test_flops_column_is_the_analytic_count(testbed, sweep):
     assert sweep[0]["gflops"] == pytest.approx(full, rel=1e-12)
     assert by(sweep, "random", 0.11)["gflops"] == pytest.approx(rnd, rel=1e-12)
     assert by(sweep, "fastv", 0.5)["gflops"] == pytest.approx(fv, rel=1e-12)
+    # KV cache (2 bytes per value): FastV at layer 2 of 4 keeps the full cache in layers 0-1
+    kv_full = np.mean([kv_cache_bytes(arch, n) for n in t])
+    kv_fv = np.mean([kv_cache_bytes(arch, n, schedule=[(2, 72)]) for n in t])
+    assert sweep[0]["kv_kib"] * 1024 == pytest.approx(kv_full, rel=1e-12) and sweep[0]["kv_ratio"] == 1.0
+    assert by(sweep, "fastv", 0.5)["kv_ratio"] == pytest.approx(kv_fv / kv_full, rel=1e-12)
 
 
 def test_accuracy_is_evaluate_under_apply(testbed, sweep):

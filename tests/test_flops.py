@@ -285,3 +285,21 @@ def test_registered_methods_through_apply_match(llava, name, params):
         assert record.vision_lengths[0] == 16 and record.vision_lengths[-1] < 16
     else:
         assert record.image == [4] and len(set(record.llm_lengths)) == 1
+
+
+@pytest.mark.parametrize(("name", "params"), [("fastv", {"budget": 0.25, "layer": 1}), ("random", {"budget": 0.5})])
+def test_kv_cache_bytes_match_the_real_cache(llava, name, params):
+    """Bytes of the DynamicCache a prefill leaves == kv_cache_bytes of the probed schedule (fp32: 4 bytes)."""
+    import vtcompress
+    from vtcompress.bench.flops import kv_cache_bytes
+    from vtcompress.bench.quality import TokenProbe, kv_of_record
+
+    model, make_inputs = llava
+    inputs = make_inputs(batch=1)
+    with vtcompress.apply(model, vtcompress.get(name, **params)), TokenProbe(model) as probe, torch.no_grad():
+        cache = model(**inputs, use_cache=True).past_key_values
+    real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    arch = VLMArch.from_config(model.config)
+    assert kv_of_record(arch, probe.records[0], bytes_per_value=4) == [real]
+    full = kv_cache_bytes(arch, text_tokens(inputs, 16)[0], bytes_per_value=4)
+    assert real < full

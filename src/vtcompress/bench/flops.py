@@ -58,6 +58,8 @@ __all__ = [
     "vision_layer_flops",
     "decoder_layer_flops",
     "prefill_flops",
+    "layer_lengths",
+    "kv_cache_bytes",
 ]
 
 
@@ -240,6 +242,47 @@ def _check_count(name: str, value: int, lo: int, hi: int) -> int:
     return value
 
 
+def layer_lengths(arch, text_tokens: int, image_tokens: int | None = None, images: int = 1,
+                  schedule: Sequence[tuple[int, int]] = ()) -> list[int]:
+    """Sequence length entering each decoder layer: ``text + images * kept_l`` under a decoder ``schedule``.
+
+    Arguments as in :func:`prefill_flops` (validated the same way).
+    """
+    arch = VLMArch.from_config(arch)
+    t = arch.text
+    _check_count("text_tokens", text_tokens, 0, 10**9)
+    _check_count("images", images, 0, 10**6)
+    image_tokens = arch.image_tokens if image_tokens is None else image_tokens
+    _check_count("image_tokens", image_tokens, 0, arch.image_tokens)
+    kept_at = [image_tokens] * t.layers
+    last_k, last_kept = -1, image_tokens
+    for entry in schedule:
+        if len(entry) != 2:
+            raise ValueError(f"schedule entries are (layer K, image tokens kept); got {entry!r}")
+        k, kept = entry
+        _check_count("schedule layer K", k, 0, t.layers - 1)
+        _check_count(f"schedule tokens kept at layer {k}", kept, 0, last_kept)
+        if k <= last_k:
+            raise ValueError(f"schedule layers must be strictly increasing; got {k} after {last_k}")
+        kept_at[k:] = [kept] * (t.layers - k)
+        last_k, last_kept = k, kept
+    return [text_tokens + images * n for n in kept_at]
+
+
+def kv_cache_bytes(arch, text_tokens: int, image_tokens: int | None = None, images: int = 1,
+                   schedule: Sequence[tuple[int, int]] = (), bytes_per_value: int = 2, batch: int = 1) -> int:
+    """Bytes of the KV cache a prefill leaves: per decoder layer ``2 (k, v) x length_l x kv_heads x head_dim``.
+
+    Decoder-stage pruning shortens the cache of layers ``>= K`` (the lengths of :func:`layer_lengths`);
+    ``bytes_per_value`` is 2 for bf16 / fp16, 4 for fp32.
+    """
+    arch = VLMArch.from_config(arch)
+    _check_count("bytes_per_value", bytes_per_value, 1, 16)
+    _check_count("batch", batch, 1, 10**9)
+    per_token = 2 * arch.text.kv_heads * arch.text.head_dim * bytes_per_value
+    return batch * per_token * sum(layer_lengths(arch, text_tokens, image_tokens, images, schedule))
+
+
 def prefill_flops(
     arch,
     text_tokens: int,
@@ -309,20 +352,7 @@ def prefill_flops(
     projector = sum(2 * projector_tokens * i * o for i, o in arch.projector)
 
     # LLM decoder layers, with the decoder-stage schedule
-    kept_at = [image_tokens] * t.layers
-    last_k, last_kept = -1, image_tokens
-    for entry in schedule:
-        if len(entry) != 2:
-            raise ValueError(f"schedule entries are (layer K, image tokens kept); got {entry!r}")
-        k, kept = entry
-        _check_count("schedule layer K", k, 0, t.layers - 1)
-        _check_count(f"schedule tokens kept at layer {k}", kept, 0, last_kept)
-        if k <= last_k:
-            raise ValueError(f"schedule layers must be strictly increasing; got {k} after {last_k}")
-        for layer in range(k, t.layers):
-            kept_at[layer] = kept
-        last_k, last_kept = k, kept
-    lengths = [text_tokens + images * n for n in kept_at]
+    lengths = layer_lengths(arch, text_tokens, image_tokens, images, schedule)
     llm = sum(decoder_layer_flops(t, n, attention=attention) for n in lengths)
     _check_count("selection_rows", selection_rows, 0, 10**9)
     if selection_rows:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CallRecord", "TokenProbe", "evaluate_method", "schedule_of", "flops_of_record"]
+__all__ = ["CallRecord", "TokenProbe", "evaluate_method", "schedule_of", "flops_of_record", "kv_of_record"]
 
 
 @dataclass
@@ -178,6 +178,19 @@ def flops_of_record(arch, record: CallRecord, logits: str | int = "last", select
     return out
 
 
+def kv_of_record(arch, record: CallRecord, bytes_per_value: int = 2) -> list[int]:
+    """KV-cache bytes each sequence of a record leaves after prefill (unpadded, its own schedule)."""
+    from .flops import kv_cache_bytes
+
+    out = []
+    for b in range(len(record.text)):
+        images = max(record.images[b], 1)
+        per_image = min(record.image[b] // images, arch.image_tokens)
+        out.append(kv_cache_bytes(arch, record.text[b], per_image, images, schedule_of(record, b),
+                                  bytes_per_value=bytes_per_value))
+    return out
+
+
 # ----------------------------------------------------------------------------------------- evaluation
 
 
@@ -189,7 +202,8 @@ def evaluate_method(model, tokenizer, method, samples, batch_size: int = 64, arc
     after the last decoder-stage pruning layer; equal to ``tokens_in`` without one), ``tokens_avg`` (mean image
     tokens per image over the decoder layers: what decoder-stage methods are compared by), ``prune_layers`` (the
     decoder layers where tokens were dropped), ``vision_tokens`` (mean patch tokens per vision layer), and
-    ``flops`` (mean analytic prefill FLOPs per sample, ``None`` if ``arch`` is ``None``).
+    ``flops`` (mean analytic prefill FLOPs per sample) and ``kv_bytes`` (mean KV-cache bytes per sample after
+    prefill, at 2 bytes per value: bf16 / fp16), both ``None`` if ``arch`` is ``None``.
     """
     from ..models.apply import apply
     from ..testbed import evaluate
@@ -220,9 +234,10 @@ def evaluate_method(model, tokenizer, method, samples, batch_size: int = 64, arc
                 per_layer[k:] = [kept] * (n_layers - k)
             avg.append(float(np.mean(per_layer)))
     vis = [r.vision_lengths for r in recs if r.vision_lengths]
-    flops = None
+    flops = kv = None
     if arch is not None:
         flops = float(np.mean([f for r in recs for f in flops_of_record(arch, r)]))
+        kv = float(np.mean([f for r in recs for f in kv_of_record(arch, r)]))
     return {
         **res,
         "tokens_in": float(tokens_in.mean()),
@@ -231,4 +246,5 @@ def evaluate_method(model, tokenizer, method, samples, batch_size: int = 64, arc
         "prune_layers": sorted(layers),
         "vision_tokens": np.mean(np.array(vis, dtype=np.float64), axis=0).tolist() if vis else [],
         "flops": flops,
+        "kv_bytes": kv,
     }

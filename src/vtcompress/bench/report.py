@@ -10,7 +10,8 @@ For each registered method and budget (default 50 %, 33 %, 22 %, 11 %, 5 % of th
   accuracy) and ``agreement`` (% of answers equal to the uncompressed model's);
 * ``gflops``: analytic prefill FLOPs per sample of exactly what ran (:mod:`vtcompress.bench.flops`: the tokens
   the probe saw in the tower and in every decoder layer; each sample at its own unpadded length, ``lm_head``
-  on the last position), and ``flops_ratio`` vs the uncompressed model;
+  on the last position), and ``flops_ratio`` vs the uncompressed model; ``kv_kib`` / ``kv_ratio``: the KV
+  cache a prefill leaves (bf16 / fp16 values), shorter from a decoder-stage pruning layer on;
 * ``latency_ratio``: measured prefill time of one fixed batch vs the uncompressed model timed in the same run
   (1 torch thread, median of repeats; :mod:`vtcompress.bench.latency`).
 
@@ -200,8 +201,10 @@ def run_sweep(
             results[0] = _evaluate_job(jobs[0])[1]
             bar.update()
             bar.set_postfix_str("accuracy")
-            if workers > 1 and len(jobs) > 2:
-                import multiprocessing as mp
+            import multiprocessing as mp
+
+            on_cpu = next(model.parameters()).device.type == "cpu"  # forked CUDA contexts do not work
+            if workers > 1 and len(jobs) > 2 and on_cpu and "fork" in mp.get_all_start_methods():
 
                 # fork: the workers share the loaded model copy-on-write (no reload, no pickling of weights)
                 with mp.get_context("fork").Pool(workers, initializer=_worker_init, initargs=(num_threads,)) as pool:
@@ -265,6 +268,7 @@ def run_sweep(
             **{f"acc_{k}": res["per_skill"].get(k, float("nan")) for k in skills},
             "agreement": 100.0 * agree,
             "gflops": res["flops"] / 1e9 if res["flops"] is not None else None,
+            "kv_kib": res["kv_bytes"] / 1024 if res["kv_bytes"] is not None else None,
             "latency_ms": 1e3 * latency[i] if i in latency else None,
             "eval_s": res["eval_s"],
         })
@@ -283,6 +287,8 @@ def _finish_ratios(rows: list[dict], full_latency_s: float | None) -> None:
             continue
         r["retained"] = 100.0 * r["accuracy"] / acc0 if acc0 > 0 else float("nan")
         r["flops_ratio"] = r["gflops"] / fl0 if r.get("gflops") is not None and fl0 else None
+        kv0 = full.get("kv_kib")
+        r["kv_ratio"] = r["kv_kib"] / kv0 if r.get("kv_kib") is not None and kv0 else None
         lat = r.get("latency_ms")
         r["latency_ratio"] = lat / full["latency_ms"] if lat is not None and full.get("latency_ms") else None
 
@@ -319,7 +325,7 @@ def format_table(rows: list[dict]) -> str:
     ok = [r for r in sort_rows(rows) if r["status"] == "ok"]
     skills = [k[4:] for k in (ok[0] if ok else {}) if k.startswith("acc_")]
     head = ["method", "family", "stage", "budget", "img tok", "avg tok", "acc %", "retained %", "agree %",
-            *[s[:5] for s in skills], "GFLOPs", "FLOPs x", "latency x"]
+            *[s[:5] for s in skills], "GFLOPs", "FLOPs x", "KV x", "latency x"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in ok:
         tok = _fmt(r["tokens_in"])
@@ -328,7 +334,8 @@ def format_table(rows: list[dict]) -> str:
         cells = [r["method"], r["family"] or "-", r["stage"] or "-", _budget_str(r), tok, _fmt(r.get("tokens_avg")),
                  _fmt(100 * r["accuracy"]), _fmt(r.get("retained")), _fmt(r.get("agreement")),
                  *[_fmt(100 * r[f"acc_{s}"], ".0f") for s in skills],
-                 _fmt(r.get("gflops"), ".3f"), _fmt(r.get("flops_ratio"), ".2f"), _fmt(r.get("latency_ratio"), ".2f")]
+                 _fmt(r.get("gflops"), ".3f"), _fmt(r.get("flops_ratio"), ".2f"), _fmt(r.get("kv_ratio"), ".2f"),
+                 _fmt(r.get("latency_ratio"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     skipped = [r for r in sort_rows(rows) if r["status"] != "ok"]
     if skipped:
@@ -340,7 +347,7 @@ def format_table(rows: list[dict]) -> str:
 
 CSV_FIELDS = ["method", "family", "stage", "budget", "budget_tokens", "status", "tokens_in", "tokens_after",
               "tokens_avg", "prune_layers", "vision_tokens", "accuracy", "retained", "agreement", "gflops",
-              "flops_ratio", "latency_ms", "latency_ratio", "eval_s"]
+              "flops_ratio", "kv_kib", "kv_ratio", "latency_ms", "latency_ratio", "eval_s"]
 
 
 def _jsonable(v):
