@@ -8,6 +8,11 @@ tokens per image, and is saved / loaded as a local directory::
     <dir>/config.json        {"method": ..., "fields": {budget, hidden_size, grid, ...}, "format_version": 1}
     <dir>/model.safetensors  the weights (float32)
 
+Training: ``vtcompress testbed train-compressor METHOD --budget B`` (:mod:`vtcompress.testbed.train_compressor`).
+Checkpoints trained on the embedded testbed ship in ``vtcompress/trained/<method>-<budget>/``: list them with
+:func:`trained_checkpoints`, load one with :func:`load_trained` ``(method, budget)`` or
+``Compressor.from_pretrained("qformer-0.25")``; they fit the testbed only (its hidden size 128, 12x12 grid).
+
 Weights are created when both ``hidden_size`` (``D``) and ``grid`` (the input patch grid ``(H, W)``) are
 known: pass them at construction, or leave them ``None`` and the first call builds the weights from the
 input (deterministically, from ``seed``). The output layout ``(h, w)`` is fixed at build time from the
