@@ -189,7 +189,13 @@ def test_cli_writes_everything(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("argv", "match"),
-    [(["--budgets", "1.5"], "budget=1.5"), (["--methods", "nope"], "unknown nope"), (["--budgets", "x"], "'x'")],
+    [
+        (["--budgets", "1.5"], "budget=1.5"),
+        (["--methods", "nope"], "unknown nope"),
+        (["--budgets", "x"], "'x'"),
+        (["--methods", "fastv", "--param", "fastv.lay=1"], "no parameter(s) lay"),
+        (["--methods", "fastv", "--param", "layer=1"], "METHOD.KEY=VALUE"),
+    ],
 )
 def test_cli_bad_input(argv, match, capsys, tmp_path):
     assert bench_main([*argv, "--out", str(tmp_path)]) == 2
@@ -202,3 +208,14 @@ def test_average_tokens_over_layers(sweep):
         k = round(b * 144)
         assert by(sweep, "random", b)["tokens_avg"] == k
         assert by(sweep, "fastv", b)["tokens_avg"] == (2 * 144 + 2 * k) / 4
+
+
+def test_method_params_reach_the_method(testbed):
+    model, tok, test = testbed
+    rows = run_sweep(model, tok, ["fastv"], [0.25], test[:4], batch_size=4, progress=False, time_latency=False,
+                     params={"fastv": {"layer": 1}})
+    assert rows[1]["prune_layers"] == "1" and rows[1]["tokens_after"] == 36
+    with pytest.raises(ValueError, match="no parameter"):
+        run_sweep(model, tok, ["fastv"], [0.25], test[:4], progress=False, params={"fastv": {"layr": 1}})
+    with pytest.raises(ValueError, match="not among the methods"):
+        run_sweep(model, tok, ["fastv"], [0.25], test[:4], progress=False, params={"random": {"seed": 1}})

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -82,14 +83,30 @@ def build_method(name: str, budget: int | float, **params):
     if getattr(cls, "trainable", False):
         from ..trainable import load_trained
 
+        _check_params(name, params)
         try:
             return load_trained(name, budget)
         except ValueError as e:
             return f"trainable, no checkpoint: {e}"
+    _check_params(name, params)
     try:
         return get(name, budget=budget, **params)
     except ValueError as e:
         return f"budget not supported: {e}"
+
+
+def _check_params(name: str, params: dict) -> None:
+    """A misspelt hyper-parameter is the caller's error (raise), not a budget the method cannot meet."""
+    from ..compressor import _REGISTRY
+
+    cls = _REGISTRY[name]
+    if params and getattr(cls, "trainable", False):
+        raise ValueError(f"{name} is trainable: its hyper-parameters come from its checkpoint; got {params}")
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(f"method {name!r} has no parameter(s) {', '.join(unknown)}; its parameters: "
+                         f"{', '.join(sorted(fields))}")
 
 
 def _skill_names(samples) -> list[str]:
@@ -121,7 +138,7 @@ def _evaluate_job(job: tuple[int, str | None, int | float | None]) -> tuple[int,
     w = _WORKER
     method = None
     if name is not None:
-        method = build_method(name, budget)
+        method = build_method(name, budget, **w["params"].get(name, {}))
         if isinstance(method, str):
             return i, method
     t0 = time.perf_counter()
@@ -155,11 +172,13 @@ def run_sweep(
     time_latency: bool = True,
     workers: int = 1,
     ref_every: int = 10,
+    params: dict[str, dict] | None = None,
 ) -> list[dict]:
     """Evaluate the uncompressed model and every ``method x budget`` on ``samples``; one dict per row.
 
     The first row is the uncompressed model (``method="full"``). Rows of methods that cannot run carry
-    ``status="skipped: ..."`` and no measurements.
+    ``status="skipped: ..."`` and no measurements. ``params`` gives hyper-parameters per method name
+    (``{"fastv": {"layer": 1}}``).
 
     Two phases: (1) accuracy and token counts of every run, in ``workers`` forked processes (each with
     ``num_threads`` torch threads: tiny ops are slower with more threads on small CPUs); (2) latency, alone
@@ -194,7 +213,14 @@ def run_sweep(
     results: dict[int, dict | str] = {}
     bar = tqdm(total=len(jobs) * (2 if time_latency else 1), desc="bench", unit="run", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
-    _WORKER.update(model=model, tokenizer=tokenizer, samples=samples, batch_size=batch_size, arch=arch)
+    params = dict(params or {})
+    stray = sorted(set(params) - set(methods))
+    if stray:
+        raise ValueError(f"params given for {', '.join(stray)}, which is not among the methods swept")
+    for name, kw in params.items():  # bad parameter names fail now, with the valid list
+        _check_params(name, kw)
+    _WORKER.update(model=model, tokenizer=tokenizer, samples=samples, batch_size=batch_size, arch=arch,
+                   params=params)
     try:
         with threads(num_threads):
             # the reference first, here: a method that fails on the uncompressed model is a real error
@@ -232,7 +258,7 @@ def run_sweep(
             if name is not None and timed and timed % ref_every == 0:  # re-time the reference now and then
                 full_times += time_prefill(model, lat_inputs, None, repeats=repeats, num_threads=num_threads)["times_s"]
             timed += 1
-            method = build_method(name, budget) if name is not None else None
+            method = build_method(name, budget, **params.get(name, {})) if name is not None else None
             try:
                 t = time_prefill(model, lat_inputs, method, repeats=repeats, num_threads=num_threads)
             except Exception as e:  # ran on the test set, but not on this batch: say so in the row
@@ -433,7 +459,7 @@ def plot(rows: list[dict], path) -> Path:
     return path
 
 
-def write_gallery(model, tokenizer, sample, rows: list[dict], budget, path) -> Path | str:
+def write_gallery(model, tokenizer, sample, rows: list[dict], budget, path, params: dict | None = None) -> Path | str:
     """``gallery.png``: every method that ran at ``budget`` on one testbed image (:func:`vtcompress.viz.gallery`).
 
     Returns the path, or a string saying why no gallery was written.
@@ -445,7 +471,7 @@ def write_gallery(model, tokenizer, sample, rows: list[dict], budget, path) -> P
     names = [r["method"] for r in rows if r["status"] == "ok" and r["budget"] == budget and r["method"] != FULL]
     if not names:
         return f"no method ran at budget {budget}"
-    methods = [build_method(n, budget) for n in names]
+    methods = [build_method(n, budget, **(params or {}).get(n, {})) for n in names]
     methods = [m for m in methods if not isinstance(m, str)]
     try:
         img = gallery(model, tokenizer, sample.image, methods, budget, question=sample.question)
@@ -502,6 +528,26 @@ def _parse_budgets(text: str) -> list[int | float]:
     return out
 
 
+def _parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict]:
+    import ast
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, field = key.partition(".")
+        if not sep or not dot or not name or not field:
+            raise ValueError(f"--param {item!r}: expected METHOD.KEY=VALUE, e.g. fastv.layer=1")
+        if name not in methods:
+            raise ValueError(f"--param {item!r}: method {name!r} is not among the methods swept")
+        try:
+            out.setdefault(name, {})[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out.setdefault(name, {})[field] = value
+    for name, kw in out.items():
+        _check_params(name, kw)
+    return out
+
+
 def _positive(text: str) -> int:
     v = int(text)
     if v < 1:
@@ -514,8 +560,10 @@ def bench_main(argv: list[str] | None = None) -> int:
     from ..compressor import list_methods
     from ..testbed import samples as make_samples
 
-    p = argparse.ArgumentParser(prog="vtcompress bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="vtcompress bench",
+        description="Every applicable method x budgets on the embedded testbed: accuracy, image tokens, FLOPs, "
+                    "KV cache and latency vs the uncompressed model. Writes bench.md/csv/json/png and gallery.png.")
     p.add_argument("--methods", help="comma-separated method names (default: every registered method)")
     p.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS),
                    help="comma-separated budgets: fractions of the image tokens in (0, 1] or ints "
@@ -531,8 +579,10 @@ def bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=_positive, default=1, help="torch threads per process (default %(default)s)")
     p.add_argument("--workers", type=_positive, default=min(2, os.cpu_count() or 1),
                    help="processes evaluating accuracy in parallel; latency is timed alone (default %(default)s)")
-    p.add_argument("--gallery-budget", type=float, default=None,
+    p.add_argument("--gallery-budget", type=lambda x: _parse_budgets(x)[0], default=None,
                    help="budget of gallery.png (default: 0.22 if swept, else the middle budget)")
+    p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method hyper-parameter, e.g. fastv.layer=1 (repeatable)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency timing")
     p.add_argument("--no-plot", action="store_true", help="write no PNGs")
     args = p.parse_args(argv)
@@ -543,6 +593,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         bad = [m for m in methods if m not in valid]
         if bad:
             raise ValueError(f"--methods: unknown {', '.join(bad)}; valid names: {', '.join(sorted(valid))}")
+        params = _parse_params(args.param, methods)
         model, tok, desc = load_model(args.model)
     except ValueError as e:
         print(f"vtcompress bench: {e}", file=sys.stderr)
@@ -551,9 +602,10 @@ def bench_main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run_sweep(model, tok, methods, budgets, test, batch_size=args.batch_size, latency_batch=args.latency_batch,
                      repeats=args.repeats, num_threads=args.threads, time_latency=not args.no_latency,
-                     workers=args.workers)
+                     workers=args.workers, params=params)
     meta = {
-        "model": desc, "samples": args.samples, "seed": args.seed, "budgets": budgets, "methods": methods,
+        "model": desc, "params": params, "samples": args.samples, "seed": args.seed, "budgets": budgets,
+        "methods": methods,
         "batch_size": args.batch_size, "latency_batch": args.latency_batch, "repeats": args.repeats,
         "threads": args.threads, "workers": args.workers, "torch": torch.__version__,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -567,7 +619,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         gb = args.gallery_budget
         if gb is None:
             gb = 0.22 if 0.22 in budgets else budgets[len(budgets) // 2]
-        g = write_gallery(model, tok, test[0], rows, gb, Path(args.out) / "gallery.png")
+        g = write_gallery(model, tok, test[0], rows, gb, Path(args.out) / "gallery.png", params=params)
         paths["gallery"] = g if isinstance(g, Path) else None
         if not isinstance(g, Path):
             print(f"gallery.png not written: {g}", file=sys.stderr)
