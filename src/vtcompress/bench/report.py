@@ -363,6 +363,10 @@ def format_table(rows: list[dict]) -> str:
                  _fmt(r.get("gflops"), ".3f"), _fmt(r.get("flops_ratio"), ".2f"), _fmt(r.get("kv_ratio"), ".2f"),
                  _fmt(r.get("latency_ratio"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "img tok: image tokens per image into the LLM (-> kept after decoder-stage pruning @ layers); "
+              "avg tok: mean over the LLM layers; acc / skill columns: accuracy %; retained: % of full accuracy; "
+              "agree: % answers equal to full; GFLOPs: analytic prefill per sample; FLOPs / KV / latency x: "
+              "ratio to full (KV cache after prefill; latency: 1 thread, median)."]
     skipped = [r for r in sort_rows(rows) if r["status"] != "ok"]
     if skipped:
         lines.append("")
