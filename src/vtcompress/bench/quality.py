@@ -194,7 +194,7 @@ def kv_of_record(arch, record: CallRecord, bytes_per_value: int = 2) -> list[int
 # ----------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_method(model, tokenizer, method, samples, batch_size: int = 64, arch=None) -> dict:
+def evaluate_method(model, tokenizer, method, samples, batch_size: int = 32, arch=None) -> dict:
     """Accuracy and measured token counts of ``method`` (``None``: the uncompressed model) on ``samples``.
 
     Returns a dict: ``accuracy``, ``per_skill``, ``predictions``, ``correct`` (from the testbed's evaluate),

@@ -164,7 +164,7 @@ def run_sweep(
     methods: Sequence[str],
     budgets: Sequence[int | float],
     samples,
-    batch_size: int = 64,
+    batch_size: int = 32,
     latency_batch: int = 8,
     repeats: int = 5,
     num_threads: int = 1,
@@ -575,7 +575,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=_positive, default=DEFAULT_SAMPLES, help="test samples (default %(default)s)")
     p.add_argument("--model", help="a saved testbed-style model directory (default: the packaged testbed)")
     p.add_argument("--out", default="results", help="output directory (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=64, help="evaluation batch size (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=32, help="evaluation batch size (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="test-set seed (default %(default)s)")
     p.add_argument("--latency-batch", type=_positive, default=8,
                    help="samples in the timed batch (default %(default)s)")
