@@ -219,3 +219,19 @@ def test_method_params_reach_the_method(testbed):
         run_sweep(model, tok, ["fastv"], [0.25], test[:4], progress=False, params={"fastv": {"layr": 1}})
     with pytest.raises(ValueError, match="not among the methods"):
         run_sweep(model, tok, ["fastv"], [0.25], test[:4], progress=False, params={"random": {"seed": 1}})
+
+
+def test_gallery_seam(testbed, sweep, tmp_path, monkeypatch):
+    """gallery.png holds every method that ran at the budget; without viz.gallery the bench says so."""
+    import vtcompress.viz as viz
+    from vtcompress.bench import write_gallery
+
+    model, tok, test = testbed
+    path = write_gallery(model, tok, test[0], sweep, 0.5, tmp_path / "gallery.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+    assert write_gallery(model, tok, test[0], sweep, 0.3, tmp_path / "g2.png") == "no method ran at budget 0.3"
+    monkeypatch.delattr(viz, "gallery")
+    assert write_gallery(model, tok, test[0], sweep, 0.5, tmp_path / "g3.png") == \
+        "vtcompress.viz.gallery is not available"
+    assert not (tmp_path / "g3.png").exists()
