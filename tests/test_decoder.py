@@ -580,3 +580,35 @@ def test_decoder_rules_keep_visual_tokens_invariants(name):
         covered = (out.assign[r] >= 0).sum()
         assert float(out.size[r].sum()) == float(covered)
     assert get(name, budget=1.0).compress_stage(t, 0, 1).counts.tolist() == counts.tolist()
+
+
+def test_sparsevlm_signal_is_eager_attention_of_prompt_rows():
+    """SparseVLM's attn signal = layer K-1's eager attention rows of the prompt tokens after the image."""
+    from vtcompress.methods.query import SparseVLM
+
+    model, make = _deep_llava(layers=4, attn="eager")
+    inputs = make(batch=2, images=[1, 1], padding="left", seed=8)
+    with torch.no_grad():
+        att = model(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1
+    seen = {}
+    orig = SparseVLM.compress_stage
+
+    def spy(self, tokens, stage, num_stages=1):
+        seen["tokens"] = tokens
+        return orig(self, tokens, stage, num_stages)
+
+    SparseVLM.compress_stage = spy
+    try:
+        with attach_decoder(model, get("sparsevlm", budget=0.5, layers=(2,), ref_depth=4)), torch.no_grad():
+            model(**inputs)
+    finally:
+        SparseVLM.compress_stage = orig
+    tokens = seen["tokens"]
+    ids, ok = inputs["input_ids"], inputs["attention_mask"].bool()
+    for b in range(2):
+        vis = (ids[b] == IMAGE).nonzero().squeeze(1)
+        prompt = (ok[b] & (ids[b] != IMAGE) & (torch.arange(ids.shape[1]) > vis[0])).nonzero().squeeze(1)
+        q = int(tokens.text_mask[b].sum())
+        assert q == len(prompt)
+        expect = att[b].mean(0)[prompt][:, vis].T  # [N, Q]
+        torch.testing.assert_close(tokens.attn[b, : len(vis), :q], expect, rtol=1e-5, atol=1e-6)
