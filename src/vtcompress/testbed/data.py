@@ -373,7 +373,7 @@ def save_samples_png(samples_: list[Sample], path: str, cols: int = 4, scale: in
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3 * scale, rows * 1.5 * scale), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, s in zip(axes.ravel(), samples_):
+    for ax, s in zip(axes.ravel(), samples_, strict=False):
         ax.imshow(s.image, interpolation="nearest")
         ax.set_title(f"[{s.skill}] {s.question}\n-> {s.answer}", fontsize=6)
     fig.tight_layout()

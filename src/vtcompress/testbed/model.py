@@ -211,7 +211,7 @@ def evaluate(model, tokenizer, samples: list[D.Sample], batch_size: int = 64,
         preds += tokenizer.convert_ids_to_tokens(pred_ids.tolist())
     per_skill: dict[str, float] = {}
     for sk in D.SKILLS:
-        m = [c for c, s in zip(correct, samples) if s.skill == sk]
+        m = [c for c, s in zip(correct, samples, strict=False) if s.skill == sk]
         if m:
             per_skill[sk] = float(np.mean(m))
     return {

@@ -149,11 +149,11 @@ class Batcher:
         input_ids = torch.full((n, L), self.tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((n, L), dtype=torch.long)
         rows, cols, tgt = [], [], []
-        for b, (seq, pos, aid) in enumerate(zip(ids, ans_pos, ans_ids)):
+        for b, (seq, pos, aid) in enumerate(zip(ids, ans_pos, ans_ids, strict=False)):
             off = L - len(seq)  # LEFT padding, as at inference
             input_ids[b, off:] = torch.tensor(seq)
             mask[b, off:] = 1
-            for p, a in zip(pos, aid):
+            for p, a in zip(pos, aid, strict=False):
                 rows.append(b)
                 cols.append(p + off)
                 tgt.append(a)
@@ -362,7 +362,7 @@ def train_main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-qa", type=int, default=4, help="question/answer pairs packed per training image")
     for i, (m, lr) in enumerate(((6.0, 2e-3), (10.0, 1e-3), (3.0, 2e-3), (30.0, 3e-4)), start=1):
         ap.add_argument(f"--minutes-s{i}", type=float, default=m)
-        ap.add_argument(f"--steps-s{i}", type=int, default=0, help="overrides --minutes-s%d when > 0" % i)
+        ap.add_argument(f"--steps-s{i}", type=int, default=0, help=f"overrides --minutes-s{i} when > 0")
         ap.add_argument(f"--lr-s{i}", type=float, default=lr)
     ap.add_argument("--init", default=None, help="start from a saved testbed directory (skips no stage)")
     ap.add_argument("--stages", default="1234")

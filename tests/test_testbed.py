@@ -1,0 +1,110 @@
+"""Tests of the embedded testbed: generator, tokenizer/encode, and the shipped weights."""
+
+import collections
+import json
+
+import numpy as np
+import torch
+
+from vtcompress.testbed import data as D
+from vtcompress.testbed import model as M
+
+# Small torch ops are faster single-threaded on this CPU class (a conftest may also set it).
+torch.set_num_threads(1)
+
+
+def test_generator_deterministic():
+    a = D.samples("test", 10, seed=0)
+    b = D.samples("test", 10, seed=0)
+    for x, y in zip(a, b, strict=False):
+        assert x.image.dtype == np.uint8 and x.image.shape == (D.IMAGE_SIZE, D.IMAGE_SIZE, 3)
+        assert x.image.tobytes() == y.image.tobytes()
+        assert (x.question, x.answer, x.skill) == (y.question, y.answer, y.skill)
+        assert x.objects == y.objects
+    assert D.make_sample(123).image.tobytes() == D.make_sample(123).image.tobytes()
+
+
+def test_splits_differ():
+    tr = D.samples("train", 10)
+    va = D.samples("val", 10)
+    te = D.samples("test", 10)
+    assert len({s.seed for s in tr} | {s.seed for s in va} | {s.seed for s in te}) == 30
+    for x, y, z in zip(tr, va, te, strict=False):
+        assert x.image.tobytes() != y.image.tobytes() != z.image.tobytes()
+    # Seed ranges are disjoint: the train split could never reach the val range.
+    assert D.SPLIT_START["train"] + 1000 * D.SPLIT_SEEDS_PER_RUN <= D.SPLIT_START["val"] < D.SPLIT_START["test"]
+
+
+def test_answers_balanced_and_valid():
+    smp = D.samples("val", 500)
+    by_skill = collections.defaultdict(collections.Counter)
+    for s in smp:
+        by_skill[s.skill][s.answer] += 1
+        assert s.answer in D.ANSWER_WORDS
+        assert 1 <= len(s.objects) <= D.MAX_OBJECTS
+        # The answer agrees with the scene the question was asked about.
+        assert (s.question, s.answer, s.skill) in D.all_questions(s.objects)
+    assert set(by_skill) == set(D.SKILLS)
+    for sk, cnt in by_skill.items():
+        n_answers = len(cnt)
+        assert n_answers >= 2, sk
+        # No answer dominates: the most common is below 2.2x its uniform share.
+        assert max(cnt.values()) / sum(cnt.values()) < 2.2 / n_answers, (sk, cnt)
+
+
+def test_every_answer_word_is_one_token():
+    tok = M.build_tokenizer()
+    for w in D.ANSWER_WORDS + D.vocabulary():
+        ids = tok(w, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and ids[0] != tok.unk_token_id, w
+    pre = tok(D.PREAMBLE, add_special_tokens=False)["input_ids"]
+    assert 10 <= len(pre) <= 20
+
+
+def test_encode_layout():
+    tok = M.build_tokenizer()
+    smp = [s for s in D.samples("val", 10) if s.skill in ("exists", "small")][:4]
+    enc = M.encode(tok, smp)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    img_id = tok.convert_tokens_to_ids(M.IMAGE_TOKEN)
+    assert enc["pixel_values"].shape == (len(smp), 3, D.IMAGE_SIZE, D.IMAGE_SIZE)
+    assert enc["pixel_values"].dtype == torch.float32
+    assert ((ids == img_id).sum(1) == D.N_PATCHES).all()
+    lengths = [len(tok(M.build_prompt(s.question), add_special_tokens=False)["input_ids"]) for s in smp]
+    assert len(set(lengths)) > 1  # the slice mixes question lengths, so padding is exercised
+    for b, n in enumerate(lengths):
+        # LEFT padding: zeros first, then n ones; pad ids exactly where the mask is 0.
+        assert mask[b].tolist() == [0] * (ids.shape[1] - n) + [1] * n
+        assert (ids[b][mask[b] == 0] == tok.pad_token_id).all()
+        assert ids[b, -n] == tok.bos_token_id
+    assert enc["answer_ids"].tolist() == tok.convert_tokens_to_ids([s.answer for s in smp])
+
+
+def test_save_samples_png(tmp_path):
+    p = tmp_path / "grid.png"
+    D.save_samples_png(D.samples("val", 4), str(p))
+    assert p.stat().st_size > 1000
+
+
+def test_shipped_weights_reach_stated_accuracy():
+    from transformers import LlavaForConditionalGeneration
+
+    card = json.loads((M.WEIGHTS_DIR / "card.json").read_text())
+    model, tok = M.load_testbed()
+    assert isinstance(model, LlavaForConditionalGeneration) and not model.training
+    assert model.config.vision_feature_select_strategy == "default"
+    assert (M.WEIGHTS_DIR / "model.safetensors").stat().st_size <= 10 * 2**20
+    smp = D.samples("test", 128)
+    res = M.evaluate(model, tok, smp, batch_size=64)
+    # The card states the accuracy on this exact slice as well as on the large test set.
+    assert abs(res["accuracy"] - card["test_slice_128"]["accuracy"]) < 0.02
+    assert res["accuracy"] >= card["test"]["accuracy"] - 0.08
+    assert set(res["per_skill"]) == set(D.SKILLS)
+
+
+def test_generate_matches_forward():
+    model, tok = M.load_testbed()
+    smp = D.samples("test", 8)
+    gen = M.generate_answer(model, tok, smp)
+    res = M.evaluate(model, tok, smp, restrict_to_answers=False)
+    assert gen == res["predictions"]
