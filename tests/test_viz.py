@@ -494,3 +494,15 @@ def test_gallery_uses_compressor_instances_as_given():
     assert out.size[0] == 12 * 32 + 2 * PAD
     (panel,) = [np.asarray(out)[out.size[1] - PAD - 384 : out.size[1] - PAD, PAD : PAD + 384]]
     assert _outlined(panel) == 5
+
+
+def test_show_needs_nothing_but_an_image(tmp_path, monkeypatch):
+    """`vtcompress show IMAGE`: the shipped testbed, the default methods, budget 0.25, token_map.png here."""
+    from vtcompress.viz import show_main
+
+    img = tmp_path / "in.png"
+    Image.fromarray(_image(10)).save(img)
+    monkeypatch.chdir(tmp_path)
+    assert show_main([str(img), "--threads", "1"]) == 0
+    with Image.open(tmp_path / "token_map.png") as im:
+        assert im.format == "PNG" and im.width == 4 * 384 + 5 * PAD
