@@ -506,3 +506,24 @@ def test_show_needs_nothing_but_an_image(tmp_path, monkeypatch):
     assert show_main([str(img), "--threads", "1"]) == 0
     with Image.open(tmp_path / "token_map.png") as im:
         assert im.format == "PNG" and im.width == 4 * 384 + 5 * PAD
+
+
+def test_method_the_model_cannot_take_is_drawn_on_its_features(tiny_dir, tmp_path):
+    """pixel_unshuffle widens the features past what the LLM takes: compress_inputs refuses, the map still shows
+    its 2 x 2 groups (computed on the model's own features), titled 'features only'."""
+    from vtcompress.viz import LoadedModel, method_stages, show_main
+
+    path, model, tok = tiny_dir
+    out = tmp_path / "pu.png"
+    assert show_main(["--sample", "0", "--method", "pixel_unshuffle", "--model", str(path), "--out", str(out)]) == 0
+    (panel,) = _panels(out, 1)
+    assert _outlined(panel) == 36
+    from vtcompress import get
+
+    ((title, tokens, view),) = method_stages(LoadedModel(model, tokenizer=tok, image_size=96), get("pixel_unshuffle"),
+                                             Image.fromarray(_image(0)))
+    assert title == "features only" and view == 0
+    grid, assign, anchor, group = patch_states(tokens)
+    assert grid == (12, 12) and (group == 4).all() and anchor.sum() == 36
+    a = assign.reshape(6, 2, 6, 2)
+    assert (a == a[:, :1, :, :1]).all()  # every 2 x 2 block of patches is one token

@@ -609,7 +609,17 @@ def _compress_with_model(model, method, inputs: dict[str, torch.Tensor]) -> Any:
         return _decoder_stages(model, method, inputs)
     from .models.apply import compress_inputs
 
-    res = compress_inputs(model, method, **inputs)
+    try:
+        res = compress_inputs(model, method, **inputs)
+    except ValueError:
+        # e.g. pixel_unshuffle widens the features beyond what this model's LLM takes: the model cannot run
+        # it, but which patches go where is still the method's decision on the model's features; draw that
+        if method.stage != "projector" or method.needs:
+            raise
+        tokens = _features_only(model, method, inputs)
+        if tokens is None:
+            raise
+        return [("features only", tokens, 0)]
     views = res.tokens[0] if res.tokens else []
     if not views:
         raise ValueError(f"{type(model).__name__} returned no visual tokens for the image")
@@ -618,15 +628,25 @@ def _compress_with_model(model, method, inputs: dict[str, torch.Tensor]) -> Any:
     return [(f"view {i}", v, i) for i, v in enumerate(views)]
 
 
-def _first_image_layout(model, inputs: dict[str, torch.Tensor]):
-    """The adapter's :class:`~vtcompress.models.apply.ImageLayout` of the first image: for each of its
-    placeholder tokens, the view (base grid, high-resolution grid, tile) and the patch it stands for."""
+def _features_only(model, method, inputs: dict[str, torch.Tensor]) -> VisualTokens | None:
+    """``method`` applied to the first image's features when they form one plain grid (``None`` otherwise)."""
+    feats, layout = _first_image_features(model, inputs)
+    grid = layout.grids[0]
+    if len(layout.grids) != 1 or bool(layout.sep.any()) or feats.shape[0] != grid[0] * grid[1]:
+        return None
+    return method(VisualTokens.from_features(feats[None].float(), grid=grid))
+
+
+def _first_image_features(model, inputs: dict[str, torch.Tensor]):
+    """The first image's features ``[L, D]`` (the model's own ``get_image_features``) and the adapter's
+    :class:`~vtcompress.models.apply.ImageLayout` of them: for each placeholder token, the view (base grid,
+    high-resolution grid, tile) and the patch it stands for."""
     from .models.apply import adapter_for
 
     adapter = adapter_for(model)
     out = adapter.base(model).get_image_features(**adapter.encoder_kwargs(model, inputs))
     feats = adapter.features(model, inputs, out)
-    return adapter.layouts(model, inputs, feats)[0]
+    return feats[0], adapter.layouts(model, inputs, feats)[0]
 
 
 def _decoder_stages(model, method, inputs: dict[str, torch.Tensor]) -> list[tuple[str, VisualTokens]]:
@@ -638,7 +658,7 @@ def _decoder_stages(model, method, inputs: dict[str, torch.Tensor]) -> list[tupl
     """
     from .models.decoder import attach_decoder, visual_token_ids
 
-    layout = _first_image_layout(model, inputs)
+    _, layout = _first_image_features(model, inputs)
     ids = inputs["input_ids"]
     vis = torch.isin(ids[0], torch.tensor(visual_token_ids(model.config), device=ids.device))
     n = layout.view.shape[0]
