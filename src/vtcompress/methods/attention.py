@@ -50,7 +50,7 @@ class FasterVLM(ScoreCompressor):
 
     name: ClassVar[str] = "fastervlm"
     family: ClassVar[str] = "attention"
-    paper: ClassVar[str] = "arXiv:2412.01818"
+    paper: ClassVar[str] = "FasterVLM (arXiv 2412.01818)"
     needs: ClassVar[tuple[str, ...]] = ("cls_attn",)
 
     def score(self, tokens: VisualTokens) -> Tensor:
@@ -80,7 +80,7 @@ class VisionZip(Compressor):
 
     name: ClassVar[str] = "visionzip"
     family: ClassVar[str] = "attention"
-    paper: ClassVar[str] = "arXiv:2412.04467"
+    paper: ClassVar[str] = "VisionZip (arXiv 2412.04467)"
     needs: ClassVar[tuple[str, ...]] = ("cls_attn",)
 
     def __post_init__(self) -> None:
@@ -361,7 +361,7 @@ class FastV(DecoderCompressor):
 
     name: _DClassVar[str] = "fastv"
     family: _DClassVar[str] = "attention"
-    paper: _DClassVar[str] = "arXiv:2403.06764"
+    paper: _DClassVar[str] = "FastV (arXiv 2403.06764)"
     needs: _DClassVar[tuple[str, ...]] = ("attn",)
 
     def __post_init__(self) -> None:
@@ -394,7 +394,7 @@ class PyramidDrop(DecoderCompressor):
 
     name: _DClassVar[str] = "pyramiddrop"
     family: _DClassVar[str] = "attention"
-    paper: _DClassVar[str] = "arXiv:2410.17247"
+    paper: _DClassVar[str] = "PyramidDrop (arXiv 2410.17247)"
     needs: _DClassVar[tuple[str, ...]] = ("attn",)
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ class RandomPrune(ScoreCompressor):
 
     name: ClassVar[str] = "random"
     family: ClassVar[str] = "baseline"
-    paper: ClassVar[str] = "random-pruning baseline"
+    paper: ClassVar[str] = "random pruning (baseline)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,7 +64,7 @@ class UniformPrune(Compressor):
 
     name: ClassVar[str] = "uniform"
     family: ClassVar[str] = "baseline"
-    paper: ClassVar[str] = "uniform-stride baseline"
+    paper: ClassVar[str] = "uniform grid stride (baseline)"
 
     def compress(self, tokens: VisualTokens) -> VisualTokens:
         k = self.keep_counts(tokens)  # [B]

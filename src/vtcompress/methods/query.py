@@ -235,7 +235,7 @@ class SparseVLM(_SDecoderCompressor):
 
     name: _SClassVar[str] = "sparsevlm"
     family: _SClassVar[str] = "query"
-    paper: _SClassVar[str] = "arXiv:2410.04417"
+    paper: _SClassVar[str] = "SparseVLM (arXiv 2410.04417)"
     needs: _SClassVar[tuple[str, ...]] = ("attn", "text")
     query: _SClassVar[str] = "text"
 

@@ -53,7 +53,7 @@ class ToMe(Compressor):
 
     name: ClassVar[str] = "tome"
     family: ClassVar[str] = "similarity"
-    paper: ClassVar[str] = "arXiv:2210.09461"
+    paper: ClassVar[str] = "ToMe (arXiv 2210.09461)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,7 +104,7 @@ class DivPrune(Compressor):
 
     name: ClassVar[str] = "divprune"
     family: ClassVar[str] = "similarity"
-    paper: ClassVar[str] = "arXiv:2503.02175"
+    paper: ClassVar[str] = "DivPrune (arXiv 2503.02175)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,7 +164,7 @@ class ToMeEncoder(Compressor):
     name: ClassVar[str] = "tome_encoder"
     family: ClassVar[str] = "similarity"
     stage: ClassVar[str] = "encoder"
-    paper: ClassVar[str] = "arXiv 2210.09461"
+    paper: ClassVar[str] = "ToMe in the vision encoder (arXiv 2210.09461)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -380,7 +380,7 @@ class DART(_DaDecoderCompressor):
 
     name: _DaClassVar[str] = "dart"
     family: _DaClassVar[str] = "similarity"
-    paper: _DaClassVar[str] = "arXiv:2502.11494"
+    paper: _DaClassVar[str] = "DART (arXiv 2502.11494)"
     needs: _DaClassVar[tuple[str, ...]] = ("keys",)
     query: _DaClassVar[str] = "text"  # the mechanics pass the prompt tokens as ``text`` (text pivots; optional)
 

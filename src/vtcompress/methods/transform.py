@@ -105,7 +105,7 @@ class PixelUnshuffle(_GridTransform):
     factor: int = 2
 
     name: ClassVar[str] = "pixel_unshuffle"
-    paper: ClassVar[str] = "arXiv:2404.16821"
+    paper: ClassVar[str] = "InternVL 1.5 pixel unshuffle (arXiv 2404.16821)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -143,7 +143,7 @@ class AvgPool(_GridTransform):
     """
 
     name: ClassVar[str] = "avg_pool"
-    paper: ClassVar[str] = "2-D average pooling (e.g. LLaVA-OneVision video, MobileVLM LDP)"
+    paper: ClassVar[str] = "2-D average pooling (LLaVA-OneVision video frames, arXiv 2408.03326)"
 
     def compress(self, tokens: VisualTokens) -> VisualTokens:
         return self._cells(tokens)[3]
@@ -158,7 +158,7 @@ class MaxPool(_GridTransform):
     """
 
     name: ClassVar[str] = "max_pool"
-    paper: ClassVar[str] = "2-D max pooling"
+    paper: ClassVar[str] = "2-D max pooling (baseline)"
 
     def compress(self, tokens: VisualTokens) -> VisualTokens:
         _, _, cells, merged = self._cells(tokens)
@@ -183,7 +183,7 @@ class Bilinear(_GridTransform):
     """
 
     name: ClassVar[str] = "bilinear"
-    paper: ClassVar[str] = "arXiv:2408.03326"
+    paper: ClassVar[str] = "LLaVA-OneVision bilinear resize (arXiv 2408.03326)"
 
     def compress(self, tokens: VisualTokens) -> VisualTokens:
         layout, out, _, merged = self._cells(tokens)
