@@ -18,7 +18,7 @@ NOT_IDENTITY = {"prumerge", "prumerge_plus", "pixel_unshuffle"}
 
 
 def projector_methods() -> list[str]:
-    """Every registered projector-stage method (other engineers' ones included)."""
+    """Every registered projector-stage method (trainable ones included)."""
     return vtcompress.list_methods(stage="projector")
 
 

@@ -1,7 +1,7 @@
 """Attention family: methods that rank tokens by attention (vision encoder [CLS] or LLM decoder)."""
 
 # ==================================================================================================
-# Projector stage (issue #2): FasterVLM, VisionZip, PruMerge, PruMerge+ — [CLS]-attention methods on the
+# Projector stage: FasterVLM, VisionZip, PruMerge, PruMerge+ — [CLS]-attention methods on the
 # vision encoder's output. Keys (``tokens.keys``) are the similarity metric when carried, else ``x``.
 # ==================================================================================================
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..compressor import Compressor, ScoreCompressor, register
+from ..compressor import Compressor, ScoreCompressor, check_budget, register
 from ..ops import topk_sorted
 from ..tokens import VisualTokens
 
@@ -257,25 +257,9 @@ class PruMergePlus(PruMerge):
 
 
 # ==================================================================================================
-# (end of the projector-stage section)
-# ==================================================================================================
-
-
-# ==================================================================================================
-# Decoder stage (issue #4): FastV, PyramidDrop, and the shared DecoderCompressor base (also used by
+# Decoder stage: FastV, PyramidDrop, and the shared DecoderCompressor base (also used by
 # SparseVLM in query.py and DART in similarity.py). Mechanics in vtcompress.models.decoder.
 # ==================================================================================================
-from dataclasses import dataclass as _d_dataclass  # noqa: E402
-from typing import ClassVar as _DClassVar  # noqa: E402
-
-import torch as _dtorch  # noqa: E402
-from torch import Tensor as _DTensor  # noqa: E402
-
-from ..compressor import ScoreCompressor as _DScoreCompressor  # noqa: E402
-from ..compressor import check_budget as _d_check_budget  # noqa: E402
-from ..compressor import register as _d_register  # noqa: E402
-from ..ops import topk_sorted as _d_topk_sorted  # noqa: E402
-from ..tokens import VisualTokens as _DVisualTokens  # noqa: E402
 
 
 def scale_layers(layers: tuple[int, ...] | list[int], ref_depth: int, num_layers: int) -> tuple[int, ...]:
@@ -291,20 +275,20 @@ def scale_layers(layers: tuple[int, ...] | list[int], ref_depth: int, num_layers
     return tuple(sorted(out))
 
 
-def decoder_keep_counts(budget: int | float, counts: _DTensor) -> _DTensor:
+def decoder_keep_counts(budget: int | float, counts: Tensor) -> Tensor:
     """``[B]`` visual tokens kept per row inside the LLM: an int budget keeps ``min(budget, count)`` (rows with
     fewer tokens keep them all, never an error: images differ in token counts), a fraction keeps
     ``round(fraction * count)``, at least one when the row has any."""
-    _d_check_budget(budget)
-    counts = counts.to(_dtorch.long)
+    check_budget(budget)
+    counts = counts.to(torch.long)
     if isinstance(budget, int):
         return counts.clamp(max=budget)
-    k = _dtorch.round(counts.to(_dtorch.float64) * budget).to(_dtorch.long)
-    return _dtorch.minimum(k.clamp(min=1), counts)
+    k = torch.round(counts.to(torch.float64) * budget).to(torch.long)
+    return torch.minimum(k.clamp(min=1), counts)
 
 
-@_d_dataclass
-class DecoderCompressor(_DScoreCompressor):
+@dataclass
+class DecoderCompressor(ScoreCompressor):
     """Base of decoder-stage methods: they prune visual tokens between LLM layers.
 
     The mechanics (:func:`vtcompress.models.decoder.attach_decoder`) call :meth:`schedule` once for the
@@ -318,18 +302,18 @@ class DecoderCompressor(_DScoreCompressor):
     Budgets follow :func:`decoder_keep_counts`; multi-stage methods get ``num_stages`` with each stage.
     """
 
-    stage: _DClassVar[str] = "decoder"
-    query: _DClassVar[str] = "last"
+    stage: ClassVar[str] = "decoder"
+    query: ClassVar[str] = "last"
 
     def schedule(self, num_layers: int) -> tuple[int, ...]:  # pragma: no cover - abstract
         """Stage layers for a decoder of ``num_layers`` layers (each in ``[1, num_layers - 1]``)."""
         raise NotImplementedError
 
-    def compress_stage(self, tokens: _DVisualTokens, stage: int, num_stages: int = 1) -> _DVisualTokens:
+    def compress_stage(self, tokens: VisualTokens, stage: int, num_stages: int = 1) -> VisualTokens:
         """Decision of stage ``stage`` (0-based) out of ``num_stages``; single-stage methods compress."""
         return self.compress(tokens)
 
-    def keep_counts(self, tokens: _DVisualTokens) -> _DTensor:
+    def keep_counts(self, tokens: VisualTokens) -> Tensor:
         return decoder_keep_counts(self.budget, tokens.counts)
 
     @staticmethod
@@ -345,8 +329,8 @@ class DecoderCompressor(_DScoreCompressor):
         return (layer,)
 
 
-@_d_register
-@_d_dataclass
+@register
+@dataclass
 class FastV(DecoderCompressor):
     """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", arXiv 2403.06764; pkunlp-icler/FastV).
 
@@ -359,10 +343,10 @@ class FastV(DecoderCompressor):
     budget: int | float = 0.5
     layer: int = 2
 
-    name: _DClassVar[str] = "fastv"
-    family: _DClassVar[str] = "attention"
-    paper: _DClassVar[str] = "FastV (arXiv 2403.06764)"
-    needs: _DClassVar[tuple[str, ...]] = ("attn",)
+    name: ClassVar[str] = "fastv"
+    family: ClassVar[str] = "attention"
+    paper: ClassVar[str] = "FastV (arXiv 2403.06764)"
+    needs: ClassVar[tuple[str, ...]] = ("attn",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -371,12 +355,12 @@ class FastV(DecoderCompressor):
     def schedule(self, num_layers: int) -> tuple[int, ...]:
         return self._check_single(self.layer, num_layers, self.name)
 
-    def score(self, tokens: _DVisualTokens) -> _DTensor:
+    def score(self, tokens: VisualTokens) -> Tensor:
         return tokens.attn.float().mean(-1)
 
 
-@_d_register
-@_d_dataclass
+@register
+@dataclass
 class PyramidDrop(DecoderCompressor):
     """PyramidDrop (Xing et al., arXiv 2410.17247): prune in stages through the LLM, a pyramid of visual tokens.
 
@@ -392,10 +376,10 @@ class PyramidDrop(DecoderCompressor):
     ref_depth: int = 32
     ratio: float = 0.5
 
-    name: _DClassVar[str] = "pyramiddrop"
-    family: _DClassVar[str] = "attention"
-    paper: _DClassVar[str] = "PyramidDrop (arXiv 2410.17247)"
-    needs: _DClassVar[tuple[str, ...]] = ("attn",)
+    name: ClassVar[str] = "pyramiddrop"
+    family: ClassVar[str] = "attention"
+    paper: ClassVar[str] = "PyramidDrop (arXiv 2410.17247)"
+    needs: ClassVar[tuple[str, ...]] = ("attn",)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -412,10 +396,10 @@ class PyramidDrop(DecoderCompressor):
     def schedule(self, num_layers: int) -> tuple[int, ...]:
         return scale_layers(self.layers, self.ref_depth, num_layers)
 
-    def score(self, tokens: _DVisualTokens) -> _DTensor:
+    def score(self, tokens: VisualTokens) -> Tensor:
         return tokens.attn.float().mean(-1)
 
-    def compress_stage(self, tokens: _DVisualTokens, stage: int, num_stages: int = 1) -> _DVisualTokens:
+    def compress_stage(self, tokens: VisualTokens, stage: int, num_stages: int = 1) -> VisualTokens:
         k = decoder_keep_counts(self.budget if stage == 0 else self.ratio, tokens.counts)
-        idx, valid = _d_topk_sorted(self.score(tokens), k, tokens.mask)
+        idx, valid = topk_sorted(self.score(tokens), k, tokens.mask)
         return tokens.select(idx, valid)

@@ -1,24 +1,24 @@
 """Query family: methods guided by the prompt, or by learned queries."""
+from dataclasses import dataclass
+from typing import ClassVar
 
+import torch
+from torch import nn
+
+from ..compressor import register
+from ..ops import topk_sorted
+from ..tokens import VisualTokens
+from ..trainable import Attention, FeedForward, TrainableCompressor
+from .attention import DecoderCompressor, decoder_keep_counts, scale_layers
 
 # ==================================================================================================
-# Trainable resamplers (issue #6): qformer, perceiver. Owned by the trainable-compressor work;
-# machinery (lazy build, checkpoints, cell bookkeeping) in vtcompress.trainable.
+# Trainable resamplers: qformer, perceiver.
+# Machinery (lazy build, checkpoints, cell bookkeeping) in vtcompress.trainable.
 # ==================================================================================================
-from dataclasses import dataclass as _dataclass  # noqa: E402
-
-import torch as _torch  # noqa: E402
-from torch import nn as _nn  # noqa: E402
-
-from ..compressor import register as _register  # noqa: E402
-from ..tokens import VisualTokens as _VisualTokens  # noqa: E402
-from ..trainable import Attention as _Attention  # noqa: E402
-from ..trainable import FeedForward as _FeedForward  # noqa: E402
-from ..trainable import TrainableCompressor as _TrainableCompressor  # noqa: E402
 
 
-@_dataclass(eq=False)
-class _Resampler(_TrainableCompressor):
+@dataclass(eq=False)
+class _Resampler(TrainableCompressor):
     """Shared fields and query set-up of the learned-query resamplers.
 
     ``M = h * w`` output tokens (``(h, w)`` from the budget, :func:`~vtcompress.trainable.grid_for_budget`).
@@ -51,18 +51,18 @@ class _Resampler(_TrainableCompressor):
         if self.hidden_size is not None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
-    def _queries(self, cells: _VisualTokens):
+    def _queries(self, cells: VisualTokens):
         q = self.query[None].expand(cells.x.shape[0], -1, -1)
         return cells.x + q if self.seed_queries else q
 
     def _make_query(self, d: int) -> None:
         m = self.out_grid[0] * self.out_grid[1]
-        init = _torch.zeros(m, d) if self.seed_queries else _torch.randn(m, d) * 0.02
-        self.query = _nn.Parameter(init)
+        init = torch.zeros(m, d) if self.seed_queries else torch.randn(m, d) * 0.02
+        self.query = nn.Parameter(init)
 
 
-@_register
-@_dataclass(eq=False)
+@register
+@dataclass(eq=False)
 class QFormer(_Resampler):
     """Q-Former-style resampler, trainable (BLIP-2, arXiv 2301.12597).
 
@@ -77,16 +77,16 @@ class QFormer(_Resampler):
 
     def build(self, d: int) -> None:
         self._make_query(d)
-        self.norm_kv = _nn.LayerNorm(d)
-        self.blocks = _nn.ModuleList()
+        self.norm_kv = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList()
         for _ in range(self.num_layers):
-            blk = _nn.Module()
-            blk.norm_sa, blk.self_attn = _nn.LayerNorm(d), _Attention(d, self.num_heads)
-            blk.norm_ca, blk.cross_attn = _nn.LayerNorm(d), _Attention(d, self.num_heads)
-            blk.norm_ff, blk.ff = _nn.LayerNorm(d), _FeedForward(d, mult=self.mlp_ratio)
+            blk = nn.Module()
+            blk.norm_sa, blk.self_attn = nn.LayerNorm(d), Attention(d, self.num_heads)
+            blk.norm_ca, blk.cross_attn = nn.LayerNorm(d), Attention(d, self.num_heads)
+            blk.norm_ff, blk.ff = nn.LayerNorm(d), FeedForward(d, mult=self.mlp_ratio)
             self.blocks.append(blk)
 
-    def transform(self, tokens: _VisualTokens, cells: _VisualTokens):
+    def transform(self, tokens: VisualTokens, cells: VisualTokens):
         q = self._queries(cells)
         kv = self.norm_kv(tokens.x)
         for blk in self.blocks:
@@ -97,8 +97,8 @@ class QFormer(_Resampler):
         return q
 
 
-@_register
-@_dataclass(eq=False)
+@register
+@dataclass(eq=False)
 class PerceiverResampler(_Resampler):
     """Perceiver resampler, trainable (Flamingo, arXiv 2204.14198).
 
@@ -113,53 +113,47 @@ class PerceiverResampler(_Resampler):
 
     def build(self, d: int) -> None:
         self._make_query(d)
-        self.blocks = _nn.ModuleList()
+        self.blocks = nn.ModuleList()
         for _ in range(self.num_layers):
-            blk = _nn.Module()
-            blk.norm_x, blk.norm_q, blk.attn = _nn.LayerNorm(d), _nn.LayerNorm(d), _Attention(d, self.num_heads)
-            blk.norm_ff, blk.ff = _nn.LayerNorm(d), _FeedForward(d, mult=self.mlp_ratio)
+            blk = nn.Module()
+            blk.norm_x, blk.norm_q, blk.attn = nn.LayerNorm(d), nn.LayerNorm(d), Attention(d, self.num_heads)
+            blk.norm_ff, blk.ff = nn.LayerNorm(d), FeedForward(d, mult=self.mlp_ratio)
             self.blocks.append(blk)
 
-    def transform(self, tokens: _VisualTokens, cells: _VisualTokens):
+    def transform(self, tokens: VisualTokens, cells: VisualTokens):
         q = self._queries(cells)
         b, m, _ = q.shape
-        key_mask = _torch.cat([tokens.mask, _torch.ones(b, m, dtype=_torch.bool, device=q.device)], dim=1)
+        key_mask = torch.cat([tokens.mask, torch.ones(b, m, dtype=torch.bool, device=q.device)], dim=1)
         for blk in self.blocks:
             h = blk.norm_q(q)
-            q = q + blk.attn(h, _torch.cat([blk.norm_x(tokens.x), h], dim=1), key_mask)
+            q = q + blk.attn(h, torch.cat([blk.norm_x(tokens.x), h], dim=1), key_mask)
             q = q + blk.ff(blk.norm_ff(q))
         return q
 
 
 # ==================================================================================================
-# Decoder stage (issue #4): SparseVLM — text raters, layer schedule, token recycling. Mechanics in
+# Decoder stage: SparseVLM — text raters, layer schedule, token recycling. Mechanics in
 # vtcompress.models.decoder; shared base in methods/attention.py.
 # ==================================================================================================
-from typing import ClassVar as _SClassVar  # noqa: E402
-
-from ..ops import topk_sorted as _s_topk_sorted  # noqa: E402
-from .attention import DecoderCompressor as _SDecoderCompressor  # noqa: E402
-from .attention import decoder_keep_counts as _s_decoder_keep_counts  # noqa: E402
-from .attention import scale_layers as _s_scale_layers  # noqa: E402
 
 
-def text_raters(x: _torch.Tensor, mask: _torch.Tensor, text: _torch.Tensor, text_mask: _torch.Tensor) -> _torch.Tensor:
+def text_raters(x: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
     """SparseVLM's raters: ``[B, T]`` bool prompt tokens whose relevance to the visual tokens is above the mean.
 
     Relevance of prompt token ``t`` = mean over the valid visual tokens ``n`` of ``softmax_t(x_n . text_t)``
     (``x [B, N, D]``, ``mask [B, N]``, ``text [B, T, D]``, ``text_mask [B, T]``), as the reference computes it
     from the hidden states; a row where no token is above the mean (all equal) rates with all its tokens.
     """
-    logits = _torch.einsum("bnd,btd->bnt", x.float(), text.float())
+    logits = torch.einsum("bnd,btd->bnt", x.float(), text.float())
     logits = logits.masked_fill(~text_mask[:, None], float("-inf"))
     rel = logits.softmax(-1).nan_to_num(0.0) * mask[..., None]
     rel = rel.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
     mean = (rel * text_mask).sum(1, keepdim=True) / text_mask.sum(1, keepdim=True).clamp(min=1)
     raters = (rel > mean) & text_mask
-    return _torch.where(raters.any(1, keepdim=True), raters, text_mask)
+    return torch.where(raters.any(1, keepdim=True), raters, text_mask)
 
 
-def dpc_knn(x: _torch.Tensor, valid: _torch.Tensor, clusters: _torch.Tensor) -> tuple[_torch.Tensor, _torch.Tensor]:
+def dpc_knn(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Density-peaks clustering with k-NN density (DPC-kNN), as SparseVLM's recycling step.
 
     Args:
@@ -176,39 +170,39 @@ def dpc_knn(x: _torch.Tensor, valid: _torch.Tensor, clusters: _torch.Tensor) -> 
     b, m, d = x.shape
     dev = x.device
     if m == 0:
-        return valid.clone(), _torch.zeros(b, 0, dtype=_torch.long, device=dev)
+        return valid.clone(), torch.zeros(b, 0, dtype=torch.long, device=dev)
     xf = x.float()
-    dist = _torch.cdist(xf, xf) / d**0.5
+    dist = torch.cdist(xf, xf) / d**0.5
     big = dist.amax().clamp(min=1.0) * 4 + 1
     both = valid[:, :, None] & valid[:, None, :]
-    dist = _torch.where(both, dist, big)
+    dist = torch.where(both, dist, big)
     kk = int(clusters.clamp(min=1).max())
     kk = min(kk, m)
     near = dist.topk(kk, dim=-1, largest=False).values  # [B, M, kk]
     per_row_k = clusters.clamp(min=1, max=m)[:, None, None]
-    use = _torch.arange(kk, device=dev)[None, None] < per_row_k
+    use = torch.arange(kk, device=dev)[None, None] < per_row_k
     density = (-(near.square() * use).sum(-1) / use.sum(-1)).exp()
-    idx = _torch.arange(m, device=dev)
+    idx = torch.arange(m, device=dev)
     # strict order on (density, -index): "denser" is well defined even for equal densities
     denser = (density[:, None, :] > density[:, :, None]) | (
         (density[:, None, :] == density[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))
     denser &= both
-    delta = _torch.where(denser, dist, big).amin(-1)
-    row_max = _torch.where(both, dist, _torch.zeros((), device=dev)).flatten(1).amax(-1)
-    delta = _torch.where(denser.any(-1), delta, row_max[:, None])
+    delta = torch.where(denser, dist, big).amin(-1)
+    row_max = torch.where(both, dist, torch.zeros((), device=dev)).flatten(1).amax(-1)
+    delta = torch.where(denser.any(-1), delta, row_max[:, None])
     score = (delta * density).masked_fill(~valid, float("-inf"))
-    cidx, cvalid = _s_topk_sorted(score, clusters, valid)
-    center = _torch.zeros(b, m + 1, dtype=_torch.bool, device=dev)
-    center.scatter_(1, _torch.where(cvalid, cidx, _torch.full_like(cidx, m)), True)
+    cidx, cvalid = topk_sorted(score, clusters, valid)
+    center = torch.zeros(b, m + 1, dtype=torch.bool, device=dev)
+    center.scatter_(1, torch.where(cvalid, cidx, torch.full_like(cidx, m)), True)
     center = center[:, :m]
-    to_center = _torch.where(center[:, None, :], dist, big + 1)
+    to_center = torch.where(center[:, None, :], dist, big + 1)
     owner = to_center.argmin(-1)
-    return center, _torch.where(center, idx[None].expand(b, -1), owner)
+    return center, torch.where(center, idx[None].expand(b, -1), owner)
 
 
-@_register
-@_dataclass
-class SparseVLM(_SDecoderCompressor):
+@register
+@dataclass
+class SparseVLM(DecoderCompressor):
     """SparseVLM (Zhang et al., arXiv 2410.04417; Gumpest/SparseVLMs): text-guided pruning inside the LLM.
 
     * Raters (:func:`text_raters`): the prompt tokens after the image whose relevance to the visual tokens is
@@ -233,11 +227,11 @@ class SparseVLM(_SDecoderCompressor):
     recycle: float = 0.3
     cluster_ratio: float = 0.1
 
-    name: _SClassVar[str] = "sparsevlm"
-    family: _SClassVar[str] = "query"
-    paper: _SClassVar[str] = "SparseVLM (arXiv 2410.04417)"
-    needs: _SClassVar[tuple[str, ...]] = ("attn", "text")
-    query: _SClassVar[str] = "text"
+    name: ClassVar[str] = "sparsevlm"
+    family: ClassVar[str] = "query"
+    paper: ClassVar[str] = "SparseVLM (arXiv 2410.04417)"
+    needs: ClassVar[tuple[str, ...]] = ("attn", "text")
+    query: ClassVar[str] = "text"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -253,70 +247,70 @@ class SparseVLM(_SDecoderCompressor):
                 raise ValueError(f"{name} must be a fraction in [0, 1]; got {v!r}")
 
     def schedule(self, num_layers: int) -> tuple[int, ...]:
-        return _s_scale_layers(self.layers, self.ref_depth, num_layers)
+        return scale_layers(self.layers, self.ref_depth, num_layers)
 
-    def score(self, tokens: _VisualTokens) -> _torch.Tensor:
+    def score(self, tokens: VisualTokens) -> torch.Tensor:
         """``[B, N]`` mean attention from the raters (``attn [B, N, Q]`` over the prompt tokens ``text [B, Q, D]``)."""
-        tmask = tokens.text_mask if tokens.text_mask is not None else _torch.ones(
-            tokens.attn.shape[0], tokens.attn.shape[2], dtype=_torch.bool, device=tokens.x.device)
+        tmask = tokens.text_mask if tokens.text_mask is not None else torch.ones(
+            tokens.attn.shape[0], tokens.attn.shape[2], dtype=torch.bool, device=tokens.x.device)
         raters = text_raters(tokens.x, tokens.mask, tokens.text, tmask)
-        w = raters.to(_torch.float32)
+        w = raters.to(torch.float32)
         return (tokens.attn.float() * w[:, None]).sum(-1) / w.sum(-1, keepdim=True).clamp(min=1)
 
-    def stage_counts(self, counts: _torch.Tensor, stage: int, num_stages: int) -> _torch.Tensor:
+    def stage_counts(self, counts: torch.Tensor, stage: int, num_stages: int) -> torch.Tensor:
         """``[B]`` tokens kept by stage ``stage`` of ``num_stages`` from rows of ``counts`` tokens."""
-        n = counts.to(_torch.float64)
+        n = counts.to(torch.float64)
         if isinstance(self.budget, int):
             target = n.clamp(max=self.budget)
             frac = (target / n.clamp(min=1)) ** (1.0 / max(num_stages - stage, 1))
         else:
-            frac = _torch.full_like(n, self.budget ** (1.0 / max(num_stages, 1)))
-        k = _torch.round(n * frac).to(_torch.long)
-        return _torch.minimum(k.clamp(min=1), counts.to(_torch.long))
+            frac = torch.full_like(n, self.budget ** (1.0 / max(num_stages, 1)))
+        k = torch.round(n * frac).to(torch.long)
+        return torch.minimum(k.clamp(min=1), counts.to(torch.long))
 
-    def compress(self, tokens: _VisualTokens) -> _VisualTokens:
+    def compress(self, tokens: VisualTokens) -> VisualTokens:
         return self.compress_stage(tokens, 0, 1)
 
-    def compress_stage(self, tokens: _VisualTokens, stage: int, num_stages: int = 1) -> _VisualTokens:
+    def compress_stage(self, tokens: VisualTokens, stage: int, num_stages: int = 1) -> VisualTokens:
         counts = tokens.counts
         k = self.stage_counts(counts, stage, num_stages) if num_stages > 1 or isinstance(self.budget, int) \
-            else _s_decoder_keep_counts(self.budget, counts)
+            else decoder_keep_counts(self.budget, counts)
         score = self.score(tokens)
         pruned = counts - k
-        m = _torch.ceil(pruned.to(_torch.float64) * self.recycle).to(_torch.long)
-        c = _torch.where(m > 0, (m.to(_torch.float64) * self.cluster_ratio).to(_torch.long) + 1, _torch.zeros_like(m))
-        c = _torch.minimum(c, _torch.minimum(m, (k - 1).clamp(min=0)))
+        m = torch.ceil(pruned.to(torch.float64) * self.recycle).to(torch.long)
+        c = torch.where(m > 0, (m.to(torch.float64) * self.cluster_ratio).to(torch.long) + 1, torch.zeros_like(m))
+        c = torch.minimum(c, torch.minimum(m, (k - 1).clamp(min=0)))
         k_sel = k - c
-        m = _torch.where(c > 0, m, _torch.zeros_like(m))  # no cluster (k == 1): nothing is recycled
-        sel_idx, sel_ok = _s_topk_sorted(score, k_sel, tokens.mask)
+        m = torch.where(c > 0, m, torch.zeros_like(m))  # no cluster (k == 1): nothing is recycled
+        sel_idx, sel_ok = topk_sorted(score, k_sel, tokens.mask)
         b, n = tokens.mask.shape
         dev = tokens.x.device
-        selected = _torch.zeros(b, n + 1, dtype=_torch.bool, device=dev)
-        selected.scatter_(1, _torch.where(sel_ok, sel_idx, _torch.full_like(sel_idx, n)), True)
+        selected = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
+        selected.scatter_(1, torch.where(sel_ok, sel_idx, torch.full_like(sel_idx, n)), True)
         selected = selected[:, :n]
         if int(c.max()) == 0:
             return tokens.select(sel_idx, sel_ok)
         # recycling candidates: the best-scored pruned tokens
         rest = tokens.mask & ~selected
-        cand_idx, cand_ok = _s_topk_sorted(score, _torch.minimum(m, rest.sum(1)), rest)
+        cand_idx, cand_ok = topk_sorted(score, torch.minimum(m, rest.sum(1)), rest)
         xc = tokens.x.gather(1, cand_idx[..., None].expand(-1, -1, tokens.x.shape[2]))
-        center, owner = dpc_knn(xc, cand_ok, _torch.where(cand_ok.any(1), c, _torch.zeros_like(c)))
+        center, owner = dpc_knn(xc, cand_ok, torch.where(cand_ok.any(1), c, torch.zeros_like(c)))
         is_anchor = selected.clone()
-        cand_center_tok = _torch.where(center & cand_ok, cand_idx, _torch.full_like(cand_idx, n))
-        anchor_flag = _torch.zeros(b, n + 1, dtype=_torch.bool, device=dev).scatter_(1, cand_center_tok, True)
+        cand_center_tok = torch.where(center & cand_ok, cand_idx, torch.full_like(cand_idx, n))
+        anchor_flag = torch.zeros(b, n + 1, dtype=torch.bool, device=dev).scatter_(1, cand_center_tok, True)
         is_anchor |= anchor_flag[:, :n]
         slot_of = is_anchor.long().cumsum(1) - 1
-        dest = _torch.where(selected, slot_of, _torch.full_like(slot_of, -1))
+        dest = torch.where(selected, slot_of, torch.full_like(slot_of, -1))
         owner_tok = cand_idx.gather(1, owner)  # the token index of each candidate's centre
         cand_dest = slot_of.gather(1, owner_tok)
-        cand_dest = _torch.where(cand_ok, cand_dest, _torch.full_like(cand_dest, -1))
-        dest_ext = _torch.cat([dest, _torch.full((b, 1), -1, dtype=_torch.long, device=dev)], dim=1)
-        dest_ext.scatter_(1, _torch.where(cand_ok, cand_idx, _torch.full_like(cand_idx, n)), cand_dest)
+        cand_dest = torch.where(cand_ok, cand_dest, torch.full_like(cand_dest, -1))
+        dest_ext = torch.cat([dest, torch.full((b, 1), -1, dtype=torch.long, device=dev)], dim=1)
+        dest_ext.scatter_(1, torch.where(cand_ok, cand_idx, torch.full_like(cand_idx, n)), cand_dest)
         dest = dest_ext[:, :n]
         n_slots = is_anchor.sum(1)
         mm = int(n_slots.max())
-        ar = _torch.arange(n, device=dev)
-        anchor = _torch.where(is_anchor, ar, ar + n).argsort(dim=1)[:, :mm]
-        anchor = _torch.where(_torch.arange(mm, device=dev)[None] < n_slots[:, None], anchor,
-                              _torch.full_like(anchor, -1))
+        ar = torch.arange(n, device=dev)
+        anchor = torch.where(is_anchor, ar, ar + n).argsort(dim=1)[:, :mm]
+        anchor = torch.where(torch.arange(mm, device=dev)[None] < n_slots[:, None], anchor,
+                              torch.full_like(anchor, -1))
         return tokens.merge(dest, anchor)

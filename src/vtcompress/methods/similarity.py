@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from ..compressor import Compressor, keep_counts, register
-from ..ops import bipartite_soft_matching, maxmin_diversity
+from ..ops import bipartite_soft_matching, maxmin_diversity, topk_sorted
 from ..tokens import VisualTokens
+from .attention import DecoderCompressor
 
 
 def _metric(tokens: VisualTokens) -> Tensor:
@@ -122,8 +123,8 @@ class DivPrune(Compressor):
 
 
 # =====================================================================================================
-# Encoder-stage ToMe (``tome_encoder``): merging inside the vision tower. Owned by the encoder-stage work
-# (issue #3); the mechanics (hooks, proportional attention) live in ``vtcompress/models/encoder.py``.
+# Encoder-stage ToMe (``tome_encoder``): merging inside the vision tower;
+# the mechanics (hooks, proportional attention) live in ``vtcompress/models/encoder.py``.
 # =====================================================================================================
 @register
 @dataclass
@@ -255,23 +256,14 @@ class ToMeEncoder(Compressor):
 
 
 # ==================================================================================================
-# FOLDER (issue #6): all merging concentrated in the last block(s) before the feature layer, folded
+# FOLDER: all merging concentrated in the last block(s) before the feature layer, folded
 # into as many bipartite rounds as needed. Encoder-stage mechanics: vtcompress.models.encoder.
 # ==================================================================================================
-from dataclasses import dataclass as _f_dataclass  # noqa: E402
-
-import torch as _ftorch  # noqa: E402
-
-from ..compressor import Compressor as _FCompressor  # noqa: E402
-from ..compressor import keep_counts as _f_keep_counts  # noqa: E402
-from ..compressor import register as _f_register  # noqa: E402
-from ..ops import bipartite_soft_matching as _f_bipartite_soft_matching  # noqa: E402
-from ..tokens import VisualTokens as _FVisualTokens  # noqa: E402
 
 
-@_f_register
-@_f_dataclass
-class Folder(_FCompressor):
+@register
+@dataclass
+class Folder(Compressor):
     """FOLDER: token merging folded into the last vision block(s) (Wang et al., ICCV 2025, arXiv 2501.02430).
 
     FOLDER's analysis finds that reduction early in the vision encoder loses the most information and that
@@ -316,7 +308,7 @@ class Folder(_FCompressor):
     def schedule(self, num_patches: int, num_layers: int) -> list[int]:
         """Tokens merged after each of the ``num_layers`` layers before the feature layer: ``N0 - k`` split
         evenly over the last ``min(layers, num_layers)`` of them (earlier ones get the remainder), 0 before."""
-        k = int(_f_keep_counts(self.budget, _ftorch.tensor([num_patches]), num_patches)[0])
+        k = int(keep_counts(self.budget, torch.tensor([num_patches]), num_patches)[0])
         total = num_patches - k
         out = [0] * num_layers
         if total == 0:
@@ -329,35 +321,31 @@ class Folder(_FCompressor):
             out[num_layers - n + j] = base + (1 if j < extra else 0)
         return out
 
-    def merge_step(self, tokens: _FVisualTokens, r) -> _FVisualTokens:
+    def merge_step(self, tokens: VisualTokens, r) -> VisualTokens:
         """Merge ``r`` (an int, or ``[B]``) tokens per row by folded bipartite rounds (each removes at most half)."""
-        left = _ftorch.as_tensor(r, device=tokens.x.device, dtype=_ftorch.long).expand(tokens.batch_size).clone()
-        left = _ftorch.minimum(left, (tokens.counts - 1).clamp(min=0))
+        left = torch.as_tensor(r, device=tokens.x.device, dtype=torch.long).expand(tokens.batch_size).clone()
+        left = torch.minimum(left, (tokens.counts - 1).clamp(min=0))
         while bool((left > 0).any()):  # a few rounds (log2 of the reduction), each a vectorised merge
-            step = _ftorch.minimum(left, tokens.counts // 2)
+            step = torch.minimum(left, tokens.counts // 2)
             metric = tokens.keys if (self.metric == "keys" and tokens.keys is not None) else tokens.x
-            dest, anchor = _f_bipartite_soft_matching(metric, step, tokens.mask)
+            dest, anchor = bipartite_soft_matching(metric, step, tokens.mask)
             tokens = tokens.merge(dest, anchor)
             left = left - step
         return tokens
 
-    def compress(self, tokens: _FVisualTokens) -> _FVisualTokens:
+    def compress(self, tokens: VisualTokens) -> VisualTokens:
         return self.merge_step(tokens, tokens.counts - self.keep_counts(tokens))
 
 
 # ==================================================================================================
-# Decoder stage (issue #4): DART — duplication-aware pruning inside the LLM. Mechanics in
+# Decoder stage: DART — duplication-aware pruning inside the LLM. Mechanics in
 # vtcompress.models.decoder; shared base in methods/attention.py.
 # ==================================================================================================
-from typing import ClassVar as _DaClassVar  # noqa: E402
-
-from ..ops import topk_sorted as _da_topk_sorted  # noqa: E402
-from .attention import DecoderCompressor as _DaDecoderCompressor  # noqa: E402
 
 
 @register
 @dataclass
-class DART(_DaDecoderCompressor):
+class DART(DecoderCompressor):
     """DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters
     More", arXiv 2502.11494; ZichenWen1/DART): keep the visual tokens that duplicate the pivots least.
 
@@ -378,11 +366,11 @@ class DART(_DaDecoderCompressor):
     pivot_image: int = 4
     pivot_text: int = 4
 
-    name: _DaClassVar[str] = "dart"
-    family: _DaClassVar[str] = "similarity"
-    paper: _DaClassVar[str] = "DART (arXiv 2502.11494)"
-    needs: _DaClassVar[tuple[str, ...]] = ("keys",)
-    query: _DaClassVar[str] = "text"  # the mechanics pass the prompt tokens as ``text`` (text pivots; optional)
+    name: ClassVar[str] = "dart"
+    family: ClassVar[str] = "similarity"
+    paper: ClassVar[str] = "DART (arXiv 2502.11494)"
+    needs: ClassVar[tuple[str, ...]] = ("keys",)
+    query: ClassVar[str] = "text"  # the mechanics pass the prompt tokens as ``text`` (text pivots; optional)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -436,8 +424,8 @@ class DART(_DaDecoderCompressor):
         for i in range(piv.shape[1]):  # a handful of pivots, each a vectorised pick over the batch
             sim = (x * piv[:, i : i + 1]).sum(-1)
             free = tokens.mask & ~kept
-            idx, ok = _da_topk_sorted(-sim, torch.minimum(quota[:, i], free.sum(1)), free)
+            idx, ok = topk_sorted(-sim, torch.minimum(quota[:, i], free.sum(1)), free)
             ext = torch.cat([kept, torch.zeros(b, 1, dtype=torch.bool, device=dev)], dim=1)
             kept = ext.scatter_(1, torch.where(ok, idx, torch.full_like(idx, n)), True)[:, :n]
-        idx, ok = _da_topk_sorted(kept.float(), kept.sum(1), kept)
+        idx, ok = topk_sorted(kept.float(), kept.sum(1), kept)
         return tokens.select(idx, ok)

@@ -1,7 +1,7 @@
 """Transformation family: methods that reshape the token grid after the vision encoder."""
 
 # ==================================================================================================
-# Training-free grid transforms (issue #2): pixel_unshuffle, avg_pool, max_pool, bilinear.
+# Training-free grid transforms: pixel_unshuffle, avg_pool, max_pool, bilinear.
 #
 # Budget -> output grid: one rule for the whole family, :func:`vtcompress.trainable.grid_for_budget`: the
 # grid ``(h, w)`` (``h <= H``, ``w <= W``) whose ``h * w`` is closest to the budget's ``k`` tokens, ties
@@ -19,11 +19,19 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..compressor import Compressor, register
 from ..tokens import VisualTokens
-from ..trainable import cell_merge, cell_partition, grid_for_budget, require_full_grid
+from ..trainable import (
+    FeedForward,
+    TrainableCompressor,
+    cell_merge,
+    cell_partition,
+    grid_for_budget,
+    require_full_grid,
+    zero_,
+)
 
 
 def pixel_unshuffle_tokens(x: Tensor, layout: tuple[int, int], factor: int) -> Tensor:
@@ -192,26 +200,9 @@ class Bilinear(_GridTransform):
 
 
 # ==================================================================================================
-# (end of the training-free transforms section)
+# Trainable projector replacements: unshuffle_mlp, ldpv2.
+# Machinery (lazy build, checkpoints, cell bookkeeping) in vtcompress.trainable.
 # ==================================================================================================
-
-
-# ==================================================================================================
-# Trainable projector replacements (issue #6): unshuffle_mlp, ldpv2. Owned by the trainable-compressor
-# work; machinery (lazy build, checkpoints, cell bookkeeping) in vtcompress.trainable.
-# ==================================================================================================
-import math as _math  # noqa: E402
-from dataclasses import dataclass as _dataclass  # noqa: E402
-
-import torch as _torch  # noqa: E402
-import torch.nn.functional as _F  # noqa: E402
-from torch import nn as _nn  # noqa: E402
-
-from ..compressor import register as _register  # noqa: E402
-from ..tokens import VisualTokens as _VisualTokens  # noqa: E402
-from ..trainable import FeedForward as _FeedForward  # noqa: E402
-from ..trainable import TrainableCompressor as _TrainableCompressor  # noqa: E402
-from ..trainable import zero_ as _zero  # noqa: E402
 
 
 def _unshuffle_grid(x, layout: tuple[int, int], factor: int):
@@ -229,13 +220,13 @@ def _unshuffle_grid(x, layout: tuple[int, int], factor: int):
     if (h * factor, w * factor) == (hh, ww):
         return pixel_unshuffle_tokens(x, layout, factor)
     grid = x.reshape(b, hh, ww, c).permute(0, 3, 1, 2)
-    grid = _F.pad(grid, (0, w * factor - ww, 0, h * factor - hh), mode="replicate").permute(0, 2, 3, 1)
+    grid = F.pad(grid, (0, w * factor - ww, 0, h * factor - hh), mode="replicate").permute(0, 2, 3, 1)
     return pixel_unshuffle_tokens(grid.reshape(b, -1, c), (h * factor, w * factor), factor)
 
 
-@_register
-@_dataclass(eq=False)
-class UnshuffleMLP(_TrainableCompressor):
+@register
+@dataclass(eq=False)
+class UnshuffleMLP(TrainableCompressor):
     """Pixel unshuffle + InternVL's MLP projector, trainable (InternVL 1.5, arXiv 2404.16821).
 
     ``x [B, H*W, D]`` (a full grid) -> unshuffle by ``factor`` -> ``[B, h*w, f*f*D]`` ->
@@ -264,7 +255,7 @@ class UnshuffleMLP(_TrainableCompressor):
             return self.factor
         n0 = grid[0] * grid[1]
         k = self.budget if isinstance(self.budget, int) else max(1, round(self.budget * n0))
-        return max(1, min(round(_math.sqrt(n0 / k)), max(grid)))
+        return max(1, min(round(math.sqrt(n0 / k)), max(grid)))
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         f = self._factor(grid)
@@ -272,24 +263,24 @@ class UnshuffleMLP(_TrainableCompressor):
 
     def partition(self, layout, out, device=None):
         f = self._factor(layout)
-        rows = _torch.arange(layout[0], device=device) // f
-        cols = _torch.arange(layout[1], device=device) // f
+        rows = torch.arange(layout[0], device=device) // f
+        cols = torch.arange(layout[1], device=device) // f
         return (rows[:, None] * out[1] + cols[None, :]).reshape(-1)
 
     def build(self, d: int) -> None:
         self.factor = self._factor(self.grid)  # fixed from now on: the weights' input width depends on it
         f2 = self.factor * self.factor
-        self.norm = _nn.LayerNorm(f2 * d)
-        self.mlp = _FeedForward(d, mult=1, d_in=f2 * d)
+        self.norm = nn.LayerNorm(f2 * d)
+        self.mlp = FeedForward(d, mult=1, d_in=f2 * d)
 
-    def transform(self, tokens: _VisualTokens, cells: _VisualTokens):
+    def transform(self, tokens: VisualTokens, cells: VisualTokens):
         z = _unshuffle_grid(tokens.x, tokens.layout, self.factor)
         return cells.x + self.mlp(self.norm(z))
 
 
-@_register
-@_dataclass(eq=False)
-class LDPv2(_TrainableCompressor):
+@register
+@dataclass(eq=False)
+class LDPv2(TrainableCompressor):
     """MobileVLM V2's lightweight downsample projector LDPv2, trainable (arXiv 2402.03766).
 
     ``x [B, H*W, D]`` -> feature transform ``x + (Linear -> GELU -> Linear)(x)`` (MobileVLM maps the vision
@@ -308,10 +299,10 @@ class LDPv2(_TrainableCompressor):
     paper = "MobileVLM V2 LDPv2 (arXiv 2402.03766), trainable"
 
     def build(self, d: int) -> None:
-        self.mlp = _FeedForward(d, mult=1)
-        self.peg = _zero(_nn.Conv2d(d, d, kernel_size=3, padding=1, groups=d))
+        self.mlp = FeedForward(d, mult=1)
+        self.peg = zero_(nn.Conv2d(d, d, kernel_size=3, padding=1, groups=d))
 
-    def transform(self, tokens: _VisualTokens, cells: _VisualTokens):
+    def transform(self, tokens: VisualTokens, cells: VisualTokens):
         z = tokens.x + self.mlp(tokens.x)
         p = self.pool(tokens, z)  # [B, h*w, D]
         b, m, d = p.shape
