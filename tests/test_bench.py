@@ -17,7 +17,7 @@ from vtcompress.testbed import encode, evaluate, samples
 from vtcompress.testbed.model import build_model, build_tokenizer
 
 N = 16
-BUDGETS = [0.5, 0.11]
+BUDGETS = [0.5, 0.1]  # no trainable checkpoint ships at these budgets
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_rows_are_consistent(testbed, sweep):
         assert rnd["tokens_in"] == rnd["tokens_after"] == k and rnd["prune_layers"] == ""
         assert fv["tokens_in"] == 144 and fv["tokens_after"] == k and fv["prune_layers"] == "2"
         assert 0 < rnd["flops_ratio"] < fv["flops_ratio"] < 1
-    assert by(sweep, "random", 0.11)["flops_ratio"] < by(sweep, "random", 0.5)["flops_ratio"]
+    assert by(sweep, "random", 0.1)["flops_ratio"] < by(sweep, "random", 0.5)["flops_ratio"]
 
 
 def test_flops_column_is_the_analytic_count(testbed, sweep):
@@ -85,10 +85,10 @@ def test_flops_column_is_the_analytic_count(testbed, sweep):
     arch = VLMArch.from_config(model.config)
     t = text_lengths(tok, model, test)
     full = np.mean([prefill_flops(arch, text_tokens=n).total for n in t]) / 1e9
-    rnd = np.mean([prefill_flops(arch, text_tokens=n, image_tokens=16).total for n in t]) / 1e9
+    rnd = np.mean([prefill_flops(arch, text_tokens=n, image_tokens=14).total for n in t]) / 1e9
     fv = np.mean([prefill_flops(arch, text_tokens=n, schedule=[(2, 72)], selection_rows=1).total for n in t]) / 1e9
     assert sweep[0]["gflops"] == pytest.approx(full, rel=1e-12)
-    assert by(sweep, "random", 0.11)["gflops"] == pytest.approx(rnd, rel=1e-12)
+    assert by(sweep, "random", 0.1)["gflops"] == pytest.approx(rnd, rel=1e-12)
     assert by(sweep, "fastv", 0.5)["gflops"] == pytest.approx(fv, rel=1e-12)
     # KV cache (2 bytes per value): FastV at layer 2 of 4 keeps the full cache in layers 0-1
     kv_full = np.mean([kv_cache_bytes(arch, n) for n in t])
