@@ -321,6 +321,15 @@ class DecoderCompressor(ScoreCompressor):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1 (a decoder layer after the first); got {value!r}")
 
+    def _check_stage_layers(self) -> None:
+        """Validate and normalise the ``layers`` / ``ref_depth`` fields of multi-stage methods."""
+        self.layers = tuple(self.layers)
+        if not self.layers:
+            raise ValueError("layers must name at least one stage layer; got ()")
+        for v in self.layers:
+            self._check_layer("every entry of layers", v)
+        self._check_layer("ref_depth", self.ref_depth)
+
     @staticmethod
     def _check_single(layer: int, num_layers: int, name: str) -> tuple[int, ...]:
         if layer >= num_layers:
@@ -383,12 +392,7 @@ class PyramidDrop(DecoderCompressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.layers = tuple(self.layers)
-        if not self.layers:
-            raise ValueError("layers must name at least one stage layer; got ()")
-        for v in self.layers:
-            self._check_layer("every entry of layers", v)
-        self._check_layer("ref_depth", self.ref_depth)
+        self._check_stage_layers()
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, float) or not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"ratio must be a float in (0, 1] (fraction of survivors kept per stage); got "
                              f"{self.ratio!r}")

@@ -235,12 +235,7 @@ class SparseVLM(DecoderCompressor):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.layers = tuple(self.layers)
-        if not self.layers:
-            raise ValueError("layers must name at least one stage layer; got ()")
-        for v in self.layers:
-            self._check_layer("every entry of layers", v)
-        self._check_layer("ref_depth", self.ref_depth)
+        self._check_stage_layers()
         for name in ("recycle", "cluster_ratio"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
