@@ -199,7 +199,7 @@ class PruMerge(Compressor):
 
     name: ClassVar[str] = "prumerge"
     family: ClassVar[str] = "attention"
-    paper: ClassVar[str] = "arXiv:2403.15388"
+    paper: ClassVar[str] = "LLaVA-PruMerge (arXiv 2403.15388)"
     needs: ClassVar[tuple[str, ...]] = ("cls_attn",)
 
     def __post_init__(self) -> None:
@@ -240,6 +240,7 @@ class PruMergePlus(PruMerge):
     """
 
     name: ClassVar[str] = "prumerge_plus"
+    paper: ClassVar[str] = "LLaVA-PruMerge+ (arXiv 2403.15388)"
 
     def priority(self, tokens: VisualTokens) -> tuple[Tensor, Tensor]:
         attn = tokens.cls_attn.to(torch.float64)
