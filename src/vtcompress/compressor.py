@@ -30,6 +30,7 @@ __all__ = [
     "STAGES",
     "FAMILIES",
     "check_budget",
+    "parse_budget",
     "keep_counts",
 ]
 
@@ -52,6 +53,21 @@ def check_budget(budget: int | float) -> None:
             raise ValueError(f"budget={budget} tokens is out of range: an int budget must be >= 1")
     elif not (math.isfinite(budget) and 0.0 < budget <= 1.0):
         raise ValueError(f"budget={budget} is out of range: a float budget is a fraction in (0, 1]")
+
+
+def parse_budget(text: str, what: str = "--budget") -> int | float:
+    """A budget from command-line text: ``"64"`` -> 64 tokens, ``"0.25"`` -> a fraction; validated."""
+    try:
+        budget: int | float = int(text)
+    except ValueError:
+        try:
+            budget = float(text)
+        except ValueError:
+            raise ValueError(
+                f"{what} {text!r} is not a number: give an int (tokens kept) or a fraction in (0, 1]"
+            ) from None
+    check_budget(budget)
+    return budget
 
 
 def keep_counts(budget: int | float, counts: Tensor, num_tokens: int) -> Tensor:

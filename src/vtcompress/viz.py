@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .compressor import parse_budget
 from .tokens import VisualTokens
 
 __all__ = [
@@ -813,22 +814,6 @@ def gallery(
     return panel_grid(panels, cols if cols is not None else min(len(panels), 4))
 
 
-def _parse_budget(text: str) -> int | float:
-    from .compressor import check_budget
-
-    try:
-        budget: int | float = int(text)
-    except ValueError:
-        try:
-            budget = float(text)
-        except ValueError:
-            raise ValueError(
-                f"--budget {text!r} is not a number: give an int (tokens kept) or a fraction in (0, 1]"
-            ) from None
-    check_budget(budget)
-    return budget
-
-
 def _parse_grid(text: str) -> tuple[int, int]:
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
@@ -898,7 +883,7 @@ def _show(args) -> Path:
         raise ValueError("give --method NAME or --methods a,b,c, not both")
     if (args.image is None) == (args.sample is None):
         raise ValueError("give an IMAGE path or --sample N (a testbed test image), exactly one of them")
-    budget = _parse_budget(args.budget)
+    budget = parse_budget(args.budget)
     grid = _parse_grid(args.grid)
     params = _parse_params(args.param)
     named = bool(args.methods or args.method)

@@ -513,20 +513,9 @@ def load_model(path=None):
 
 
 def _parse_budgets(text: str) -> list[int | float]:
-    from ..compressor import check_budget
+    from ..compressor import parse_budget
 
-    out: list[int | float] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            b: int | float = int(part)
-        except ValueError:
-            try:
-                b = float(part)
-            except ValueError:
-                raise ValueError(f"--budgets: {part!r} is not a number; give fractions in (0, 1] or ints "
-                                 "(tokens), e.g. 0.5,0.11") from None
-        check_budget(b)
-        out.append(b)
+    out = [parse_budget(p, "--budgets:") for p in (p.strip() for p in text.split(",")) if p]
     if not out:
         raise ValueError("--budgets is empty; e.g. --budgets 0.5,0.11")
     return out
