@@ -1,4 +1,4 @@
-"""Command line: ``vtcompress list | show | bench | testbed {train,sample,train-compressor}``.
+"""Command line: ``vtcompress list | show | bench | testbed {train,sample,train-compressor,card}``.
 
 Each sub-command lives with the code it drives; this module only dispatches, importing lazily so that
 ``vtcompress list`` stays fast.
@@ -20,6 +20,7 @@ _TESTBED = {
     "sample": ("vtcompress.testbed.data", "sample_main", "write a grid of testbed samples to a PNG"),
     "train-compressor": ("vtcompress.testbed.train_compressor", "train_compressor_main",
                          "fine-tune a trainable compressor on the testbed"),
+    "card": ("vtcompress.testbed.train", "card_main", "evaluate a trained testbed and write its card.json"),
 }
 
 

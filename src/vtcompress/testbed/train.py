@@ -97,11 +97,15 @@ def scene_labels(objects: list[dict]) -> dict[str, np.ndarray]:
 class Batcher:
     """Draws training scenes from the train split seed range and builds tensors (deterministic given seed)."""
 
-    def __init__(self, tokenizer, seed: int, max_qa: int = 4):
+    # Each stream (a data-loader worker) draws from its own disjoint block of train seeds.
+    SEEDS_PER_STREAM = 5_000_000
+
+    def __init__(self, tokenizer, seed: int, max_qa: int = 4, stream: int = 0):
         self.tok = tokenizer
-        self.rng = np.random.default_rng(seed + 12345)
-        self.next_seed = D.SPLIT_START["train"] + seed * 50_000_000
+        self.rng = np.random.default_rng([seed + 12345, stream]) if stream else np.random.default_rng(seed + 12345)
+        self.next_seed = D.SPLIT_START["train"] + seed * 50_000_000 + stream * self.SEEDS_PER_STREAM
         self.max_qa = max_qa
+        self.seed = seed
         self.prefix = tokenizer(
             M.build_prompt("").rsplit(" question :", 1)[0], add_special_tokens=False
         )["input_ids"]  # <s> preamble <image>*144
@@ -173,6 +177,45 @@ class Batcher:
         return batch
 
 
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless training batches of one kind; data-loader worker ``w`` draws from Batcher stream ``w + 1``."""
+
+    def __init__(self, tokenizer, seed: int, max_qa: int, n: int, packed: bool, need_images: bool):
+        self.args = (tokenizer, seed, max_qa)
+        self.kind = (n, packed, need_images)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        torch.set_num_threads(1)  # generation is numpy; keep each worker to one core
+        b = Batcher(*self.args, stream=info.id + 1)
+        while True:
+            yield b.draw(*self.kind)
+
+
+def batch_iter(batcher: Batcher, n: int, packed: bool, need_images: bool, workers: int = 0, device="cpu"):
+    """Endless iterator of training batches (see :meth:`Batcher.draw`) moved to ``device``.
+
+    ``workers=0`` draws in this process from ``batcher`` (the reproducible default on a CPU, where the model
+    step dominates); ``workers > 0`` generates batches in that many background processes, each from its own
+    disjoint seed stream, so an accelerator is not left waiting on numpy rendering.
+    """
+    if workers:
+        tok, seed, max_qa = batcher.tok, batcher.seed, batcher.max_qa
+        src = iter(torch.utils.data.DataLoader(_BatchStream(tok, seed, max_qa, n, packed, need_images),
+                                               batch_size=None, num_workers=workers, prefetch_factor=4,
+                                               persistent_workers=False))
+    else:
+        src = (batcher.draw(n, packed, need_images) for _ in iter(int, 1))
+    for b in src:
+        yield _to_device(b, device)
+
+
+def _to_device(x, device):
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+
+
 # ----------------------------------------------------------------------------------------------- aux modules
 
 
@@ -238,8 +281,8 @@ def vision_aux_loss(model, heads: VisionHeads, batch, need_attn: bool):
     feats = h[:, 1:]
     p = batch["patch"]
     B, N, _ = feats.shape
-    ridx = torch.arange(N) // D.GRID
-    cidx = torch.arange(N) % D.GRID
+    ridx = torch.arange(N, device=feats.device) // D.GRID
+    cidx = torch.arange(N, device=feats.device) % D.GRID
     tg = dict(p)
     tg["row"] = ridx.expand(B, N)
     tg["col"] = cidx.expand(B, N)
@@ -269,7 +312,7 @@ def vision_aux_loss(model, heads: VisionHeads, batch, need_attn: bool):
         att = out.attentions[model.config.vision_feature_layer][:, :, 0, 1:].mean(1)  # (B, N)
         mass = (att * obj.float()).sum(-1).clamp_min(1e-6)
         loss = loss + 0.3 * (-mass.log()).mean()
-        met["cls_obj_mass"] = float(mass.mean())
+        met["cls_obj_mass"] = float(mass.detach().mean())
     return loss, met, feats
 
 
@@ -339,7 +382,7 @@ def run_stage(name, st: Stage, step_fn, curve: list, log_every: int = 20):
     while not st.done():
         loss, met = step_fn()
         lr = st.update(loss)
-        met["loss"] = float(loss)
+        met["loss"] = float(loss.detach())
         for k, v in met.items():
             ema[k] = v if k not in ema else 0.95 * ema[k] + 0.05 * v
         bar.update(1)
@@ -358,6 +401,9 @@ def train_main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(M.WEIGHTS_DIR))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="background processes generating batches (0: in-process, the reproducible CPU default)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-qa", type=int, default=4, help="question/answer pairs packed per training image")
     for i, (m, lr) in enumerate(((6.0, 2e-3), (10.0, 1e-3), (3.0, 2e-3), (30.0, 3e-4)), start=1):
@@ -379,7 +425,8 @@ def train_main(argv: list[str] | None = None) -> dict:
     if args.init:
         model, tok = M.load_testbed(args.init)
         model.train()
-        aux = torch.load(Path(args.init) / "aux_state.pt") if (Path(args.init) / "aux_state.pt").exists() else None
+        aux_path = Path(args.init) / "aux_state.pt"
+        aux = torch.load(aux_path, map_location="cpu") if aux_path.exists() else None
     else:
         model = M.build_model(tok, seed=args.seed)
         aux = None
@@ -391,14 +438,20 @@ def train_main(argv: list[str] | None = None) -> dict:
     if aux is not None:
         heads.load_state_dict(aux["heads"])
         symbols.load_state_dict(aux["symbols"])
+    dev = torch.device(args.device)
+    model.to(dev)
+    heads.to(dev)
+    symbols.to(dev)
     batcher = Batcher(tok, args.seed, args.max_qa)
+
+    def batches(packed: bool, need_images: bool = True):
+        return batch_iter(batcher, args.batch, packed, need_images, args.workers, dev)
     val = D.samples("val", args.eval_n, seed=0)
     curve: list[dict] = []
     evals: dict[str, dict] = {}
     vt = model.model.vision_tower
     proj = model.model.multi_modal_projector
     lm = model.model.language_model
-    B = args.batch
 
     def evaluate_now(tag):
         model.eval()
@@ -424,8 +477,10 @@ def train_main(argv: list[str] | None = None) -> dict:
         st = Stage("s1_vision", list(vt.parameters()) + list(heads.parameters()), args.lr_s1, args.steps_s1,
                    args.minutes_s1, curve)
 
+        it = batches(packed=False)
+
         def s1():
-            b = batcher.draw(B, packed=False)
+            b = next(it)
             loss, met, _ = vision_aux_loss(model, heads, b, need_attn=True)
             return loss, met
 
@@ -438,8 +493,10 @@ def train_main(argv: list[str] | None = None) -> dict:
         st = Stage("s2_symbolic", list(lm.parameters()) + list(model.lm_head.parameters()) + list(symbols.parameters()),
                    args.lr_s2, args.steps_s2, args.minutes_s2, curve)
 
+        it = batches(packed=True, need_images=False)
+
         def s2():
-            b = batcher.draw(B, packed=True, need_images=False)
+            b = next(it)
             emb = image_embeds(model, b, symbols(b["patch"]))
             loss, acc = lm_answer_loss(model, emb, b)
             return loss, {"acc": acc}
@@ -451,8 +508,10 @@ def train_main(argv: list[str] | None = None) -> dict:
         set_trainable([proj])
         st = Stage("s3_align", list(proj.parameters()), args.lr_s3, args.steps_s3, args.minutes_s3, curve)
 
+        it = batches(packed=False)
+
         def s3():
-            b = batcher.draw(B, packed=False)
+            b = next(it)
             with torch.no_grad():
                 out_v = vt(b["pixel_values"], output_hidden_states=True)
                 feats = out_v.hidden_states[model.config.vision_feature_layer][:, 1:]
@@ -460,7 +519,7 @@ def train_main(argv: list[str] | None = None) -> dict:
             pr = proj(feats)
             mse = F.mse_loss(pr, target)
             cos = 1 - F.cosine_similarity(pr, target, dim=-1).mean()
-            return mse + cos, {"mse": float(mse), "cos": float(1 - cos)}
+            return mse + cos, {"mse": float(mse.detach()), "cos": float(1 - cos.detach())}
 
         run_stage("s3_align", st, s3, curve)
         steps_done["s3"] = st.step
@@ -477,8 +536,10 @@ def train_main(argv: list[str] | None = None) -> dict:
         st = Stage("s4_e2e", groups, args.lr_s4, args.steps_s4, args.minutes_s4, curve)
         last_eval = [time.time()]
 
+        it = batches(packed=True)
+
         def s4():
-            b = batcher.draw(B, packed=True)
+            b = next(it)
             aux_loss, met, feats = vision_aux_loss(model, heads, b, need_attn=True)
             emb = image_embeds(model, b, proj(feats))
             loss, acc = lm_answer_loss(model, emb, b)
@@ -512,3 +573,49 @@ def train_main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     train_main()
+
+
+def write_card(path: str | Path, n_test: int = 2000, n_slice: int = 128, command: str | None = None) -> dict:
+    """Evaluate the testbed saved in ``path`` and write its ``card.json``.
+
+    The card states the test accuracy (overall and per skill) on the first ``n_test`` test questions and on
+    the first ``n_slice`` (the slice the test suite re-checks), the training recipe from
+    ``training_log.json`` when present, and the command that trained it.
+    """
+    path = Path(path)
+    model, tok = M.load_testbed(path)
+    log = path / "training_log.json"
+    recipe = json.loads(log.read_text())["recipe"] if log.exists() else None
+    old = path / "card.json"
+    if command is None and old.exists():
+        command = json.loads(old.read_text()).get("command")
+    test = M.evaluate(model, tok, D.samples("test", n_test), batch_size=100)
+    part = M.evaluate(model, tok, D.samples("test", n_slice), batch_size=64)
+    vc = model.config.vision_config
+    card = {
+        "model": "LlavaForConditionalGeneration (CLIP vision tower with [CLS], 2-layer MLP projector, Llama LM)",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "image": {"size": vc.image_size, "patch": vc.patch_size, "grid": [D.GRID, D.GRID],
+                  "image_tokens": D.N_PATCHES},
+        "recipe": recipe,
+        "test": {"n": n_test, "accuracy": test["accuracy"], "per_skill": test["per_skill"]},
+        f"test_slice_{n_slice}": {"n": n_slice, "accuracy": part["accuracy"], "per_skill": part["per_skill"]},
+        "command": command,
+    }
+    old.write_text(json.dumps(card, indent=1))
+    return card
+
+
+def card_main(argv: list[str] | None = None) -> int:
+    """CLI: ``vtcompress testbed card [--model DIR] [--n 2000]``: evaluate a trained testbed, write card.json."""
+    ap = argparse.ArgumentParser(prog="vtcompress testbed card", description=write_card.__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(M.WEIGHTS_DIR), help="testbed directory (default: the shipped one)")
+    ap.add_argument("--n", type=int, default=2000, help="test questions")
+    ap.add_argument("--slice", type=int, default=128, help="size of the test slice the test suite re-checks")
+    ap.add_argument("--command", default=None, help="the training command to record (default: keep the card's)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    card = write_card(args.model, args.n, args.slice, args.command)
+    print(json.dumps({k: card[k] for k in ("parameters", "test", f"test_slice_{args.slice}")}, indent=1))
+    return 0
