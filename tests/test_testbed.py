@@ -151,3 +151,28 @@ def test_train_cli_runs_every_stage_and_writes_a_loadable_card(tmp_path):
     res = M.evaluate(model, tok, D.samples("test", 10))
     assert card["test_slice_10"]["accuracy"] == res["accuracy"] and card["test"]["n"] == 20
     assert card["recipe"] == recipe and card["command"] == "smoke"
+
+
+def test_drop_background_equals_masking_the_background():
+    """Stage 2's short sequences give the LLM exactly what the full layout gives with background masked out."""
+    from vtcompress.testbed import train as T
+
+    tok = M.build_tokenizer()
+    model = M.build_model(tok, text_hidden=32, vision_hidden=32, text_layers=2, vision_layers=1).eval()
+    lm, img_id = model.model.language_model, model.config.image_token_id
+    b = T.Batcher(tok, 0, 3).draw(4, packed=True, need_images=False)
+    emb = T.image_embeds(model, b, torch.randn(4, D.N_PATCHES, 32))
+    short, bs, pos = T.drop_background(b, emb, img_id)
+    n_obj = (b["patch"]["colour"] > 0).sum(1)
+    n_text = ((b["input_ids"] != img_id) & b["attention_mask"].bool()).sum(1)
+    assert bs["attention_mask"].sum(1).tolist() == (n_obj + n_text).tolist()
+    assert (bs["attention_mask"][:, -1] == 1).all()  # left padded again
+    ids_short = b["input_ids"].gather(1, pos)
+    assert (ids_short[bs["ans_rows"], bs["ans_cols"]] == b["input_ids"][b["ans_rows"], b["ans_cols"]]).all()
+    with torch.no_grad():
+        h_short = lm(inputs_embeds=short, attention_mask=bs["attention_mask"], position_ids=pos).last_hidden_state
+        bg = torch.zeros_like(b["attention_mask"])
+        bg[b["input_ids"] == img_id] = (b["patch"]["colour"] == 0).long().reshape(-1)
+        h_full = lm(inputs_embeds=emb, attention_mask=b["attention_mask"] * (1 - bg)).last_hidden_state
+    torch.testing.assert_close(h_short[bs["ans_rows"], bs["ans_cols"]], h_full[b["ans_rows"], b["ans_cols"]],
+                               atol=1e-5, rtol=1e-4)

@@ -9,7 +9,9 @@ Stages (each bounded by ``--minutes-sN`` or ``--steps-sN``):
    so [CLS]-attention-ranked pruning (FasterVLM, VisionZip, PruMerge) ranks something real.
 2. symbolic: train the language model on the questions where each image token is a *symbol* embedding of the
    ground-truth content of its patch (sum of learned colour, shape, size, quadrant and centre embeddings) -
-   pure text reasoning, fast.
+   pure text reasoning, fast. For the first ``--s2-objects-only`` share of the stage the background patches are
+   left out (objects keep their positions), which halves the step and gets the LLM past the plateau of
+   question-independent guesses sooner; the rest of the stage sees the full 144-patch layout.
 3. align: train the projector (vision tower frozen) so each patch's projected feature lands on its symbol
    embedding (MSE + cosine).
 4. end to end: fine-tune everything on the real task (images through the stock LLaVA path), keeping the
@@ -316,14 +318,42 @@ def vision_aux_loss(model, heads: VisionHeads, batch, need_attn: bool):
     return loss, met, feats
 
 
-def lm_answer_loss(model, embeds, batch):
+def lm_answer_loss(model, embeds, batch, position_ids=None):
     """CE of the answer tokens given input embeddings (B, L, d); returns (loss, accuracy)."""
-    h = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+    h = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                   position_ids=position_ids).last_hidden_state
     hs = h[batch["ans_rows"], batch["ans_cols"]]  # (n_answers, d): only the positions we supervise
     logits = model.lm_head(hs)
     loss = F.cross_entropy(logits, batch["ans_tgt"])
     acc = float((logits.argmax(-1) == batch["ans_tgt"]).float().mean())
     return loss, acc
+
+
+def drop_background(batch, embeds: torch.Tensor, image_token_id: int):
+    """Keep the text and the object patches of each sequence, dropping background image tokens.
+
+    embeds (B, L, d) -> (embeds (B, L', d), batch with attention_mask (B, L') and ans_cols remapped,
+    position_ids (B, L')). Kept tokens keep their positions in the full layout (``arange(L)``, as the LLM
+    numbers the full left-padded sequence), so what is learned on the short sequence transfers to the full
+    one. Background patches all carry one shared symbol; without them a symbolic step is ~2x cheaper and the
+    LLM's question-to-patch retrieval forms sooner (stage 2).
+    """
+    ids, am = batch["input_ids"], batch["attention_mask"].bool()
+    img = ids == image_token_id
+    obj = torch.zeros_like(img)
+    obj[img] = (batch["patch"]["colour"] > 0).reshape(-1)
+    keep = (~img | obj) & am
+    B, L = ids.shape
+    n = int(keep.sum(1).max())
+    # Stable sort puts each row's dropped tokens first and its kept ones last, in order: left padding again.
+    idx = torch.argsort(keep.int(), dim=1, stable=True)[:, L - n:]
+    new_col = torch.full((B, L), -1, dtype=torch.long, device=ids.device)
+    new_col.scatter_(1, idx, torch.arange(n, device=ids.device).expand(B, n).contiguous())
+    out = dict(batch)
+    out["attention_mask"] = keep.long().gather(1, idx)
+    out["ans_cols"] = new_col[batch["ans_rows"], batch["ans_cols"]]
+    pos = torch.arange(L, device=ids.device).expand(B, L).gather(1, idx)
+    return embeds.gather(1, idx[..., None].expand(-1, -1, embeds.shape[-1])), out, pos
 
 
 def image_embeds(model, batch, image_feats: torch.Tensor) -> torch.Tensor:
@@ -410,6 +440,8 @@ def train_main(argv: list[str] | None = None) -> dict:
         ap.add_argument(f"--minutes-s{i}", type=float, default=m)
         ap.add_argument(f"--steps-s{i}", type=int, default=0, help=f"overrides --minutes-s{i} when > 0")
         ap.add_argument(f"--lr-s{i}", type=float, default=lr)
+    ap.add_argument("--s2-objects-only", type=float, default=0.75,
+                    help="share of stage 2 trained on sequences without background patches (see drop_background)")
     ap.add_argument("--init", default=None, help="start from a saved testbed directory (skips no stage)")
     ap.add_argument("--stages", default="1234")
     ap.add_argument("--eval-n", type=int, default=500)
@@ -498,7 +530,11 @@ def train_main(argv: list[str] | None = None) -> dict:
         def s2():
             b = next(it)
             emb = image_embeds(model, b, symbols(b["patch"]))
-            loss, acc = lm_answer_loss(model, emb, b)
+            if st.progress() < args.s2_objects_only:
+                emb, b, pos = drop_background(b, emb, model.config.image_token_id)
+                loss, acc = lm_answer_loss(model, emb, b, pos)
+            else:  # then the full layout, background patches included, as at inference
+                loss, acc = lm_answer_loss(model, emb, b)
             return loss, {"acc": acc}
 
         run_stage("s2_symbolic", st, s2, curve)
