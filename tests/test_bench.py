@@ -11,7 +11,16 @@ import torch
 from PIL import Image
 
 import vtcompress
-from vtcompress.bench import TokenProbe, bench_main, format_table, run_sweep, sort_rows, time_prefill, write_outputs
+from vtcompress.bench import (
+    TokenProbe,
+    bench_main,
+    format_summary,
+    format_table,
+    run_sweep,
+    sort_rows,
+    time_prefill,
+    write_outputs,
+)
 from vtcompress.bench.flops import VLMArch, kv_cache_bytes, prefill_flops
 from vtcompress.testbed import encode, evaluate, samples
 from vtcompress.testbed.model import build_model, build_tokenizer
@@ -123,7 +132,8 @@ def test_sorted_full_then_budget_then_accuracy(sweep):
 
 def test_write_outputs(tmp_path, sweep):
     paths = write_outputs(sweep, tmp_path, meta={"samples": N})
-    assert {p.name for p in tmp_path.iterdir()} == {"bench.md", "bench.csv", "bench.json", "bench.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"bench.md", "summary.md", "bench.csv", "bench.json", "bench.png"}
+    assert paths["summary"].read_text() == format_summary(sort_rows(sweep), samples=N) + "\n"
     with paths["csv"].open() as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(sweep) and csv_rows[0]["method"] == "full"
@@ -135,6 +145,23 @@ def test_write_outputs(tmp_path, sweep):
     assert md.startswith("| method |") and md.count("\n| random |") == 2 and md.count("\n| fastv |") == 2
     with Image.open(paths["png"]) as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 100
+
+
+def test_summary_is_retained_per_budget(sweep):
+    text = format_summary(sweep, at=0.1, samples=N)
+    full = sweep[0]
+    assert text.startswith(f"Full model (144 image tokens): **{100 * full['accuracy']:.1f} %** on {N} test questions")
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert lines[0] == "| method | family | stage | 50% | 10% | FLOPs x @ 10% | latency x @ 10% |"
+    cells = {ln.split(" | ")[0][2:]: ln[2:-2].split(" | ") for ln in lines[1:]}
+    assert set(cells) == {"random", "fastv"}  # qformer has no checkpoint at these budgets: no row
+    for m in ("random", "fastv"):
+        r50, r10 = by(sweep, m, 0.5), by(sweep, m, 0.1)
+        assert cells[m][1:] == [r10["family"], r10["stage"], f"{r50['retained']:.0f}", f"{r10['retained']:.0f}",
+                                f"{r10['flops_ratio']:.2f}", f"{r10['latency_ratio']:.2f}"]
+    # best retained at the chosen budget first
+    order = [ln.split(" | ")[0][2:] for ln in lines[1:]]
+    assert order == sorted(order, key=lambda m: -by(sweep, m, 0.1)["retained"])
 
 
 def test_parallel_workers_match_sequential(testbed, sweep):

@@ -375,6 +375,45 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(rows: list[dict], at: int | float | None = None, samples: int | None = None) -> str:
+    """The README's summary: the full model's accuracy, then one line per method with ``retained`` (% of full
+    accuracy) per budget and the FLOPs / latency ratios at budget ``at`` (default 0.11 if swept, else the
+    smallest budget), methods sorted by ``retained`` at ``at`` (best first; methods without it last).
+    """
+    ok = [r for r in rows if r["status"] == "ok" and r["method"] != FULL]
+    full = next((r for r in rows if r["method"] == FULL and r["status"] == "ok"), None)
+    budgets = sorted({r["budget"] for r in ok}, key=lambda b: -next(r["budget_tokens"] for r in ok if r["budget"] == b))
+    if at is None:
+        at = 0.11 if 0.11 in budgets else (budgets[-1] if budgets else None)
+    by_method: dict[str, dict] = {}
+    for r in ok:
+        by_method.setdefault(r["method"], {"family": r["family"], "stage": r["stage"], "rows": {}})["rows"][
+            r["budget"]] = r
+
+    def key(item):
+        name, m = item
+        r = m["rows"].get(at)
+        best = max((x.get("retained") or 0.0) for x in m["rows"].values())
+        return (r is None, -(r.get("retained") or 0.0) if r else -best, name)
+
+    lines = []
+    if full is not None:
+        skills = ", ".join(f"{k[4:]} {100 * v:.0f} %" for k, v in full.items() if k.startswith("acc_"))
+        on = f" on {samples} test questions" if samples else ""
+        n_img = _fmt(full["tokens_in"], ".0f")
+        lines += [f"Full model ({n_img} image tokens): **{100 * full['accuracy']:.1f} %**{on} ({skills}).", ""]
+    at_s = _budget_str({"budget": at}) if at is not None else "-"
+    head = ["method", "family", "stage", *[_budget_str({"budget": b}) for b in budgets], f"FLOPs x @ {at_s}",
+            f"latency x @ {at_s}"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for name, m in sorted(by_method.items(), key=key):
+        cells = [_fmt(m["rows"][b].get("retained"), ".0f") if b in m["rows"] else "—" for b in budgets]
+        r = m["rows"].get(at, {})
+        lines.append("| " + " | ".join([name, m["family"], m["stage"], *cells, _fmt(r.get("flops_ratio"), ".2f"),
+                                        _fmt(r.get("latency_ratio"), ".2f")]) + " |")
+    return "\n".join(lines)
+
+
 CSV_FIELDS = ["method", "family", "stage", "budget", "budget_tokens", "status", "tokens_in", "tokens_after",
               "tokens_avg", "prune_layers", "vision_tokens", "accuracy", "retained", "agreement", "gflops",
               "flops_ratio", "kv_kib", "kv_ratio", "latency_ms", "latency_ratio", "eval_s"]
@@ -389,15 +428,18 @@ def _jsonable(v):
 
 
 def write_outputs(rows: list[dict], out_dir, meta: dict | None = None, plot_png: bool = True) -> dict[str, Path]:
-    """Write ``bench.md``, ``bench.csv``, ``bench.json`` and (``plot_png``) ``bench.png`` into ``out_dir``.
+    """Write ``bench.md``, ``summary.md`` (:func:`format_summary`, the README's table), ``bench.csv``,
+    ``bench.json`` and (``plot_png``) ``bench.png`` into ``out_dir``.
 
-    Returns the paths by kind (``md``, ``csv``, ``json``, ``png``).
+    Returns the paths by kind (``md``, ``summary``, ``csv``, ``json``, ``png``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = sort_rows(rows)
-    paths = {"md": out / "bench.md", "csv": out / "bench.csv", "json": out / "bench.json"}
+    paths = {"md": out / "bench.md", "summary": out / "summary.md", "csv": out / "bench.csv",
+             "json": out / "bench.json"}
     paths["md"].write_text(format_table(rows) + "\n")
+    paths["summary"].write_text(format_summary(rows, samples=(meta or {}).get("samples")) + "\n")
     skill_cols = sorted({k for r in rows for k in r if k.startswith("acc_")})
     cut = CSV_FIELDS.index("accuracy") + 1
     fields = CSV_FIELDS[:cut] + skill_cols + CSV_FIELDS[cut:]
