@@ -382,7 +382,8 @@ def format_summary(rows: list[dict], at: int | float | None = None, samples: int
     """
     ok = [r for r in rows if r["status"] == "ok" and r["method"] != FULL]
     full = next((r for r in rows if r["method"] == FULL and r["status"] == "ok"), None)
-    budgets = sorted({r["budget"] for r in ok}, key=lambda b: -next(r["budget_tokens"] for r in ok if r["budget"] == b))
+    tokens_of = {r["budget"]: r["budget_tokens"] for r in ok}
+    budgets = sorted(tokens_of, key=lambda b: -tokens_of[b])  # largest budget first
     if at is None:
         at = 0.11 if 0.11 in budgets else (budgets[-1] if budgets else None)
     by_method: dict[str, dict] = {}
