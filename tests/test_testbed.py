@@ -131,6 +131,12 @@ def test_batch_streams_disjoint_and_reproducible():
         assert torch.equal(x["pixel_values"], y["pixel_values"]) and torch.equal(x["input_ids"], y["input_ids"])
     streams = {T.Batcher(tok, 0, 2, stream=k).draw(3, packed=False)["pixel_values"].sum().item() for k in (1, 2)}
     assert {b["pixel_values"].sum().item() for b in runs[0][:2]} == streams
+    # A second call on the same batcher (the next stage) takes fresh streams 3 and 4.
+    bt = T.Batcher(tok, 0, 2)
+    next(T.batch_iter(bt, 3, packed=False, need_images=True, workers=2))
+    nxt = next(T.batch_iter(bt, 3, packed=False, need_images=True, workers=2))
+    later = {T.Batcher(tok, 0, 2, stream=k).draw(3, packed=False)["pixel_values"].sum().item() for k in (3, 4)}
+    assert nxt["pixel_values"].sum().item() in later and bt.next_stream == 5
     assert all(set(b["patch"]) == set(first["patch"]) for b in runs[0])
 
 

@@ -99,8 +99,9 @@ def scene_labels(objects: list[dict]) -> dict[str, np.ndarray]:
 class Batcher:
     """Draws training scenes from the train split seed range and builds tensors (deterministic given seed)."""
 
-    # Each stream (a data-loader worker) draws from its own disjoint block of train seeds.
-    SEEDS_PER_STREAM = 5_000_000
+    # Each stream (a data-loader worker) draws from its own disjoint block of train seeds: 1M scenes per stream
+    # (a stage draws ~100k), 49 streams before the next --seed's block.
+    SEEDS_PER_STREAM = 1_000_000
 
     def __init__(self, tokenizer, seed: int, max_qa: int = 4, stream: int = 0):
         self.tok = tokenizer
@@ -108,6 +109,7 @@ class Batcher:
         self.next_seed = D.SPLIT_START["train"] + seed * 50_000_000 + stream * self.SEEDS_PER_STREAM
         self.max_qa = max_qa
         self.seed = seed
+        self.next_stream = stream + 1  # the first stream batch_iter's workers may take
         self.prefix = tokenizer(
             M.build_prompt("").rsplit(" question :", 1)[0], add_special_tokens=False
         )["input_ids"]  # <s> preamble <image>*144
@@ -180,16 +182,17 @@ class Batcher:
 
 
 class _BatchStream(torch.utils.data.IterableDataset):
-    """Endless training batches of one kind; data-loader worker ``w`` draws from Batcher stream ``w + 1``."""
+    """Endless training batches of one kind; data-loader worker ``w`` draws from Batcher stream ``first + w``."""
 
-    def __init__(self, tokenizer, seed: int, max_qa: int, n: int, packed: bool, need_images: bool):
+    def __init__(self, tokenizer, seed: int, max_qa: int, first: int, n: int, packed: bool, need_images: bool):
         self.args = (tokenizer, seed, max_qa)
+        self.first = first
         self.kind = (n, packed, need_images)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         torch.set_num_threads(1)  # generation is numpy; keep each worker to one core
-        b = Batcher(*self.args, stream=info.id + 1)
+        b = Batcher(*self.args, stream=self.first + info.id)
         while True:
             yield b.draw(*self.kind)
 
@@ -199,11 +202,16 @@ def batch_iter(batcher: Batcher, n: int, packed: bool, need_images: bool, worker
 
     ``workers=0`` draws in this process from ``batcher`` (the reproducible default on a CPU, where the model
     step dominates); ``workers > 0`` generates batches in that many background processes, each from its own
-    disjoint seed stream, so an accelerator is not left waiting on numpy rendering.
+    disjoint seed stream (fresh streams on every call, so stages never repeat each other's scenes), so an
+    accelerator is not left waiting on numpy rendering.
     """
     if workers:
+        first = batcher.next_stream
+        batcher.next_stream += workers
+        if batcher.next_stream * Batcher.SEEDS_PER_STREAM > 50_000_000:
+            raise ValueError(f"batch_iter: {batcher.next_stream} streams would reach the next --seed's train seeds")
         tok, seed, max_qa = batcher.tok, batcher.seed, batcher.max_qa
-        src = iter(torch.utils.data.DataLoader(_BatchStream(tok, seed, max_qa, n, packed, need_images),
+        src = iter(torch.utils.data.DataLoader(_BatchStream(tok, seed, max_qa, first, n, packed, need_images),
                                                batch_size=None, num_workers=workers, prefetch_factor=4,
                                                persistent_workers=False))
     else:
