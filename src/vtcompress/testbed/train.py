@@ -444,7 +444,7 @@ def train_main(argv: list[str] | None = None) -> dict:
                     help="background processes generating batches (0: in-process, the reproducible CPU default)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-qa", type=int, default=4, help="question/answer pairs packed per training image")
-    for i, (m, lr) in enumerate(((6.0, 2e-3), (20.0, 1e-3), (3.0, 2e-3), (16.0, 3e-4)), start=1):
+    for i, (m, lr) in enumerate(((25.0, 2e-3), (22.0, 1e-3), (3.0, 2e-3), (35.0, 3e-4)), start=1):
         ap.add_argument(f"--minutes-s{i}", type=float, default=m)
         ap.add_argument(f"--steps-s{i}", type=int, default=0, help=f"overrides --minutes-s{i} when > 0")
         ap.add_argument(f"--lr-s{i}", type=float, default=lr)
