@@ -339,11 +339,18 @@ def _fmt(v, spec: str = ".1f") -> str:
     return format(v, spec)
 
 
-def _budget_str(r: dict) -> str:
-    b = r["budget"]
+def _budget_str(b: int | float | None) -> str:
     if b is None:
         return "100%"
     return f"{b * 100:g}%" if isinstance(b, float) else f"{b} tok"
+
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_head(head) -> list[str]:
+    return [_md_row(head), "|" + "|".join("---" for _ in head) + "|"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -352,17 +359,17 @@ def format_table(rows: list[dict]) -> str:
     skills = [k[4:] for k in (ok[0] if ok else {}) if k.startswith("acc_")]
     head = ["method", "family", "stage", "budget", "img tok", "avg tok", "acc %", "retained %", "agree %",
             *[s[:5] for s in skills], "GFLOPs", "FLOPs x", "KV x", "latency x"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = _md_head(head)
     for r in ok:
         tok = _fmt(r["tokens_in"])
         if r.get("prune_layers"):
             tok = f"{tok} -> {_fmt(r['tokens_after'])} @L{r['prune_layers']}"
-        cells = [r["method"], r["family"] or "-", r["stage"] or "-", _budget_str(r), tok, _fmt(r.get("tokens_avg")),
-                 _fmt(100 * r["accuracy"]), _fmt(r.get("retained")), _fmt(r.get("agreement")),
-                 *[_fmt(100 * r[f"acc_{s}"], ".0f") for s in skills],
+        cells = [r["method"], r["family"] or "-", r["stage"] or "-", _budget_str(r["budget"]), tok,
+                 _fmt(r.get("tokens_avg")), _fmt(100 * r["accuracy"]), _fmt(r.get("retained")),
+                 _fmt(r.get("agreement")), *[_fmt(100 * r[f"acc_{s}"], ".0f") for s in skills],
                  _fmt(r.get("gflops"), ".3f"), _fmt(r.get("flops_ratio"), ".2f"), _fmt(r.get("kv_ratio"), ".2f"),
                  _fmt(r.get("latency_ratio"), ".2f")]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_md_row(cells))
     lines += ["", "img tok: image tokens per image into the LLM (-> kept after decoder-stage pruning @ layers); "
               "avg tok: mean over the LLM layers; acc / skill columns: accuracy %; retained: % of full accuracy; "
               "agree: % answers equal to full; GFLOPs: analytic prefill per sample; FLOPs / KV / latency x: "
@@ -371,7 +378,7 @@ def format_table(rows: list[dict]) -> str:
     if skipped:
         lines.append("")
         lines.append(f"Skipped ({len(skipped)}):")
-        lines += [f"- {r['method']} @ {_budget_str(r)}: {r['status'][len('skipped: '):]}" for r in skipped]
+        lines += [f"- {r['method']} @ {_budget_str(r['budget'])}: {r['status'][len('skipped: '):]}" for r in skipped]
     return "\n".join(lines)
 
 
@@ -403,15 +410,15 @@ def format_summary(rows: list[dict], at: int | float | None = None, samples: int
         on = f" on {samples} test questions" if samples else ""
         n_img = _fmt(full["tokens_in"], ".0f")
         lines += [f"Full model ({n_img} image tokens): **{100 * full['accuracy']:.1f} %**{on} ({skills}).", ""]
-    at_s = _budget_str({"budget": at}) if at is not None else "-"
-    head = ["method", "family", "stage", *[_budget_str({"budget": b}) for b in budgets], f"FLOPs x @ {at_s}",
+    at_s = _budget_str(at) if at is not None else "-"
+    head = ["method", "family", "stage", *[_budget_str(b) for b in budgets], f"FLOPs x @ {at_s}",
             f"latency x @ {at_s}"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += _md_head(head)
     for name, m in sorted(by_method.items(), key=key):
         cells = [_fmt(m["rows"][b].get("retained"), ".0f") if b in m["rows"] else "—" for b in budgets]
         r = m["rows"].get(at, {})
-        lines.append("| " + " | ".join([name, m["family"], m["stage"], *cells, _fmt(r.get("flops_ratio"), ".2f"),
-                                        _fmt(r.get("latency_ratio"), ".2f")]) + " |")
+        lines.append(_md_row([name, m["family"], m["stage"], *cells, _fmt(r.get("flops_ratio"), ".2f"),
+                              _fmt(r.get("latency_ratio"), ".2f")]))
     return "\n".join(lines)
 
 

@@ -211,13 +211,13 @@ def batch_iter(batcher: Batcher, n: int, packed: bool, need_images: bool, worker
         if batcher.next_stream * Batcher.SEEDS_PER_STREAM > 50_000_000:
             raise ValueError(f"batch_iter: {batcher.next_stream} streams would reach the next --seed's train seeds")
         tok, seed, max_qa = batcher.tok, batcher.seed, batcher.max_qa
-        src = iter(torch.utils.data.DataLoader(_BatchStream(tok, seed, max_qa, first, n, packed, need_images),
-                                               batch_size=None, num_workers=workers, prefetch_factor=4,
-                                               persistent_workers=False))
+        loader = torch.utils.data.DataLoader(_BatchStream(tok, seed, max_qa, first, n, packed, need_images),
+                                             batch_size=None, num_workers=workers, prefetch_factor=4)
+        for b in loader:
+            yield _to_device(b, device)
     else:
-        src = (batcher.draw(n, packed, need_images) for _ in iter(int, 1))
-    for b in src:
-        yield _to_device(b, device)
+        while True:
+            yield _to_device(batcher.draw(n, packed, need_images), device)
 
 
 def _to_device(x, device):
@@ -615,9 +615,6 @@ def train_main(argv: list[str] | None = None) -> dict:
     return recipe
 
 
-if __name__ == "__main__":
-    train_main()
-
 
 def write_card(path: str | Path, n_test: int = 2000, n_slice: int = 128, command: str | None = None) -> dict:
     """Evaluate the testbed saved in ``path`` and write its ``card.json``.
@@ -663,3 +660,7 @@ def card_main(argv: list[str] | None = None) -> int:
     card = write_card(args.model, args.n, args.slice, args.command)
     print(json.dumps({k: card[k] for k in ("parameters", "test", f"test_slice_{args.slice}")}, indent=1))
     return 0
+
+
+if __name__ == "__main__":
+    train_main()
