@@ -3,7 +3,8 @@
 ``get_image_features`` returns a Tensor ``[tiles, n, D]`` (already pixel-shuffled: each token covers a 2x2
 group of patches) for all images together; an image is one contiguous placeholder run of ``tiles_i * n``
 tokens (wrapped in ``<img>``/``</img>``), so the tiles per image are read from the runs in ``input_ids``.
-Each tile is a view with grid ``(s/2, s/2)``; the compressed features go back as a Tensor ``[1, K, D]``.
+Each tile is a view with grid ``(s/2, s/2)``; the compressed features go back as a Tensor ``[K, 1, D]`` (one
+row per kept token, so that ``generate``'s beam / ``num_return_sequences`` expansion can split them per sample).
 Signals: [CLS] attention (InternViT has a [CLS]) summed over each shuffle group, keys averaged over it; the
 groups are learned by running the model's own ``pixel_shuffle``.
 """
@@ -57,7 +58,10 @@ class InternVLAdapter(Adapter):
     def wrap(self, out, feats):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        return BaseModelOutputWithPooling(pooler_output=torch.cat(feats, dim=0)[None])
+        # one row per token, [K, 1, D]: the forward only needs K*D values in placeholder order, and generate's
+        # expansion for beams / num_return_sequences splits pooler_output by rows at the samples' placeholder
+        # counts; a single [1, K, D] row cannot be split, so a sample's extra beams received other images
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(feats, dim=0)[:, None])
 
     def layouts(self, model, inputs, feats):
         grid = self.shuffled_grid(model)

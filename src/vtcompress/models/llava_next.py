@@ -5,7 +5,9 @@ unpadded high-resolution grid row by row, each row followed by ``image_newline``
 The layout is learned by running the model's own ``pack_image_features`` on index tensors (crop id as the
 feature, ``-1`` as the newline), and signals are mapped the same way (the packer runs on them), so this stays
 true to whatever the stock packer does (unpadding, OneVision's bilinear down-sizing). Views: 0 = base crop
-``(H, W)``, 1 = the high-resolution grid ``(rows, cols)``; grid methods apply per view.
+``(H, W)``, 1 = the high-resolution grid ``(rows, cols)``; grid methods apply per view. An image much taller
+than wide can leave the unpadded grid without columns (the stock packer then emits its rows' newlines alone):
+those newlines are always kept, so budget 1.0 equals the stock model for every image it accepts.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class AnyresAdapter(Adapter):
         index = [torch.arange(c, device=dev, dtype=torch.float32)[:, None, None].expand(c, h * w, 1) for c in crops]
         packed = self.pack(model, inputs, index, torch.full((1,), -1.0, device=dev))
         out = []
-        for p, f in zip(packed, feats, strict=True):
+        for p, f, c in zip(packed, feats, crops, strict=True):
             if p.shape[0] != f.shape[0]:
                 raise ValueError(
                     f"{self.family}: an image has {f.shape[0]} packed features but {p.shape[0]} were expected from "
@@ -53,7 +55,9 @@ class AnyresAdapter(Adapter):
             sep = v < -0.5
             # interpolation (OneVision) blends crop ids >= 1 but never reaches the base crop's 0
             view = (v > 0.5).long()
-            out.append(ImageLayout.from_views(view, sep, (h, w)))
+            # the packer puts newlines after the high-resolution rows only (after the base crop for a single
+            # crop); a tall image's grid may have no columns left, so a newline need not follow a patch of its row
+            out.append(ImageLayout.from_views(view, sep, (h, w), sep_view=1 if c > 1 else 0))
         return out
 
     def signal_to_features(self, model, inputs, records, reduce, feats):
