@@ -60,6 +60,7 @@ __all__ = [
     "prefill_flops",
     "layer_lengths",
     "kv_cache_bytes",
+    "sequence_prefill_flops",
 ]
 
 
@@ -374,3 +375,73 @@ def prefill_flops(
 
     per_image = images * batch
     return Flops(vision=vision * per_image, projector=projector * per_image, llm=llm * batch, lm_head=lm_head * batch)
+
+
+def sequence_prefill_flops(
+    arch,
+    text_tokens: int,
+    visual_tokens: Sequence[int],
+    images: int = 1,
+    stages: Sequence[int] = (),
+    selection_rows: int = 0,
+    vision_tokens: Sequence[int] | None = None,
+    logits: str | int = "last",
+    attention: bool = True,
+) -> Flops:
+    """Prefill FLOPs of ONE sequence from the visual tokens entering each decoder layer.
+
+    The per-sequence form of :func:`prefill_flops` for what really ran, when the images of a sequence keep
+    different counts (adaptive methods such as PruMerge, an int budget split over images of different sizes):
+    the same counting, with ``visual_tokens[l]`` the image tokens of the whole sequence (all its images)
+    entering decoder layer ``l``. With equal images it equals ``prefill_flops(arch, text_tokens, image_tokens,
+    images, schedule, ...)`` for ``visual_tokens = layer_lengths(...) - text_tokens`` and ``stages`` the
+    schedule's layers.
+
+    Args:
+        arch: a :class:`VLMArch` or a ``LlavaConfig``.
+        text_tokens: the sequence's tokens that are not image tokens.
+        visual_tokens: one int per decoder layer, non-increasing (decoder-stage pruning only drops).
+        images: images of the sequence: the vision tower and projector run on each (as in
+            :func:`prefill_flops`, the projector-stage methods act after the projector).
+        stages: decoder layers ``K >= 1`` where a decoder-stage method selects (its scoring is counted with
+            ``selection_rows`` query rows over the tokens entering layer ``K - 1``, as in :func:`prefill_flops`).
+        selection_rows, vision_tokens, logits, attention: as in :func:`prefill_flops`.
+
+    Returns:
+        :class:`Flops` of the sequence.
+    """
+    arch = VLMArch.from_config(arch)
+    t = arch.text
+    _check_count("text_tokens", text_tokens, 0, 10**9)
+    _check_count("images", images, 0, 10**6)
+    visual = list(visual_tokens)
+    if len(visual) != t.layers:
+        raise ValueError(f"visual_tokens has {len(visual)} entries; the LLM has {t.layers} layers (one each)")
+    for i, n in enumerate(visual):
+        _check_count(f"visual_tokens[{i}]", n, 0, visual[i - 1] if i else 10**9)
+    prev = -1
+    for k in stages:
+        _check_count("stage layer K", k, 1, t.layers - 1)
+        if k <= prev:
+            raise ValueError(f"stage layers must be strictly increasing; got {k} after {prev}")
+        prev = k
+    _check_count("selection_rows", selection_rows, 0, 10**9)
+    # the vision tower and the projector of `images` images (their cost does not depend on the text)
+    tower = prefill_flops(arch, text_tokens=0, image_tokens=0, images=images, vision_tokens=vision_tokens,
+                          attention=attention)
+    lengths = [text_tokens + n for n in visual]
+    llm = sum(decoder_layer_flops(t, n, attention=attention) for n in lengths)
+    r = selection_rows
+    for k in stages if r else ():  # the selection's attention rows, counted as prefill_flops does
+        n = lengths[k - 1]
+        llm += 2 * r * t.hidden * t.heads * t.head_dim + 2 * n * t.hidden * t.kv_heads * t.head_dim
+        llm += 2 * t.heads * r * n * t.head_dim if attention else 0
+    if logits == "last":
+        positions = 1
+    elif logits == "all":
+        positions = lengths[-1]
+    elif isinstance(logits, int) and not isinstance(logits, bool) and logits >= 1:
+        positions = min(logits, lengths[-1])
+    else:
+        raise ValueError(f"logits={logits!r}; allowed: 'last', 'all' or a positive int (positions kept)")
+    return Flops(vision=tower.vision, projector=tower.projector, llm=llm, lm_head=2 * positions * t.hidden * t.vocab)
