@@ -28,9 +28,13 @@ from vtcompress.methods.transform import anyres_max_shape, pixel_unshuffle_token
 from vtcompress.ops import bipartite_soft_matching, maxmin_diversity
 
 METHODS = projector_methods()
+TRAINABLE = {r["name"] for r in vtcompress.method_info() if r["trainable"]}
 
 
 def build(name: str, budget):
+    if name in TRAINABLE:  # random (untrained) weights must be asked for explicitly
+        extra = {"grid": (6, 6)} if name == "unshuffle_mlp" and isinstance(budget, int) else {}
+        return vtcompress.get(name, budget=budget, pretrained=False, **extra)
     return vtcompress.get(name, budget=budget)
 
 

@@ -23,6 +23,11 @@ GRID = (12, 12)
 D_MODEL = 32
 
 
+def _get(name, **kw):
+    """A trainable method with random (untrained) weights, asked for explicitly."""
+    return vc.get(name, pretrained=False, **kw)
+
+
 def _tokens(b=2, grid=GRID, d=D_MODEL, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(b, grid[0] * grid[1], d, generator=gen).to(dtype)
@@ -49,7 +54,7 @@ def test_registered_as_trainable():
     info = {r["name"]: r for r in vc.method_info()}
     for name in TRAINABLE:
         assert info[name]["trainable"] is True and info[name]["stage"] == "projector"
-        assert isinstance(vc.get(name, budget=0.25), TrainableCompressor)
+        assert isinstance(_get(name, budget=0.25), TrainableCompressor)
     assert info["folder"]["trainable"] is False and info["folder"]["stage"] == "encoder"
 
 
@@ -59,7 +64,7 @@ def test_shapes_counts_and_bookkeeping(name, budget, expected):
     if name == "unshuffle_mlp" and budget == 20:
         expected = (4, 4)  # the count follows the unshuffle factor: round(sqrt(144 / 20)) = 3 -> 4x4
     tok = _tokens(b=3)
-    out = vc.get(name, budget=budget)(tok)
+    out = _get(name, budget=budget, **({"grid": GRID} if isinstance(budget, int) else {}))(tok)
     m = expected[0] * expected[1]
     out.validate()
     assert tuple(out.x.shape) == (3, m, D_MODEL) and out.layout == expected
@@ -87,7 +92,7 @@ def test_grid_for_budget_matches_keep_counts():
 def test_untrained_is_average_pooling(name, budget, out):
     """Zero-initialised residual branches: before training every method is exactly average pooling."""
     tok = _tokens()
-    y = vc.get(name, budget=budget)(tok).x
+    y = _get(name, budget=budget)(tok).x
     torch.testing.assert_close(y, _pool(tok.x, GRID, out), rtol=0, atol=1e-5)
 
 
@@ -104,7 +109,7 @@ def test_unshuffle_matches_internvl_pixel_shuffle():
 
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_batched_equals_one_by_one_and_dtypes(name):
-    comp = _perturb(vc.get(name, budget=0.25, hidden_size=D_MODEL, grid=GRID))
+    comp = _perturb(_get(name, budget=0.25, hidden_size=D_MODEL, grid=GRID))
     tok = _tokens(b=3)
     full = comp(tok)
     for b in range(3):
@@ -117,42 +122,42 @@ def test_batched_equals_one_by_one_and_dtypes(name):
 
 
 def test_lazy_build_is_deterministic_and_checks_inputs():
-    a, b = vc.get("qformer", budget=0.25, seed=3), vc.get("qformer", budget=0.25, seed=3)
+    a, b = _get("qformer", budget=0.25, seed=3), _get("qformer", budget=0.25, seed=3)
     tok = _tokens()
     torch.testing.assert_close(a(tok).x, b(tok).x)  # built lazily from the first input, same seed
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    c = vc.get("qformer", budget=0.25, seed=4, seed_queries=False, hidden_size=D_MODEL, grid=GRID)
-    assert not torch.equal(c.query, vc.get("qformer", budget=0.25, seed=5, seed_queries=False,
+    c = _get("qformer", budget=0.25, seed=4, seed_queries=False, hidden_size=D_MODEL, grid=GRID)
+    assert not torch.equal(c.query, _get("qformer", budget=0.25, seed=5, seed_queries=False,
                                            hidden_size=D_MODEL, grid=GRID).query)
     with pytest.raises(ValueError, match=r"D=32.*D=48"):
         a(_tokens(d=48))
     with pytest.raises(ValueError, match=r"36 output tokens.*\(8, 8\) needs 16"):
         a(_tokens(grid=(8, 8)))
     # pooling-like methods have no grid-bound weights: any grid works
-    assert vc.get("ldpv2", budget=0.25, hidden_size=D_MODEL, grid=GRID)(_tokens(grid=(8, 8))).x.shape[1] == 16
+    assert _get("ldpv2", budget=0.25, hidden_size=D_MODEL, grid=GRID)(_tokens(grid=(8, 8))).x.shape[1] == 16
 
 
 def test_bad_input_and_fields():
     pruned = _tokens().select(torch.arange(0, 144, 2).expand(2, 72))
     for name in TRAINABLE:
         with pytest.raises(ValueError, match="layout=None"):
-            vc.get(name, budget=0.25)(pruned)
+            _get(name, budget=0.25)(pruned)
     with pytest.raises(ValueError, match="num_heads=5"):
-        vc.get("perceiver", budget=0.25, num_heads=5)(_tokens())
+        _get("perceiver", budget=0.25, num_heads=5)(_tokens())
     with pytest.raises(ValueError, match="num_layers must be a positive int; got 0"):
-        vc.get("qformer", budget=0.25, num_layers=0)
+        _get("qformer", budget=0.25, num_layers=0)
     with pytest.raises(ValueError, match="factor"):
-        vc.get("unshuffle_mlp", budget=0.25, factor=0)
+        _get("unshuffle_mlp", budget=0.25, factor=0)
     with pytest.raises(ValueError, match="hidden_size"):
-        vc.get("ldpv2", budget=0.25, hidden_size=-3)
+        _get("ldpv2", budget=0.25, hidden_size=-3)
     with pytest.raises(ValueError, match="no weights yet"):
-        vc.get("ldpv2", budget=0.25).save_pretrained("/nonexistent/never-written")
+        _get("ldpv2", budget=0.25).save_pretrained("/nonexistent/never-written")
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_save_load_round_trip_identical(name, tmp_path):
-    comp = _perturb(vc.get(name, budget=0.11, hidden_size=D_MODEL, grid=GRID, seed=7)).eval()
+    comp = _perturb(_get(name, budget=0.11, hidden_size=D_MODEL, grid=GRID, seed=7)).eval()
     tok = _tokens(b=2)
     ref = comp(tok)
     comp.save_pretrained(tmp_path / "ck")
@@ -167,7 +172,7 @@ def test_save_load_round_trip_identical(name, tmp_path):
 
 
 def test_checkpoint_for_another_budget_or_hidden_size_is_refused(tmp_path):
-    comp = vc.get("perceiver", budget=0.25, hidden_size=D_MODEL, grid=GRID)
+    comp = _get("perceiver", budget=0.25, hidden_size=D_MODEL, grid=GRID)
     comp.save_pretrained(tmp_path / "ck")
     with pytest.raises(ValueError, match=r"budget=0\.25.*budget=0\.11"):
         from_pretrained(tmp_path / "ck", budget=0.11)
@@ -177,7 +182,7 @@ def test_checkpoint_for_another_budget_or_hidden_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"D=32.*D=64"):
         loaded(_tokens(d=64))
     with pytest.raises(ValueError, match="not 'qformer'"):
-        vc.get("qformer", budget=0.25).from_pretrained(tmp_path / "ck")
+        _get("qformer", budget=0.25).from_pretrained(tmp_path / "ck")
     with pytest.raises(ValueError, match="no checkpoint"):
         from_pretrained(tmp_path / "missing")
 
@@ -210,7 +215,7 @@ def test_training_lowers_loss_and_touches_only_the_compressor(tiny, name, distil
     model, tok = tiny
     batch = D.samples("train", 8, seed=0)
     enc = M.encode(tok, batch, model.config)
-    comp = vc.get(name, budget=0.25, seed=0)
+    comp = _get(name, budget=0.25, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hist = train_compressor(model, tok, comp, steps=12, lr=1e-2, seed=0, fixed_samples=batch, warmup=1,
                             distill=distill, progress=False)
@@ -222,7 +227,7 @@ def test_training_lowers_loss_and_touches_only_the_compressor(tiny, name, distil
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is not None for p in comp.parameters())
     # the same seed gives the same run
-    comp2 = vc.get(name, budget=0.25, seed=0)
+    comp2 = _get(name, budget=0.25, seed=0)
     hist2 = train_compressor(model, tok, comp2, steps=12, lr=1e-2, seed=0, fixed_samples=batch, warmup=1,
                              distill=distill, progress=False)
     assert hist2["losses"] == hist["losses"]
@@ -231,7 +236,7 @@ def test_training_lowers_loss_and_touches_only_the_compressor(tiny, name, distil
 def test_train_projector_gets_gradients_too(tiny):
     model, tok = tiny
     batch = D.samples("train", 4, seed=1)
-    comp = vc.get("perceiver", budget=0.11, num_layers=1)
+    comp = _get("perceiver", budget=0.11, num_layers=1)
     proj_before = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
     try:
         train_compressor(model, tok, comp, steps=2, lr=1e-3, fixed_samples=batch, warmup=1, progress=False,
@@ -249,7 +254,7 @@ def test_train_projector_gets_gradients_too(tiny):
 def test_apply_evaluation_matches_training_forward(tiny):
     """The bench path (vtcompress.apply + testbed evaluate) predicts what the training forward computes."""
     model, tok = tiny
-    comp = _perturb(vc.get("unshuffle_mlp", budget=0.25, hidden_size=D_MODEL, grid=GRID)).eval()
+    comp = _perturb(_get("unshuffle_mlp", budget=0.25, hidden_size=D_MODEL, grid=GRID)).eval()
     samples = D.samples("val", 6, seed=0)
     res = evaluate_compressor(model, tok, comp, samples, batch_size=6)
     enc = M.encode(tok, samples, model.config)
@@ -366,7 +371,7 @@ def test_folder_through_apply(tiny):
 
 def test_unshuffle_mlp_on_a_grid_not_divisible_by_its_factor():
     tok = _tokens(b=2, grid=(5, 7))
-    out = vc.get("unshuffle_mlp", budget=0.25)(tok)  # factor 2 -> ceil(5/2) x ceil(7/2) = 3 x 4
+    out = _get("unshuffle_mlp", budget=0.25)(tok)  # factor 2 -> ceil(5/2) x ceil(7/2) = 3 x 4
     assert out.layout == (3, 4) and out.size[0].tolist() == [4, 4, 4, 2, 4, 4, 4, 2, 2, 2, 2, 1]
     g = tok.x.reshape(2, 5, 7, D_MODEL)
     torch.testing.assert_close(out.x[:, 11], g[:, 4, 6])  # the corner cell holds one real patch

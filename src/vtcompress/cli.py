@@ -1,7 +1,7 @@
 """Command line: ``vtcompress list | show | bench | testbed {train,sample,train-compressor,card}``.
 
 Each sub-command lives with the code it drives; this module only dispatches, importing lazily so that
-``vtcompress list`` stays fast.
+``vtcompress list`` stays fast. Every sub-command returns an exit code (``-h`` / ``--help`` included).
 """
 
 from __future__ import annotations
@@ -16,55 +16,104 @@ _COMMANDS = {
     "bench": ("vtcompress.bench.report", "bench_main", "accuracy vs tokens vs time for every method (main job)"),
 }
 _TESTBED = {
-    "train": ("vtcompress.testbed.train", "train_main", "train the embedded testbed VLM from scratch"),
-    "sample": ("vtcompress.testbed.data", "sample_main", "write a grid of testbed samples to a PNG"),
+    "train": ("vtcompress.testbed", "train_cli", "train the embedded testbed VLM from scratch"),
+    "sample": ("vtcompress.testbed", "sample_main", "write a grid of testbed samples to a PNG"),
     "train-compressor": ("vtcompress.testbed.train_compressor", "train_compressor_main",
                          "fine-tune a trainable compressor on the testbed"),
     "card": ("vtcompress.testbed.train", "card_main", "evaluate a trained testbed and write its card.json"),
 }
+#: columns of ``vtcompress list`` (keys of :func:`vtcompress.method_info`) and their headers.
+_LIST_COLUMNS = {"name": "method", "family": "family", "stage": "stage", "trainable": "trainable", "needs": "needs",
+                 "matches_reference": "matches reference", "paper": "paper"}
 
 
-def _table(rows: list[dict[str, object]], cols: list[str]) -> str:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    line = "| " + " | ".join(c.ljust(widths[c]) for c in cols) + " |"
+def version() -> str:
+    """The installed distribution's version (the package's ``__version__`` when not installed)."""
+    try:
+        from importlib.metadata import version as _version
+
+        return _version("vtcompress")
+    except Exception:  # noqa: BLE001 - not installed (e.g. run from a source tree)
+        from . import __version__
+
+        return __version__
+
+
+def _table(rows: list[dict[str, object]], cols: dict[str, str]) -> str:
+    """A markdown table of ``rows`` with ``cols`` (key -> header), columns padded for the terminal."""
+    widths = {c: max(len(h), *(len(str(r[c])) for r in rows)) for c, h in cols.items()}
+    line = "| " + " | ".join(h.ljust(widths[c]) for c, h in cols.items()) + " |"
     rule = "|" + "|".join("-" * (widths[c] + 2) for c in cols) + "|"
     body = ["| " + " | ".join(str(r[c]).ljust(widths[c]) for c in cols) + " |" for r in rows]
     return "\n".join([line, rule, *body])
 
 
 def list_main(argv: list[str] | None = None) -> int:
-    """Print the registered methods: name, family, stage, trainable, paper."""
-    from .compressor import method_info
+    """Print the registered methods as a markdown table: name, family, stage, trainable, needs, matches reference,
+    paper. An unknown ``--stage`` / ``--family`` is an error listing the valid values."""
+    from .compressor import FAMILIES, STAGES, list_methods, method_info
 
     parser = argparse.ArgumentParser(prog="vtcompress list", description="List the registered methods.")
-    parser.add_argument("--stage", choices=["encoder", "projector", "decoder"])
-    parser.add_argument("--family")
-    args = parser.parse_args(argv)
-    rows = [r for r in method_info()
-            if (args.stage is None or r["stage"] == args.stage) and (args.family is None or r["family"] == args.family)]
+    parser.add_argument("--stage", help=f"only this stage: {', '.join(STAGES)}")
+    parser.add_argument("--family", help=f"only this family: {', '.join(FAMILIES)}")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return _exit_code(exc)
+    try:
+        names = set(list_methods(stage=args.stage, family=args.family))
+    except ValueError as exc:
+        print(f"vtcompress list: error: {exc}", file=sys.stderr)
+        return 2
+    rows = [dict(r) for r in method_info() if r["name"] in names]
     if not rows:
         print("no method matches", file=sys.stderr)
         return 1
     for r in rows:
-        r["trainable"] = "yes" if r["trainable"] else "no"
-    print(_table(rows, ["name", "family", "stage", "trainable", "needs", "paper"]))
+        r["trainable"] = "yes" if r["trainable"] else ""
+        r["name"] = f"`{r['name']}`"
+    print(_table(rows, _LIST_COLUMNS))
     return 0
+
+
+def _exit_code(exc: SystemExit) -> int:
+    code = exc.code
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 2
 
 
 def _dispatch(table: dict[str, tuple[str, str, str]], name: str, argv: list[str]) -> int:
     module, func, _ = table[name]
-    return int(getattr(importlib.import_module(module), func)(argv) or 0)
+    try:
+        rc = getattr(importlib.import_module(module), func)(argv)
+    except SystemExit as exc:  # argparse's -h / usage errors: an exit code, not an exception, for main([...])
+        return _exit_code(exc)
+    if rc is None:
+        return 0
+    if isinstance(rc, bool) or not isinstance(rc, int):
+        raise TypeError(f"{module}.{func} returned {type(rc).__name__}, not an exit code")
+    return rc
+
+
+def _testbed_usage() -> str:
+    lines = ["usage: vtcompress testbed {" + ",".join(_TESTBED) + "} [options]   (vtcompress testbed COMMAND -h)"]
+    lines += [f"  {k:<17} {v[2]}" for k, v in _TESTBED.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "vtcompress {list,show,bench,testbed} [options]   (vtcompress COMMAND -h for each)"
+    usage = "usage: vtcompress {list,show,bench,testbed} [options]   (vtcompress COMMAND -h for each; --version)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
-        print("  list      the registered methods (name, family, stage, trainable, paper)")
+        print("  list      the registered methods (name, family, stage, trainable, matches reference, paper)")
         for name, (_, _, help_) in _COMMANDS.items():
             print(f"  {name:<9} {help_}")
         print("  testbed   " + "; ".join(f"{k}: {v[2]}" for k, v in _TESTBED.items()))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"vtcompress {version()}")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "list":
@@ -72,12 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     if cmd in _COMMANDS:
         return _dispatch(_COMMANDS, cmd, rest)
     if cmd == "testbed":
+        if rest and rest[0] in ("-h", "--help"):
+            print(_testbed_usage())
+            return 0
         if not rest or rest[0] not in _TESTBED:
             got = rest[0] if rest else "nothing"
             print(f"vtcompress testbed: unknown sub-command {got!r}; valid: {', '.join(_TESTBED)}", file=sys.stderr)
+            print(_testbed_usage(), file=sys.stderr)
             return 2
         return _dispatch(_TESTBED, rest[0], rest[1:])
-    print(f"vtcompress: unknown command {cmd!r}; valid: list, {', '.join(_COMMANDS)}, testbed", file=sys.stderr)
+    import difflib
+
+    valid = ["list", *_COMMANDS, "testbed"]
+    close = difflib.get_close_matches(cmd, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    print(f"vtcompress: unknown command {cmd!r}; valid: {', '.join(valid)}{hint}", file=sys.stderr)
     return 2
 
 

@@ -11,6 +11,8 @@ structure (pooling strides, pixel unshuffle, adaptive outlier rules) document th
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -102,9 +104,46 @@ class Compressor:
     trainable: ClassVar[bool] = False
     #: signals the method reads from :class:`VisualTokens` (``cls_attn``, ``keys``, ``text``).
     needs: ClassVar[tuple[str, ...]] = ()
+    #: how the default matches the authors' reference code: ``"exact"``, ``"equivalent"``, ``"deviation: ..."``,
+    #: ``"n/a (baseline)"``; printed by ``vtcompress list`` and backed by ``tests/reference/``.
+    matches_reference: ClassVar[str] = ""
+    #: the LLM positions of the reference (``vtcompress.apply(..., positions=None)`` uses it): ``"compact"``
+    #: (the LLaVA code base feeds fewer tokens, renumbered contiguously: projector / encoder-stage references)
+    #: or ``"original"`` (kept tokens keep their positions, as FastV's reference). M-RoPE models keep their 3-D
+    #: grid positions whatever this says.
+    positions: ClassVar[str] = "compact"
+    #: where the method acts on a stock VLM (its reference's point): ``"projected"`` (the features after the
+    #: multimodal projector) or ``"vision"`` (the vision tower's selected-layer features, before the projector;
+    #: see :mod:`vtcompress.models.apply`). Methods with an ``acts_on`` field let the user choose.
+    acts_on: ClassVar[str] = "projected"
+    #: how the vision-tower attention signal pools heads: ``"mean"`` (head-mean attention, head-mean keys) or
+    #: ``"full"`` (one full-width head: ``q . k`` over all channels scaled by ``C^-1/2``, keys of all heads
+    #: concatenated, as PruMerge's reference). Methods with a ``signal_heads`` field let the user choose.
+    signal_heads: ClassVar[str] = "mean"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_vtc_tracked", False):
+            cls.__post_init__ = _tracked(own)
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
+
+    def __setattr__(self, name: str, value) -> None:
+        # a field assigned after construction is checked by the same rules as at construction (a trial
+        # copy runs every __post_init__ check); assignments made while validating or building are not
+        if self.__dict__.get("_vtc_ready", False) and not self.__dict__.get("_vtc_depth", 0) \
+                and name in _field_names(type(self)):
+            self._check_assignment(name, value)
+        super().__setattr__(name, value)
+
+    def _check_assignment(self, name: str, value) -> None:
+        """Raise ``ValueError`` if setting field ``name`` to ``value`` breaks a construction rule."""
+        try:
+            dataclasses.replace(self, **{name: value})
+        except ValueError as exc:
+            raise ValueError(f"{self.name or type(self).__name__}.{name} = {value!r} is invalid: {exc}") from None
 
     # --- the one required method --------------------------------------------------------------
     def compress(self, tokens: VisualTokens) -> VisualTokens:  # pragma: no cover - abstract
@@ -112,6 +151,8 @@ class Compressor:
 
     def __call__(self, tokens: VisualTokens) -> VisualTokens:
         """Validate ``tokens``, check the signals this method needs, and compress."""
+        if isinstance(tokens, torch.nn.Module):
+            raise ValueError(_APPLY_HINT.format(what=f"{self.name or type(self).__name__}(model)"))
         if not isinstance(tokens, VisualTokens):
             raise ValueError(f"{self.name or type(self).__name__} expects VisualTokens; got {type(tokens).__name__}")
         tokens.validate()
@@ -122,6 +163,12 @@ class Compressor:
                     f"(apply it through vtcompress.apply on a model that provides it, or pass {signal}=...)"
                 )
         return self.compress(tokens)
+
+    def __enter__(self):
+        raise ValueError(_APPLY_HINT.format(what=f"`with {self.name or type(self).__name__}:`"))
+
+    def __exit__(self, *exc) -> None:  # pragma: no cover - __enter__ always raises
+        return None
 
     def keep_counts(self, tokens: VisualTokens) -> Tensor:
         """``[B]`` tokens to keep per image under this method's budget."""
@@ -144,6 +191,39 @@ class Compressor:
         from .trainable import from_pretrained
 
         return from_pretrained(path, budget=budget, hidden_size=hidden_size, device=device, expect_cls=cls)
+
+
+_APPLY_HINT = (
+    "{what}: a method is not applied by calling it on a model or by entering it; use "
+    "`with vtcompress.apply(model, method): ...` (or `handle = vtcompress.apply(model, method)` ... "
+    "`handle.remove()`); calling a method directly takes VisualTokens"
+)
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def _tracked(post_init):
+    """Wrap a ``__post_init__`` so that field checks at assignment start once the outermost one has returned."""
+
+    @functools.wraps(post_init)
+    def wrapper(self, *args, **kwargs):
+        depth = self.__dict__.get("_vtc_depth", 0)
+        object.__setattr__(self, "_vtc_depth", depth + 1)
+        try:
+            post_init(self, *args, **kwargs)
+        finally:
+            object.__setattr__(self, "_vtc_depth", depth)
+        if depth == 0:
+            object.__setattr__(self, "_vtc_ready", True)
+
+    wrapper._vtc_tracked = True
+    return wrapper
+
+
+Compressor.__post_init__ = _tracked(Compressor.__post_init__)
 
 
 @dataclass
@@ -184,8 +264,20 @@ def _load_builtin_methods() -> None:
     from . import methods  # noqa: F401  (registers every built-in method)
 
 
+def _check_choice(what: str, value: str | None, allowed: tuple[str, ...]) -> None:
+    if value is not None and value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{what}={value!r} is not a valid {what}{hint}; valid: {', '.join(allowed)}")
+
+
 def list_methods(stage: str | None = None, family: str | None = None) -> list[str]:
-    """Names of the registered methods, optionally filtered by stage or family."""
+    """Names of the registered methods, optionally filtered by stage or family.
+
+    A ``stage`` not in :data:`STAGES` or a ``family`` not in :data:`FAMILIES` raises ``ValueError`` listing them.
+    """
+    _check_choice("stage", stage, STAGES)
+    _check_choice("family", family, FAMILIES)
     _load_builtin_methods()
     return sorted(
         n for n, c in _REGISTRY.items()
@@ -194,13 +286,21 @@ def list_methods(stage: str | None = None, family: str | None = None) -> list[st
 
 
 def method_info() -> list[dict[str, object]]:
-    """One row per method: name, family, stage, trainable, paper, signals needed."""
+    """One row per method: name, family, stage, trainable, paper, signals needed, matches reference."""
     _load_builtin_methods()
     return [
         {"name": n, "family": c.family, "stage": c.stage, "trainable": c.trainable, "paper": c.paper,
-         "needs": ",".join(c.needs)}
+         "needs": ",".join(c.needs), "matches_reference": c.matches_reference}
         for n, c in sorted(_REGISTRY.items(), key=lambda kv: (FAMILIES.index(kv[1].family), kv[0]))
     ]
+
+
+def unknown_method_message(name: object) -> str:
+    """``"unknown method 'tomee'; valid names: ...; did you mean 'tome'?"``."""
+    _load_builtin_methods()
+    close = difflib.get_close_matches(str(name), sorted(_REGISTRY), n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown method {name!r}; valid names: {', '.join(sorted(_REGISTRY))}{hint}"
 
 
 def get(name: str | Compressor, **params) -> Compressor:
@@ -214,7 +314,7 @@ def get(name: str | Compressor, **params) -> Compressor:
         return name
     _load_builtin_methods()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
+        raise ValueError(unknown_method_message(name))
     cls = _REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(params) - fields)

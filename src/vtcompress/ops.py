@@ -78,15 +78,21 @@ def bipartite_soft_matching(
     merged = torch.zeros(b, n, dtype=torch.bool, device=dev)
     partner = torch.zeros(b, a_idx.numel(), dtype=torch.long, device=dev)
     if b_idx.numel():
-        m = metric.to(torch.float32)
-        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        scores = m[:, a_idx] @ m[:, b_idx].transpose(1, 2)  # [B, Na, Nb] cosine similarity
-        scores = scores.masked_fill(~eligible[:, None, b_idx], float("-inf"))
+        m = metric if metric.dtype == torch.float32 else metric.to(torch.float32)
+        norm = m.norm(dim=-1).clamp_min(1e-12)  # [B, N]
+        # cosine = (a . b) / (|a| |b|): the raw products on strided views (no copies of the metric), then divided
+        # by |b| per column (the argmax over B) and by |a| per row (the ranking of the best edges): the same
+        # similarities as ToMe's normalise-then-multiply, at a fraction of its element-wise work
+        scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
+        scores.div_(norm[:, None, 1::2])
+        elig_b = eligible[:, 1::2]
+        if not bool(elig_b.all()):
+            scores.masked_fill_(~elig_b[:, None, :], float("-inf"))
         best, match = scores.max(dim=-1)  # each A token's best edge (first index on ties)
-        best = best.masked_fill(~eligible[:, a_idx], float("-inf"))
+        best = (best / norm[:, 0::2]).masked_fill_(~eligible[:, 0::2], float("-inf"))
         order = best.sort(dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(a_idx.numel(), device=dev).expand_as(order))
-        merged[:, a_idx] = (rank < r[:, None]) & torch.isfinite(best)
+        merged[:, 0::2] = (rank < r[:, None]) & torch.isfinite(best)
         partner = b_idx[match]
     keep = mask & ~merged
     slot = keep.long().cumsum(1) - 1  # kept tokens take consecutive slots in index order

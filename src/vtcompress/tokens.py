@@ -35,6 +35,15 @@ def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(1, expanded)
 
 
+def _check_pair(name: str, value) -> tuple[int, int]:
+    """``(H, W)`` of positive ints, else ``ValueError``."""
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    if not ok:
+        raise ValueError(f"{name} must be a pair (H, W) of positive ints; got {value!r}")
+    return int(value[0]), int(value[1])
+
+
 def _sum_rows(t: Tensor, slot: Tensor, keep: Tensor, m: int) -> Tensor:
     """Sum the rows of ``t [B,N,Q]`` into ``m`` slots given by ``slot [B,N]`` (``keep`` False -> dropped)."""
     b, _, q = t.shape
@@ -167,31 +176,104 @@ class VisualTokens:
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad value if shapes, dtypes or values are inconsistent."""
+        """Raise ``ValueError`` naming the bad value if shapes, dtypes or values are inconsistent.
+
+        Checked (each a few vectorised reductions, no Python loop over tokens): every field a tensor of its shape
+        and dtype; ``grid`` / ``layout`` pairs of positive ints, ``layout`` fitting in ``grid`` with ``h * w == N``;
+        ``mask`` valid tokens first in each row (right padding: no holes, the order every kernel relies on); for
+        valid tokens ``0 <= pos < N0``, finite ``size > 0``, finite floating ``cls_attn``; ``assign`` in
+        ``[-1, N)`` pointing only at valid tokens; features without NaN/inf.
+        """
         x = self.x
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"features x must be a tensor of shape [B, N, D]; got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"features must be floating point (float32/bfloat16/float16); got dtype {x.dtype}")
         b, n, _ = x.shape
+        grid = _check_pair("grid", self.grid)
+        n0 = grid[0] * grid[1]
+        for name in ("mask", "pos", "size", "assign"):
+            if not isinstance(getattr(self, name), Tensor):
+                raise ValueError(f"{name} must be a tensor; got {type(getattr(self, name)).__name__}")
+        for name in ("cls_attn", "keys", "text", "text_mask", "attn"):
+            t = getattr(self, name)
+            if t is not None and not isinstance(t, Tensor):
+                raise ValueError(f"{name} must be a tensor or None; got {type(t).__name__}")
         for name, t, dtype in (("mask", self.mask, torch.bool), ("pos", self.pos, torch.long),
                                ("size", self.size, None)):
             if tuple(t.shape) != (b, n):
                 raise ValueError(f"{name} must have shape [B, N] = {(b, n)}; got {tuple(t.shape)}")
             if dtype is not None and t.dtype != dtype:
                 raise ValueError(f"{name} must have dtype {dtype}; got {t.dtype}")
-        if tuple(self.assign.shape) != (b, self.num_patches):
+        if not self.size.is_floating_point():
+            raise ValueError(f"size must be floating point (patches a token stands for); got dtype {self.size.dtype}")
+        if tuple(self.assign.shape) != (b, n0):
             raise ValueError(
-                f"assign must have shape [B, N0] = {(b, self.num_patches)} for grid {self.grid}; "
-                f"got {tuple(self.assign.shape)}"
+                f"assign must have shape [B, N0] = {(b, n0)} for grid {grid}; got {tuple(self.assign.shape)}"
             )
-        if self.layout is not None and self.layout[0] * self.layout[1] != n:
-            raise ValueError(f"layout {self.layout} does not match N={n} tokens")
-        if self.cls_attn is not None and tuple(self.cls_attn.shape) != (b, n):
-            raise ValueError(f"cls_attn must have shape [B, N] = {(b, n)}; got {tuple(self.cls_attn.shape)}")
-        if self.keys is not None and tuple(self.keys.shape[:2]) != (b, n):
-            raise ValueError(f"keys must have shape [B, N, Dk] with B, N = {(b, n)}; got {tuple(self.keys.shape)}")
-        if self.attn is not None and (self.attn.dim() != 3 or tuple(self.attn.shape[:2]) != (b, n)):
-            raise ValueError(f"attn must have shape [B, N, Q] with B, N = {(b, n)}; got {tuple(self.attn.shape)}")
-        if bool(torch.isnan(x).any()) or bool(torch.isinf(x).any()):
+        if self.assign.dtype != torch.long:
+            raise ValueError(f"assign must have dtype torch.int64; got {self.assign.dtype}")
+        if self.layout is not None:
+            layout = _check_pair("layout", self.layout)
+            if layout[0] * layout[1] != n:
+                raise ValueError(f"layout {layout} does not match N={n} tokens (h * w must equal N)")
+            if layout[0] > grid[0] or layout[1] > grid[1]:
+                raise ValueError(f"layout {layout} does not fit in the original grid {grid}: a grid of tokens "
+                                 "derived from it has at most its rows and columns")
+        if self.cls_attn is not None:
+            if tuple(self.cls_attn.shape) != (b, n):
+                raise ValueError(f"cls_attn must have shape [B, N] = {(b, n)}; got {tuple(self.cls_attn.shape)}")
+            if not self.cls_attn.is_floating_point():
+                raise ValueError(f"cls_attn must be floating point (attention weights); got {self.cls_attn.dtype}")
+        if self.keys is not None:
+            if self.keys.dim() != 3 or tuple(self.keys.shape[:2]) != (b, n):
+                raise ValueError(f"keys must have shape [B, N, Dk] with B, N = {(b, n)}; got {tuple(self.keys.shape)}")
+            if not self.keys.is_floating_point():
+                raise ValueError(f"keys must be floating point; got dtype {self.keys.dtype}")
+        if self.attn is not None:
+            if self.attn.dim() != 3 or tuple(self.attn.shape[:2]) != (b, n):
+                raise ValueError(f"attn must have shape [B, N, Q] with B, N = {(b, n)}; got {tuple(self.attn.shape)}")
+            if not self.attn.is_floating_point():
+                raise ValueError(f"attn must be floating point; got dtype {self.attn.dtype}")
+        if self.text is not None:
+            if self.text.dim() != 3 or self.text.shape[0] != b:
+                raise ValueError(f"text must have shape [B, T, D] with B = {b}; got {tuple(self.text.shape)}")
+            if not self.text.is_floating_point():
+                raise ValueError(f"text must be floating point; got dtype {self.text.dtype}")
+        if self.text_mask is not None:
+            t_len = self.text.shape[1] if self.text is not None else (self.attn.shape[2] if self.attn is not None
+                                                                      else self.text_mask.shape[1])
+            if tuple(self.text_mask.shape) != (b, t_len) or self.text_mask.dtype != torch.bool:
+                raise ValueError(f"text_mask must be a bool tensor of shape {(b, t_len)}; got "
+                                 f"{tuple(self.text_mask.shape)} {self.text_mask.dtype}")
+        # values (valid tokens only: padding may hold anything)
+        m = self.mask
+        if n > 1 and bool((m[:, 1:] & ~m[:, :-1]).any()):
+            row = int((m[:, 1:] & ~m[:, :-1]).any(1).nonzero()[0])
+            raise ValueError(f"mask has holes (row {row}: a valid token after a padded one); valid tokens must come "
+                             "first in each row (right padding): drop tokens with select(), not by masking them")
+        bad = m & ((self.pos < 0) | (self.pos >= n0))
+        if bool(bad.any()):
+            v = int(self.pos[bad][0])
+            raise ValueError(f"pos {v} is outside the grid {grid}: a valid token's pos must be in [0, {n0})")
+        bad = m & ~(self.size > 0)  # also catches NaN
+        if bool(bad.any()) or bool((m & torch.isinf(self.size)).any()):
+            v = float(self.size[bad][0]) if bool(bad.any()) else float("inf")
+            raise ValueError(f"size {v} is invalid: a valid token stands for a finite number of patches > 0")
+        if bool(((self.assign < -1) | (self.assign >= n)).any()):
+            v = int(self.assign[(self.assign < -1) | (self.assign >= n)][0])
+            raise ValueError(f"assign value {v} is out of range: a patch goes to a token in [0, {n}) or -1 (dropped)")
+        if b and n and bool((self.assign >= 0).any()):
+            hit = m.gather(1, self.assign.clamp(min=0)) | (self.assign < 0)
+            if not bool(hit.all()):
+                raise ValueError("assign sends a patch to a padded (invalid) token; it must point at a valid token "
+                                 "or be -1")
+        if self.cls_attn is not None and not bool(torch.isfinite(self.cls_attn)[m].all()):
+            raise ValueError("cls_attn contains NaN/inf for valid tokens; attention weights must be finite")
+        # one fast reduction first (NaN/inf propagate into the sum); the exact per-element check only if it is not
+        # finite, which also tells a finite sum that overflowed (huge but finite features) from real NaN/inf
+        if not bool(torch.isfinite(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).any(-1).sum())
             raise ValueError(f"features contain NaN/inf values ({bad} token(s)); compressing them is meaningless")
 
@@ -254,9 +336,11 @@ class VisualTokens:
 
         def wmean(t: Tensor) -> Tensor:
             d = t.shape[-1]
-            acc = torch.zeros(b, m + 1, d, device=dev, dtype=torch.float32)
-            acc.scatter_add_(1, slot[..., None].expand(-1, -1, d), t.to(torch.float32) * w[..., None])
-            den = torch.zeros(b, m + 1, device=dev, dtype=torch.float32).scatter_add_(1, slot, w)
+            acc_dtype = torch.promote_types(t.dtype, torch.float32)  # at least float32; float64 stays float64
+            wt = w.to(acc_dtype)
+            acc = torch.zeros(b, m + 1, d, device=dev, dtype=acc_dtype)
+            acc.scatter_add_(1, slot[..., None].expand(-1, -1, d), t.to(acc_dtype) * wt[..., None])
+            den = torch.zeros(b, m + 1, device=dev, dtype=acc_dtype).scatter_add_(1, slot, wt)
             return (acc[:, :m] / den[:, :m, None].clamp_min(1e-12)).to(t.dtype)
 
         def ssum(t: Tensor) -> Tensor:

@@ -13,7 +13,12 @@ Checkpoints trained on the embedded testbed ship in ``vtcompress/trained/<method
 :func:`trained_checkpoints`, load one with :func:`load_trained` ``(method, budget)`` or
 ``Compressor.from_pretrained("qformer-0.25")``; they fit the testbed only (its hidden size 128, 12x12 grid).
 
-Weights are created when both ``hidden_size`` (``D``) and ``grid`` (the input patch grid ``(H, W)``) are
+Untrained weights never pass for trained ones: constructing a trainable compressor (``get("qformer")``,
+``QFormer(...)``) raises unless it is loaded from a checkpoint (:func:`from_pretrained`, :func:`load_trained`)
+or random initialisation is asked for explicitly with ``pretrained=False`` (to train it, or to study an
+untrained module); such a module reports ``untrained = True`` and the bench / ``vtcompress show`` mark it.
+
+Random weights are created when both ``hidden_size`` (``D``) and ``grid`` (the input patch grid ``(H, W)``) are
 known: pass them at construction, or leave them ``None`` and the first call builds the weights from the
 input (deterministically, from ``seed``). The output layout ``(h, w)`` is fixed at build time from the
 budget and the grid (:func:`grid_for_budget`), so a checkpoint always produces the same token count.
@@ -28,6 +33,8 @@ provenance (``spatial = False``): ``size`` is the cell's patch count (``~N0 / M`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -53,6 +60,7 @@ __all__ = [
     "trained_checkpoints",
     "load_trained",
     "TRAINED_DIR",
+    "untrained_message",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
 ]
@@ -62,6 +70,22 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 #: checkpoints shipped with the package: ``trained/<method>-<budget>/``.
 TRAINED_DIR = Path(__file__).resolve().parent / "trained"
+#: set while :func:`from_pretrained` constructs a compressor whose weights it is about to load.
+_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("vtcompress_loading", default=False)
+
+
+def untrained_message(name: str, budget: object = None) -> str:
+    """The error for a trainable method built without weights: what is shipped, how to load or train one."""
+    shipped = [f"{m}-{b}" for m, b, _ in trained_checkpoints() if m == name]
+    at = f" at budget={budget!r}" if budget is not None else ""
+    return (
+        f"{name!r}{at} has learned weights and none were given; vtcompress does not silently use random ones. "
+        f"Load trained weights: Compressor.from_pretrained(DIR) (a checkpoint written by save_pretrained) or "
+        f"vtcompress.trainable.load_trained({name!r}, BUDGET) for a shipped checkpoint "
+        f"({', '.join(shipped) or 'none shipped'}; trained on the embedded testbed only: hidden size 128, 12x12 "
+        f"grid); train one with `vtcompress testbed train-compressor {name} --budget B` (testbed) or your own "
+        f"loop; or pass pretrained=False to get randomly initialised, UNTRAINED weights (e.g. to train them)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ layout helpers
@@ -156,8 +180,12 @@ class TrainableCompressor(Compressor, nn.Module):
     hidden_size: int | None = None
     grid: tuple[int, int] | None = None
     seed: int = 0
+    #: ``True`` (default): weights must come from a checkpoint (:func:`from_pretrained`); constructing one any
+    #: other way raises. ``False``: random initialisation from ``seed``, marked untrained.
+    pretrained: bool = True
 
     trainable: ClassVar[bool] = True
+    matches_reference: ClassVar[str] = "n/a (trainable)"
     #: False for resamplers whose output tokens are not functions of one image region (provenance nominal).
     spatial: ClassVar[bool] = True
     #: True when weights depend on the output count (learned queries): then the input grid must match ``grid``.
@@ -179,9 +207,43 @@ class TrainableCompressor(Compressor, nn.Module):
                 raise ValueError(f"grid must be (H, W) with positive ints or None; got {self.grid!r}")
             self.grid = (int(g[0]), int(g[1]))
         self.check_fields()
+        if not isinstance(self.pretrained, bool):
+            raise ValueError(f"pretrained must be a bool; got {self.pretrained!r}")
+        if self.pretrained and not _LOADING.get():
+            raise ValueError(untrained_message(self.name, self.budget))
         self.out_grid: tuple[int, int] | None = None
         if self.hidden_size is not None and self.grid is not None:
             self._build_now(torch.device("cpu"))
+
+    @property
+    def untrained(self) -> bool:
+        """True for randomly initialised weights (``pretrained=False``), False for weights from a checkpoint."""
+        return not self.pretrained
+
+    @contextlib.contextmanager
+    def _internal(self):
+        """Field assignments inside (lazy build) are the machinery's own, not a user's: not re-checked."""
+        depth = self.__dict__.get("_vtc_depth", 0)
+        object.__setattr__(self, "_vtc_depth", depth + 1)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_vtc_depth", depth)
+
+    def _check_assignment(self, name: str, value) -> None:
+        if getattr(self, name) == value and type(getattr(self, name)) is type(value):
+            return
+        if name == "pretrained":
+            raise ValueError(f"{self.name}.pretrained is fixed at construction: load trained weights with "
+                             "from_pretrained / load_trained, or build with pretrained=False")
+        if self.built:
+            raise ValueError(f"{self.name}.{name} = {value!r}: the weights were built for {name}="
+                             f"{getattr(self, name)!r} (grid {self.grid} -> {self.out_grid}); build a new compressor")
+        try:
+            with self._internal():
+                dataclasses.replace(self, **{name: value, "pretrained": False})
+        except ValueError as exc:
+            raise ValueError(f"{self.name}.{name} = {value!r} is invalid: {exc}") from None
 
     # --- subclass API ---------------------------------------------------------------------------
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
@@ -217,10 +279,11 @@ class TrainableCompressor(Compressor, nn.Module):
         return self.out_grid is not None
 
     def _build_now(self, device: torch.device) -> None:
-        self.out_grid = self.output_grid(self.grid)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.build(self.hidden_size)
+        with self._internal():
+            self.out_grid = self.output_grid(self.grid)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.build(self.hidden_size)
         self.to(device)
 
     def _check_input(self, tokens: VisualTokens) -> tuple[int, int]:
@@ -228,8 +291,9 @@ class TrainableCompressor(Compressor, nn.Module):
         d = tokens.x.shape[-1]
         layout = tuple(tokens.layout)
         if not self.built:
-            self.hidden_size = self.hidden_size or d
-            self.grid = self.grid or layout
+            with self._internal():
+                self.hidden_size = self.hidden_size or d
+                self.grid = self.grid or layout
             self._build_now(tokens.x.device)
         if d != self.hidden_size:
             raise ValueError(
@@ -264,8 +328,9 @@ class TrainableCompressor(Compressor, nn.Module):
         return f"{type(self).__name__}({fields})"
 
     def config(self) -> dict[str, Any]:
-        """The JSON config of this compressor (every dataclass field)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """The JSON config of this compressor (every dataclass field but ``pretrained``: a loaded checkpoint
+        is pretrained by definition)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "pretrained"}
 
     # save_pretrained / from_pretrained: inherited from Compressor (they delegate to the functions below)
 
@@ -396,7 +461,12 @@ def from_pretrained(path: str | os.PathLike, budget: int | float | None = None, 
             f"checkpoint {p} was trained for hidden size D={fields.get('hidden_size')}, but D={hidden_size} was "
             "asked for: a checkpoint only fits models with the hidden size it was trained on"
         )
-    comp = cls(**fields)
+    fields.pop("pretrained", None)
+    token = _LOADING.set(True)
+    try:
+        comp = cls(**fields)
+    finally:
+        _LOADING.reset(token)
     if isinstance(comp, TrainableCompressor):
         state = load_file(str(p / WEIGHTS_NAME))
         comp.load_state_dict(state, strict=True)

@@ -415,8 +415,10 @@ def panel_title(method: str, budget: Any, kept: int, total: int) -> str:
 
 # ----------------------------------------------------------------------------------------------- models
 
-#: question asked when the user gives none (text-guided methods read the prompt).
-DEFAULT_QUESTION = "what colour is the circle ?"
+#: prompt used when the user gives none (text-guided methods read it): neutral, so that a photo is not asked a
+#: testbed question; every word is in the testbed's vocabulary. ``vtcompress show --sample N`` asks sample N's
+#: own question instead.
+DEFAULT_QUESTION = "what is there ?"
 #: ``--model none``: the image is cut into this many pixels per patch side and the raw patches are the features.
 PIXEL_PATCH = 8
 
@@ -701,13 +703,16 @@ def _build_all(methods: Sequence[Any], budget, params: dict | None) -> list:
     """
     import dataclasses
 
-    from .compressor import Compressor, get
+    from .compressor import _REGISTRY, Compressor, _load_builtin_methods, get, unknown_method_message
 
+    _load_builtin_methods()
     defaults = []
     for m in methods:
         if not isinstance(m, (str, Compressor)):
             raise ValueError(f"methods are given by name or as Compressor instances; got {type(m).__name__}")
-        defaults.append(get(m))
+        if isinstance(m, str) and m not in _REGISTRY:
+            raise ValueError(unknown_method_message(m))
+        defaults.append(m if isinstance(m, Compressor) else _REGISTRY[m])  # fields and name, nothing built yet
     params = dict(params or {})
     names = [d.name for d in defaults]
     used: set[str] = set()
@@ -772,7 +777,8 @@ def method_panels(
         for stage, tokens, v in stages:
             g, _, anchor, _ = patch_states(tokens)
             kept = int(tokens.counts[0]) if isinstance(tokens, VisualTokens) else int(anchor.sum())
-            title = panel_title(method.name + (f" ({stage})" if stage else ""), method.budget, kept, g[0] * g[1])
+            label = method.name + (" [untrained]" if getattr(method, "untrained", False) else "")
+            title = panel_title(label + (f" ({stage})" if stage else ""), method.budget, kept, g[0] * g[1])
             view_image = shown if v == 0 else model_view(loaded, image, inputs, v, num_views)
             panels.append((title, token_map(view_image, tokens, cell=cell)))
     drawn = [im for _, im in panels if im is not None]
@@ -851,7 +857,8 @@ def show_main(argv: list[str] | None = None) -> int:
                         "model) or a local directory with a saved supported model")
     parser.add_argument("--out", default="token_map.png", help="output PNG (default token_map.png)")
     parser.add_argument("--sample", type=int, help="draw testbed test image N (and ask its question)")
-    parser.add_argument("--question", help="prompt for text-guided methods")
+    parser.add_argument("--question", help="prompt for text-guided methods (default: the sample's question with "
+                        f"--sample, else the neutral {DEFAULT_QUESTION!r})")
     parser.add_argument("--grid", default="12x12", help="patch grid HxW for --model none (default 12x12)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="method hyper-parameter, repeatable: KEY=VALUE (every method with that field) or "

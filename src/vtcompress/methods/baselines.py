@@ -31,6 +31,7 @@ class RandomPrune(ScoreCompressor):
     name: ClassVar[str] = "random"
     family: ClassVar[str] = "baseline"
     paper: ClassVar[str] = "random pruning (baseline)"
+    matches_reference: ClassVar[str] = "n/a (baseline)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +66,7 @@ class UniformPrune(Compressor):
     name: ClassVar[str] = "uniform"
     family: ClassVar[str] = "baseline"
     paper: ClassVar[str] = "uniform grid stride (baseline)"
+    matches_reference: ClassVar[str] = "n/a (baseline)"
 
     def compress(self, tokens: VisualTokens) -> VisualTokens:
         k = self.keep_counts(tokens)  # [B]

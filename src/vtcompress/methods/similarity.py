@@ -55,6 +55,7 @@ class ToMe(Compressor):
     name: ClassVar[str] = "tome"
     family: ClassVar[str] = "similarity"
     paper: ClassVar[str] = "ToMe (arXiv 2210.09461)"
+    matches_reference: ClassVar[str] = "equivalent: same merges, values, sizes per round; tokens kept in index order"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +107,7 @@ class DivPrune(Compressor):
     name: ClassVar[str] = "divprune"
     family: ClassVar[str] = "similarity"
     paper: ClassVar[str] = "DivPrune (arXiv 2503.02175)"
+    matches_reference: ClassVar[str] = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -166,6 +168,7 @@ class ToMeEncoder(Compressor):
     family: ClassVar[str] = "similarity"
     stage: ClassVar[str] = "encoder"
     paper: ClassVar[str] = "ToMe in the vision encoder (arXiv 2210.09461)"
+    matches_reference: ClassVar[str] = "deviation: merges after the whole block (reference: between attention and MLP)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -295,6 +298,7 @@ class Folder(Compressor):
     family = "similarity"
     stage = "encoder"
     paper = "FOLDER (arXiv 2501.02430)"
+    matches_reference = "deviation: merges after the block; no [CLS]-attention penalty (reference alpha)"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -114,6 +114,7 @@ class PixelUnshuffle(_GridTransform):
 
     name: ClassVar[str] = "pixel_unshuffle"
     paper: ClassVar[str] = "InternVL 1.5 pixel unshuffle (arXiv 2404.16821)"
+    matches_reference: ClassVar[str] = "exact (transformers InternVLModel.pixel_shuffle)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,6 +153,7 @@ class AvgPool(_GridTransform):
 
     name: ClassVar[str] = "avg_pool"
     paper: ClassVar[str] = "2-D average pooling (LLaVA-OneVision video frames, arXiv 2408.03326)"
+    matches_reference: ClassVar[str] = "exact (F.avg_pool2d on a divisible grid)"
 
     def compress(self, tokens: VisualTokens) -> VisualTokens:
         return self._cells(tokens)[3]
@@ -167,6 +169,7 @@ class MaxPool(_GridTransform):
 
     name: ClassVar[str] = "max_pool"
     paper: ClassVar[str] = "2-D max pooling (baseline)"
+    matches_reference: ClassVar[str] = "exact (F.max_pool2d on a divisible grid)"
 
     def compress(self, tokens: VisualTokens) -> VisualTokens:
         _, _, cells, merged = self._cells(tokens)
@@ -192,6 +195,7 @@ class Bilinear(_GridTransform):
 
     name: ClassVar[str] = "bilinear"
     paper: ClassVar[str] = "LLaVA-OneVision bilinear resize (arXiv 2408.03326)"
+    matches_reference: ClassVar[str] = "exact (transformers LLaVA-OneVision apply_pooling / anyres_max)"
 
     def compress(self, tokens: VisualTokens) -> VisualTokens:
         layout, out, _, merged = self._cells(tokens)
@@ -234,8 +238,12 @@ class UnshuffleMLP(TrainableCompressor):
     (a residual we add because input and output live in the same LLM space; the last Linear starts at zero,
     so an untrained module is exactly ``f x f`` average pooling). Output ``[B, ceil(H/f) * ceil(W/f), D]``.
 
-    ``factor`` defaults to ``round(sqrt(N0 / k))`` for the budget's ``k`` tokens (0.25 -> 2, as InternVL;
-    0.11 -> 3); the count is fixed by the factor, not the budget, on other grids.
+    ``factor`` (the unshuffle factor ``f``; the weights' input width ``f*f*D`` depends on it) defaults to
+    ``round(1 / sqrt(budget))`` for a fraction (0.25 -> 2, as InternVL; 0.11 -> 3), the same for every view and
+    image, so each view of an anyres image and each image of a batch gets its own count
+    ``ceil(H/f) * ceil(W/f)`` from its own grid, and a batch gives what each image gives alone. An int budget
+    ``K`` needs ``grid`` (the factor is ``round(sqrt(H*W / K))`` on it) or ``factor``; the count is fixed by the
+    factor, not the budget, on other grids.
     """
 
     factor: int | None = None
@@ -249,13 +257,21 @@ class UnshuffleMLP(TrainableCompressor):
         f = self.factor
         if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
             raise ValueError(f"factor must be a positive int (patches per side merged) or None; got {f!r}")
+        if f is None and isinstance(self.budget, int) and self.grid is None:
+            raise ValueError(
+                f"unshuffle_mlp with an int budget ({self.budget}) needs grid=(H, W) (the grid its factor is chosen "
+                "on) or factor=F: with neither, the first input would fix the factor for every later view and image; "
+                "or give a fraction budget"
+            )
 
-    def _factor(self, grid: tuple[int, int]) -> int:
+    def _factor(self, grid: tuple[int, int] | None = None) -> int:
+        """The unshuffle factor: ``factor``, else from the budget alone (fraction) or on ``self.grid`` (int)."""
         if self.factor is not None:
             return self.factor
-        n0 = grid[0] * grid[1]
-        k = self.budget if isinstance(self.budget, int) else max(1, round(self.budget * n0))
-        return max(1, min(round(math.sqrt(n0 / k)), max(grid)))
+        if isinstance(self.budget, float):
+            return max(1, round(1.0 / math.sqrt(self.budget)))
+        hh, ww = self.grid
+        return max(1, min(round(math.sqrt(hh * ww / self.budget)), max(hh, ww)))
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         f = self._factor(grid)
@@ -268,7 +284,7 @@ class UnshuffleMLP(TrainableCompressor):
         return (rows[:, None] * out[1] + cols[None, :]).reshape(-1)
 
     def build(self, d: int) -> None:
-        self.factor = self._factor(self.grid)  # fixed from now on: the weights' input width depends on it
+        self.factor = self._factor()  # recorded: the weights' input width depends on it
         f2 = self.factor * self.factor
         self.norm = nn.LayerNorm(f2 * d)
         self.mlp = FeedForward(d, mult=1, d_in=f2 * d)

@@ -32,10 +32,52 @@ from .model import (
 
 
 def train_main(argv: list[str] | None = None) -> dict:
-    """Train the testbed (see ``vtcompress.testbed.train``); imported lazily to keep ``import`` light."""
+    """Train the testbed (see ``vtcompress.testbed.train``); returns the recipe (a dict). Imported lazily to keep
+    ``import`` light."""
     from .train import train_main as _train_main
 
     return _train_main(argv)
+
+
+def train_cli(argv: list[str] | None = None) -> int:
+    """``vtcompress testbed train``: :func:`train_main`, returning exit code 0 once the weights are written."""
+    train_main(argv)
+    return 0
+
+
+def sample_main(argv: list[str] | None = None) -> int:
+    """``vtcompress testbed sample``: write a grid of testbed samples (image, question, answer) to a PNG and print
+    each sample's skill, question and answer. Returns the exit code."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="vtcompress testbed sample",
+                                     description="Write a grid of testbed samples (image, question, answer) to a PNG.")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="default test")
+    parser.add_argument("--n", type=int, default=8, help="number of samples (default 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skill", help=f"only this skill: {', '.join(SKILLS)}")
+    parser.add_argument("--cols", type=int, default=4)
+    parser.add_argument("--out", default="testbed_samples.png", help="output PNG (default testbed_samples.png)")
+    args = parser.parse_args(argv)
+    try:
+        if args.n < 1 or args.cols < 1:
+            raise ValueError(f"--n {args.n} / --cols {args.cols}: give counts >= 1")
+        if args.skill is not None and args.skill not in SKILLS:
+            raise ValueError(f"--skill {args.skill!r} is not a skill; valid: {', '.join(SKILLS)}")
+        if not args.out.lower().endswith(".png"):
+            raise ValueError(f"--out {args.out!r}: the grid is written as PNG; give a path ending in .png")
+        picked = samples(args.split, args.n, seed=args.seed, skill=args.skill)
+    except ValueError as exc:
+        print(f"vtcompress testbed sample: error: {exc}", file=sys.stderr)
+        return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_samples_png(picked, args.out, cols=args.cols)
+    for s in picked:
+        print(f"[{s.skill}] {s.question} -> {s.answer}")
+    print(f"wrote {args.out}")
+    return 0
 
 
 __all__ = [
@@ -57,7 +99,9 @@ __all__ = [
     "load_testbed",
     "make_sample",
     "pixel_values_from_images",
+    "sample_main",
     "samples",
     "save_samples_png",
+    "train_cli",
     "train_main",
 ]

@@ -228,15 +228,17 @@ def train_compressor_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         budget = parse_budget(args.budget)
-        compressor = get(args.method, budget=budget, seed=args.seed, **_parse_params(args.param))
+        params = _parse_params(args.param)
+        get(args.method, budget=budget, seed=args.seed, pretrained=False, **{"grid": (1, 1), **params})  # fail fast
     except ValueError as e:
         print(f"train-compressor: {e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, source = _load_model(args)
-    compressor.hidden_size = model.config.text_config.hidden_size
-    compressor.grid = _grid(model)
+    # training starts from random weights: asked for explicitly (pretrained=False)
+    compressor = get(args.method, budget=budget, seed=args.seed, pretrained=False,
+                     **{"hidden_size": model.config.text_config.hidden_size, "grid": _grid(model), **params})
     hist = train_compressor(model, tok, compressor, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             seed=args.seed, train_projector=args.train_projector, distill=args.distill,
                             progress=not args.no_progress)
