@@ -268,23 +268,27 @@ def test_pyramiddrop_stages_on_deeper_model():
                              cached[b, inputs["input_ids"].shape[1]:])
 
 
-def test_pyramiddrop_later_stage_uses_attention_of_pruned_sequence():
-    """Stage 2 at layer 3 ranks the survivors by layer 2's attention row, computed on the pruned sequence."""
+def test_pyramiddrop_later_stage_uses_own_layer_attention_of_pruned_sequence():
+    """Stage 2 at layer 3 ranks the survivors by layer 3's OWN attention row (PyramidDrop's reference), computed on
+    the stage-1 sequence entering it, at its compact (renumbered) positions."""
     model, make = _deep_llava(layers=4, attn="eager")
     inputs = make(batch=1, images=[1], padding="left", seed=4)
     method = get("pyramiddrop", budget=0.5, layers=(1, 3), ref_depth=4, ratio=0.5)
     lm = language_model_of(model)
     seen = {}
-    hook = lm.layers[2].self_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("w", out[1]))
+    hook = lm.layers[3].register_forward_pre_hook(
+        lambda m, a, kw: seen.__setitem__("h", a[0] if a else kw["hidden_states"]), with_kwargs=True, prepend=True)
     with attach_decoder(model, method) as handle, torch.no_grad():
-        model(**inputs, output_attentions=True)
-        keep0, _ = handle.kept(0)
+        model(**inputs)
+        keep0, ok0 = handle.kept(0)
         kept1 = handle.kept_visual(1)[0]
+        pid = handle.run.decisions[0].pid
+        assert torch.equal(pid[0], torch.arange(keep0.shape[1]))  # compact positions after the first drop
+        pe = lm.rotary_emb(seen["h"], pid)
+        row = attention_rows(lm.layers[3], seen["h"], pe, torch.tensor([[keep0.shape[1] - 1]]), ok0)[0, 0]
     hook.remove()
-    row = seen["w"][0, :, -1].mean(0)  # layer 2 ran on the stage-0 sequence
     vis0 = (inputs["input_ids"][0].gather(0, keep0[0]) == IMAGE).nonzero().squeeze(1)
-    vis0 = vis0[vis0 != keep0.shape[1] - 1]
-    k = round(0.5 * len(vis0))
+    k = int(16 * 0.5 * 0.5)  # int(n0 * budget * lambda)
     expect = keep0[0][vis0[row[vis0].topk(k).indices]].sort().values
     assert torch.equal(kept1, expect)
 
@@ -298,7 +302,7 @@ def test_families_generate_and_batch(family):
     with attach_decoder(model, method) as handle:
         cached = _gen(model, inputs, n=4)
         assert torch.equal(cached, _gen(model, inputs, n=4, use_cache=False))
-        n_img = (torch.isin(inputs["input_ids"], torch.tensor(handle.token_ids))).sum(1).tolist()
+        n_img = handle.run.vis.sum(1).tolist()  # visual tokens that carry a patch (image_newline tokens do not)
         assert [len(v) for v in handle.kept_visual()] == [round(0.5 * n) for n in n_img]
         for b in range(2):
             one = _split(family, inputs, b)
@@ -371,10 +375,10 @@ def test_pyramiddrop_rule_stages():
     s0 = m.compress_stage(t, 0)
     assert s0.counts.tolist() == [8, 6]
     s1 = m.compress_stage(s0, 1)
-    assert s1.counts.tolist() == [2, 2]
+    assert s1.counts.tolist() == [2, 1]  # int(8 * 0.25), int(6 * 0.25): the reference truncates
     score = s0.attn[..., 0].masked_fill(~s0.mask, -1)
-    for b in range(2):
-        assert set(s0.pos[b][score[b].topk(2).indices].tolist()) == set(s1.pos[b][s1.mask[b]].tolist())
+    for b, k in enumerate([2, 1]):
+        assert set(s0.pos[b][score[b].topk(k).indices].tolist()) == set(s1.pos[b][s1.mask[b]].tolist())
 
 
 def test_scale_layers_and_bad_values():
@@ -410,7 +414,7 @@ DECODER_TABLE = [
     ("pyramiddrop", {"budget": 0.5, "layers": (1, 3), "ref_depth": 4, "ratio": 0.5}),
     ("sparsevlm", {"budget": 0.25, "layers": (1, 2, 3), "ref_depth": 4}),
     ("sparsevlm", {"budget": 6, "layers": (1, 3), "ref_depth": 4}),
-    ("dart", {"budget": 0.5, "layer": 2, "pivot_image": 2, "pivot_text": 2}),
+    ("dart", {"budget": 0.5, "layer": 2, "pivot_image": 2, "pivot_text": 2, "exact_budget": True}),
 ]
 
 
@@ -426,12 +430,14 @@ def test_decoder_methods_cache_batch_and_budget(name, params):
         with torch.no_grad():
             model(**inputs)
         final = torch.tensor([len(v) for v in handle.kept_visual(-1)])
+        per_image = torch.tensor(16)  # budgets count per image: rows have 1, 2, 1 images of 16 tokens
         if name == "pyramiddrop":
-            expect = torch.round(torch.round(n_img * 0.5) * 0.5).long()
+            one = int(16 * 0.5 * 0.5)  # int(n0 * budget * lambda) at the last stage
         elif isinstance(params["budget"], int):
-            expect = n_img.clamp(max=params["budget"])
+            one = int(per_image.clamp(max=params["budget"]))
         else:
-            expect = torch.round(n_img * params["budget"]).long()
+            one = round(16 * params["budget"])
+        expect = n_img // 16 * one
         assert torch.equal(final, expect), (final, expect)
         for b in range(3):
             single = _row(inputs, b)
@@ -457,13 +463,13 @@ def test_sparsevlm_recycled_tokens_are_member_means():
 
     model, make = _deep_llava(layers=4)
     inputs = make(batch=1, images=[2], padding="left", seed=7)
-    method = get("sparsevlm", budget=0.25, layers=(2,), ref_depth=4)
+    method = get("sparsevlm", budget=0.25, layers=(1,), ref_depth=4)  # prunes layer 1's output: K = 2
     lm = language_model_of(model)
     seen = {}
     orig = SparseVLM.compress_stage
 
-    def spy(self, tokens, stage, num_stages=1):
-        out = orig(self, tokens, stage, num_stages)
+    def spy(self, tokens, stage, num_stages=1, **kw):
+        out = orig(self, tokens, stage, num_stages, **kw)
         seen["tokens"], seen["out"] = tokens, out
         return out
 
@@ -481,7 +487,7 @@ def test_sparsevlm_recycled_tokens_are_member_means():
     tokens, out = seen["tokens"], seen["out"]
     merged = out.mask & (out.size > 1)
     assert bool(merged.any())
-    assert int(out.counts[0]) == round(0.25 * 32)
+    assert int(out.counts[0]) == round(0.25 * 16)  # per image (one row per image)
     for j in merged[0].nonzero().squeeze(1).tolist():
         members = (out.assign[0] == j).nonzero().squeeze(1)
         torch.testing.assert_close(out.x[0, j], tokens.x[0, members].mean(0))
@@ -514,7 +520,8 @@ def test_dart_rule_closed_form():
     x = torch.randn(2, 12, 6, generator=g)
     keys = torch.randn(2, 12, 4, generator=g)
     t = VisualTokens.from_features(x, grid=(1, 12), keys=keys)
-    m = get("dart", budget=5, pivot_image=1, pivot_text=0)
+    assert get("dart", budget=5, pivot_image=1, pivot_text=0)(t).counts.tolist() == [6, 6]  # pivot + 5 // 1
+    m = get("dart", budget=5, pivot_image=1, pivot_text=0, exact_budget=True)
     out = m(t)
     assert out.counts.tolist() == [5, 5]
     for b in range(2):
@@ -570,7 +577,13 @@ def test_decoder_rules_keep_visual_tokens_invariants(name):
     method = get(name, budget=0.25)
     out = method.compress_stage(t, 0, 1)
     out.validate()
-    assert torch.equal(out.counts, torch.round(counts * 0.25).long())
+    if name == "pyramiddrop":  # int(), as its reference
+        expect = torch.floor(counts * 0.25).long()
+    elif name == "dart":  # the visual pivots + (pivot_image + pivot_text) * int(budget * n / 8), as its reference
+        expect = (4 + 8 * torch.floor(counts * 0.25 / 8)).long().clamp(max=counts)
+    else:
+        expect = torch.round(counts * 0.25).long()
+    assert torch.equal(out.counts, expect)
     for r in range(b):
         pos = out.pos[r][out.mask[r]]
         assert bool((pos[1:] > pos[:-1]).all())
@@ -583,8 +596,9 @@ def test_decoder_rules_keep_visual_tokens_invariants(name):
 
 
 def test_sparsevlm_signal_is_eager_attention_of_prompt_rows():
-    """SparseVLM's attn signal = layer K-1's eager attention rows of the prompt tokens after the image."""
-    from vtcompress.methods.query import SparseVLM
+    """SparseVLM's attn signal = layer K-1's eager attention rows of the prompt tokens after the image (the reference's
+    layer l = K - 1 prunes its own output); the valid rows are the raters chosen once from the input embeddings."""
+    from vtcompress.methods.query import SparseVLM, text_raters
 
     model, make = _deep_llava(layers=4, attn="eager")
     inputs = make(batch=2, images=[1, 1], padding="left", seed=8)
@@ -593,14 +607,18 @@ def test_sparsevlm_signal_is_eager_attention_of_prompt_rows():
     seen = {}
     orig = SparseVLM.compress_stage
 
-    def spy(self, tokens, stage, num_stages=1):
+    def spy(self, tokens, stage, num_stages=1, **kw):
         seen["tokens"] = tokens
-        return orig(self, tokens, stage, num_stages)
+        return orig(self, tokens, stage, num_stages, **kw)
 
     SparseVLM.compress_stage = spy
     try:
-        with attach_decoder(model, get("sparsevlm", budget=0.5, layers=(2,), ref_depth=4)), torch.no_grad():
+        with attach_decoder(model, get("sparsevlm", budget=0.5, layers=(1,), ref_depth=4)) as handle, \
+                torch.no_grad():
             model(**inputs)
+            embeds = model.model.get_input_embeddings()(inputs["input_ids"])
+            feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+            run_raters = handle.run.raters[0]
     finally:
         SparseVLM.compress_stage = orig
     tokens = seen["tokens"]
@@ -608,7 +626,11 @@ def test_sparsevlm_signal_is_eager_attention_of_prompt_rows():
     for b in range(2):
         vis = (ids[b] == IMAGE).nonzero().squeeze(1)
         prompt = (ok[b] & (ids[b] != IMAGE) & (torch.arange(ids.shape[1]) > vis[0])).nonzero().squeeze(1)
-        q = int(tokens.text_mask[b].sum())
-        assert q == len(prompt)
+        q = len(prompt)
         expect = att[b].mean(0)[prompt][:, vis].T  # [N, Q]
         torch.testing.assert_close(tokens.attn[b, : len(vis), :q], expect, rtol=1e-5, atol=1e-6)
+        text = embeds[b, prompt]
+        raters = text_raters(feats[b][None], torch.ones(1, len(vis), dtype=torch.bool), text[None],
+                             torch.ones(1, q, dtype=torch.bool))[0]
+        assert torch.equal(tokens.text_mask[b, :q], raters) and not bool(tokens.text_mask[b, q:].any())
+        assert torch.equal(run_raters[b, prompt], raters)

@@ -260,6 +260,7 @@ class PruMergePlus(PruMerge):
 # ==================================================================================================
 # Decoder stage: FastV, PyramidDrop, and the shared DecoderCompressor base (also used by
 # SparseVLM in query.py and DART in similarity.py). Mechanics in vtcompress.models.decoder.
+# Each follows its reference by default (tests/reference/test_ref_decoder.py re-types them).
 # ==================================================================================================
 
 
@@ -277,9 +278,9 @@ def scale_layers(layers: tuple[int, ...] | list[int], ref_depth: int, num_layers
 
 
 def decoder_keep_counts(budget: int | float, counts: Tensor) -> Tensor:
-    """``[B]`` visual tokens kept per row inside the LLM: an int budget keeps ``min(budget, count)`` (rows with
-    fewer tokens keep them all, never an error: images differ in token counts), a fraction keeps
-    ``round(fraction * count)``, at least one when the row has any."""
+    """``[B]`` visual tokens kept per image inside the LLM: an int budget keeps ``min(budget, count)`` (images
+    with fewer tokens keep them all, never an error: images differ in token counts), a fraction keeps
+    ``round(fraction * count)``, at least one when the image has any."""
     check_budget(budget)
     counts = counts.to(torch.long)
     if isinstance(budget, int):
@@ -289,22 +290,56 @@ def decoder_keep_counts(budget: int | float, counts: Tensor) -> Tensor:
 
 
 @dataclass
+class StageContext:
+    """What the mechanics know about one decoder-stage call beyond :class:`VisualTokens` (one row per image).
+
+    Attributes:
+        text_keys: ``[B, T, Dk]`` the prompt tokens' keys (same layer and form as ``tokens.keys``), or ``None``.
+        vis_seq: ``[B, N]`` long, each visual token's index in its sample's unpadded sequence (the reference's
+            absolute token indices; DART's pivot order depends on them).
+        text_seq: ``[B, T]`` long, the same for the prompt tokens, or ``None``.
+        initial: ``[B]`` long, the image's visual tokens when the method's first stage ran (multi-stage budgets).
+        rated: the mechanics already restricted the prompt query rows to the method's raters (SparseVLM).
+        merge_rank: set by a merging method: ``[B, N_out]`` long, the order of each merged output token among its
+            image's merged tokens (-1 for kept ones), in the method's output order; the mechanics append merged
+            tokens after their image's kept tokens in that order when positions are compact.
+    """
+
+    text_keys: Tensor | None = None
+    vis_seq: Tensor | None = None
+    text_seq: Tensor | None = None
+    initial: Tensor | None = None
+    rated: bool = False
+    merge_rank: Tensor | None = None
+
+
+@dataclass
 class DecoderCompressor(ScoreCompressor):
     """Base of decoder-stage methods: they prune visual tokens between LLM layers.
 
     The mechanics (:func:`vtcompress.models.decoder.attach_decoder`) call :meth:`schedule` once for the
     model's depth and, before each stage layer ``K``, :meth:`compress_stage` on the visual tokens of each
-    row: ``x [B, N, D]`` their hidden states entering layer ``K``, plus the signals named in ``needs``
-    computed at layer ``K - 1`` (``attn [B, N, Q]``: attention received from the query rows chosen by
-    ``query`` — ``"last"``: the last token, ``"text"``: the prompt tokens after the first image, valid
-    ones in ``text_mask``; ``keys [B, N, Dk]``: the LLM keys (``k_proj`` output of layer ``K - 1``, all
-    KV heads, before RoPE); ``text [B, Q, D]``: the prompt tokens' hidden states entering layer ``K``).
-    The rule is a pure function of those tensors, so it is tested on synthesized signals as well.
-    Budgets follow :func:`decoder_keep_counts`; multi-stage methods get ``num_stages`` with each stage.
+    image (one row per image; budgets count per image, as at the projector stage): ``x [B, N, D]`` their
+    hidden states entering layer ``K`` (through the LLM's final norm if the class sets ``normed``), plus the
+    signals named in ``needs`` computed at layer ``K - 1`` (``signal_layer = "previous"``) or at layer ``K``
+    itself (``"own"``) on the sequence entering it: ``attn [B, N, Q]``: attention received from the query rows
+    chosen by ``query`` — ``"last"``: the last token, ``"text"``: the prompt tokens after the first image,
+    valid ones in ``text_mask``; ``keys [B, N, Dk]``: the keys that layer caches (``k_proj`` output rotated by
+    RoPE, all KV heads concatenated); ``text [B, Q, D]``: the prompt tokens' hidden states entering ``K``.
+    ``image_newline`` tokens (LLaVA-NeXT / OneVision) are never pruned and not counted. The rule is a pure
+    function of those tensors, so it is tested on synthesized signals as well. Budgets follow
+    :func:`decoder_keep_counts` unless a method says otherwise; multi-stage methods get ``num_stages``.
+    ``positions`` is the position scheme of the layers after a prune (``"original"`` or ``"compact"``, see
+    :data:`vtcompress.models.decoder.POSITIONS`); ``matches_reference`` says how the default matches the
+    authors' code.
     """
 
     stage: ClassVar[str] = "decoder"
     query: ClassVar[str] = "last"
+    signal_layer: ClassVar[str] = "previous"
+    normed: ClassVar[bool] = False
+    uses_context: ClassVar[bool] = False
+    positions: ClassVar[str] = "original"
 
     def schedule(self, num_layers: int) -> tuple[int, ...]:  # pragma: no cover - abstract
         """Stage layers for a decoder of ``num_layers`` layers (each in ``[1, num_layers - 1]``)."""
@@ -322,13 +357,14 @@ class DecoderCompressor(ScoreCompressor):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1 (a decoder layer after the first); got {value!r}")
 
-    def _check_stage_layers(self) -> None:
+    def _check_stage_layers(self, minimum: int = 1) -> None:
         """Validate and normalise the ``layers`` / ``ref_depth`` fields of multi-stage methods."""
         self.layers = tuple(self.layers)
         if not self.layers:
             raise ValueError("layers must name at least one stage layer; got ()")
         for v in self.layers:
-            self._check_layer("every entry of layers", v)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"every entry of layers must be an int >= {minimum}; got {v!r}")
         self._check_layer("ref_depth", self.ref_depth)
 
     @staticmethod
@@ -346,8 +382,9 @@ class FastV(DecoderCompressor):
 
     Score of each visual token = the head-mean attention it receives from the LAST token in decoder layer
     ``layer - 1`` (as the reference, which reads the previous layer's attention weights); the top
-    ``budget`` tokens (FastV's ``1 - R``; default R = 50 %) go on from layer ``layer`` (FastV's K, default
-    2), in their original order and positions. ``attn [B, N, 1]``; with several query rows their mean.
+    ``budget`` tokens of each image (FastV's ``1 - R``; default R = 50 %) go on from layer ``layer`` (FastV's
+    K, default 2), in their original order and positions (as the reference). ``attn [B, N, 1]``; with several
+    query rows their mean.
     """
 
     budget: int | float = 0.5
@@ -357,6 +394,8 @@ class FastV(DecoderCompressor):
     family: ClassVar[str] = "attention"
     paper: ClassVar[str] = "FastV (arXiv 2403.06764)"
     needs: ClassVar[tuple[str, ...]] = ("attn",)
+    positions: ClassVar[str] = "original"
+    matches_reference: ClassVar[str] = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -372,31 +411,45 @@ class FastV(DecoderCompressor):
 @register
 @dataclass
 class PyramidDrop(DecoderCompressor):
-    """PyramidDrop (Xing et al., arXiv 2410.17247): prune in stages through the LLM, a pyramid of visual tokens.
+    """PyramidDrop (Xing et al., arXiv 2410.17247; Cooperx521/PyramidDrop ``modeling_llama_pdrop.py``,
+    ``LlamaModel.pdrop_rank_drop``): prune in stages through the LLM, a pyramid of visual tokens.
 
-    At each stage layer (``layers`` given for a ``ref_depth``-layer LLM, default 8/16/24 of 32 as in the
-    paper's LLaVA-1.5 setting, scaled to the model's depth by :func:`scale_layers`) the
-    visual tokens are ranked by the head-mean attention they receive from the last instruction token
-    (layer ``K - 1``, as FastV); stage 0 keeps ``budget`` of them, every later stage keeps ``ratio``
-    (the paper's lambda, default 0.5) of the survivors of the previous stage. ``attn [B, N, 1]``.
+    * Stage layers ``layers`` of a ``ref_depth``-layer LLM (default 8 / 16 / 24 of 32, the paper's LLaVA-1.5
+      setting), scaled to the model's depth by :func:`scale_layers`; the drop happens before layer ``K``.
+    * Score (as the reference): at each stage layer ``K``, THAT layer's own q / k (``signal_layer = "own"``)
+      on the hidden states entering it, at the positions they have then; the head-mean softmax attention the
+      visual tokens receive from the last instruction token (the last token). ``attn [B, N, 1]``.
+    * Counts: stage ``s`` keeps ``int(n0 * r_s)`` of the image's ``n0`` visual tokens (``int()`` truncates, as
+      the reference; it may reach 0), with ``r_s = budget * lambda ** s``: the float budget is the fraction
+      kept after the first stage, as for the other decoder methods, and lambda (``ratio``) defaults to the
+      budget itself, so ``budget = 0.5`` is the paper's ``[0.5, 0.25, 0.125]`` and ``budget = 1.0`` is the
+      stock model. An int budget keeps ``min(budget, n0)`` at the first stage and ``int(budget * lambda ** s)``
+      later (lambda defaults to ``budget / n0``). ``ratio`` sets lambda explicitly.
+    * Positions: compact (the reference renumbers the positions after every drop; decoding continues from the
+      renumbered length).
     """
 
     budget: int | float = 0.5
     layers: tuple[int, ...] = (8, 16, 24)
     ref_depth: int = 32
-    ratio: float = 0.5
+    ratio: float | None = None
 
     name: ClassVar[str] = "pyramiddrop"
     family: ClassVar[str] = "attention"
     paper: ClassVar[str] = "PyramidDrop (arXiv 2410.17247)"
     needs: ClassVar[tuple[str, ...]] = ("attn",)
+    signal_layer: ClassVar[str] = "own"
+    uses_context: ClassVar[bool] = True
+    positions: ClassVar[str] = "compact"
+    matches_reference: ClassVar[str] = "exact (lambda = budget: budget 0.5 is the paper's 0.5/0.25/0.125)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_stage_layers()
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, float) or not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"ratio must be a float in (0, 1] (fraction of survivors kept per stage); got "
-                             f"{self.ratio!r}")
+        if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, float)
+                                       or not 0.0 < self.ratio <= 1.0):
+            raise ValueError(f"ratio must be None (lambda = the budget) or a float in (0, 1] (the fraction of the "
+                             f"previous stage kept per stage); got {self.ratio!r}")
 
     def schedule(self, num_layers: int) -> tuple[int, ...]:
         return scale_layers(self.layers, self.ref_depth, num_layers)
@@ -404,7 +457,28 @@ class PyramidDrop(DecoderCompressor):
     def score(self, tokens: VisualTokens) -> Tensor:
         return tokens.attn.float().mean(-1)
 
-    def compress_stage(self, tokens: VisualTokens, stage: int, num_stages: int = 1) -> VisualTokens:
-        k = decoder_keep_counts(self.budget if stage == 0 else self.ratio, tokens.counts)
-        idx, valid = topk_sorted(self.score(tokens), k, tokens.mask)
+    def stage_counts(self, initial: Tensor, stage: int) -> Tensor:
+        """``[B]`` visual tokens kept by stage ``stage`` of images that had ``initial [B]`` at the first stage."""
+        n0 = initial.to(torch.long)
+        if isinstance(self.budget, int):
+            first = n0.clamp(max=self.budget)
+            if stage == 0:
+                return first
+            lam = (torch.full_like(n0, self.ratio, dtype=torch.float64) if self.ratio is not None
+                   else self.budget / n0.clamp(min=1).to(torch.float64))
+            return torch.floor(first.to(torch.float64) * lam**stage).to(torch.long).clamp(max=first)
+        lam = self.budget if self.ratio is None else self.ratio
+        r = self.budget * lam**stage  # the reference's image_token_ratio_list[stage + 1]
+        return torch.floor(n0.to(torch.float64) * r).to(torch.long)
+
+    def compress_stage(self, tokens: VisualTokens, stage: int, num_stages: int = 1,
+                       context: StageContext | None = None) -> VisualTokens:
+        if context is not None and context.initial is not None:
+            k = self.stage_counts(context.initial, stage)
+        elif stage == 0:
+            k = self.stage_counts(tokens.counts, 0)
+        else:  # a pure call on a later stage's tokens: lambda of what this stage received
+            lam = self.ratio if self.ratio is not None else (self.budget if isinstance(self.budget, float) else 1.0)
+            k = torch.floor(tokens.counts.to(torch.float64) * lam).to(torch.long)
+        idx, valid = topk_sorted(self.score(tokens), torch.minimum(k, tokens.counts), tokens.mask)
         return tokens.select(idx, valid)

@@ -9,7 +9,7 @@ from ..compressor import register
 from ..ops import topk_sorted
 from ..tokens import VisualTokens
 from ..trainable import Attention, FeedForward, TrainableCompressor
-from .attention import DecoderCompressor, decoder_keep_counts, scale_layers
+from .attention import DecoderCompressor, StageContext, decoder_keep_counts
 
 # ==================================================================================================
 # Trainable resamplers: qformer, perceiver.
@@ -141,8 +141,9 @@ def text_raters(x: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, text_ma
     """SparseVLM's raters: ``[B, T]`` bool prompt tokens whose relevance to the visual tokens is above the mean.
 
     Relevance of prompt token ``t`` = mean over the valid visual tokens ``n`` of ``softmax_t(x_n . text_t)``
-    (``x [B, N, D]``, ``mask [B, N]``, ``text [B, T, D]``, ``text_mask [B, T]``), as the reference computes it
-    from the hidden states; a row where no token is above the mean (all equal) rates with all its tokens.
+    (``x [B, N, D]``, ``mask [B, N]``, ``text [B, T, D]``, ``text_mask [B, T]``), as the reference computes it once
+    from the LLM's input embeddings (Gumpest/SparseVLMs ``modelling_sparse_llama.py``, "Select Text Raters"); a row
+    where no token is above the mean (all equal) rates with all its tokens (the reference would select none).
     """
     logits = torch.einsum("bnd,btd->bnt", x.float(), text.float())
     logits = logits.masked_fill(~text_mask[:, None], float("-inf"))
@@ -153,8 +154,9 @@ def text_raters(x: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, text_ma
     return torch.where(raters.any(1, keepdim=True), raters, text_mask)
 
 
-def dpc_knn(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Density-peaks clustering with k-NN density (DPC-kNN), as SparseVLM's recycling step.
+def dpc_knn(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor, return_score: bool = False):
+    """Density-peaks clustering with k-NN density (DPC-kNN), as SparseVLM's recycling step (``utils.py``,
+    ``cluster_and_merge``).
 
     Args:
         x: ``[B, M, D]`` candidate tokens; valid: ``[B, M]`` bool; clusters: ``[B]`` long clusters per row
@@ -162,15 +164,17 @@ def dpc_knn(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) -> tup
 
     Returns:
         ``center [B, M]`` bool cluster centres and ``owner [B, M]`` long, the centre index each candidate joins
-        (centres own themselves). Density of a token = ``exp(-mean squared distance to its k nearest)``
-        with ``k`` = the row's cluster count (self included, as the reference); centres = the tokens with the
-        largest ``density * distance to the nearest denser token``. Ties break towards the lower index
-        (the reference adds random noise instead), so the result is deterministic.
+        (centres own themselves); with ``return_score`` also ``score [B, M]`` (the centre score, ``-inf`` for
+        invalid). Density of a token = ``exp(-mean squared distance to its k nearest)`` with ``k`` = the row's
+        cluster count (self included, as the reference); centres = the tokens with the largest ``density *
+        distance to the nearest denser token``. Ties break towards the lower index (the reference adds random
+        noise of 1e-6 to the densities instead), so the result is deterministic.
     """
     b, m, d = x.shape
     dev = x.device
     if m == 0:
-        return valid.clone(), torch.zeros(b, 0, dtype=torch.long, device=dev)
+        empty = (valid.clone(), torch.zeros(b, 0, dtype=torch.long, device=dev))
+        return (*empty, torch.zeros(b, 0, device=dev)) if return_score else empty
     xf = x.float()
     dist = torch.cdist(xf, xf) / d**0.5
     big = dist.amax().clamp(min=1.0) * 4 + 1
@@ -197,28 +201,33 @@ def dpc_knn(x: torch.Tensor, valid: torch.Tensor, clusters: torch.Tensor) -> tup
     center = center[:, :m]
     to_center = torch.where(center[:, None, :], dist, big + 1)
     owner = to_center.argmin(-1)
-    return center, torch.where(center, idx[None].expand(b, -1), owner)
+    owner = torch.where(center, idx[None].expand(b, -1), owner)
+    return (center, owner, score) if return_score else (center, owner)
 
 
 @register
 @dataclass
 class SparseVLM(DecoderCompressor):
-    """SparseVLM (Zhang et al., arXiv 2410.04417; Gumpest/SparseVLMs): text-guided pruning inside the LLM.
+    """SparseVLM (Zhang et al., arXiv 2410.04417; Gumpest/SparseVLMs ``modelling_sparse_llama.py``, ``score.py``,
+    ``utils.py``, v1.0): text-guided pruning inside the LLM.
 
-    * Raters (:func:`text_raters`): the prompt tokens after the image whose relevance to the visual tokens is
-      above the mean (recomputed from the hidden states at every stage; the reference rates once, from the
-      embeddings).
-    * Schedule: stage layers ``layers`` of a ``ref_depth``-layer LLM (reference: 2, 6, 15 of 32), scaled to
-      the model's depth. Each visual token's score is the head-mean attention it receives from the raters
-      in layer ``K - 1`` (``attn [B, N, Q]``, averaged over the raters).
-    * Per-stage counts: the stages shrink geometrically to ``budget`` (a fraction of the visual tokens, or a
-      count) — stage ``s`` of ``S`` keeps ``round(n * (target / n) ** (1 / (S - s)))`` of the ``n`` tokens it
-      receives (the reference uses hand-set per-budget lists such as 300 / 200 / 110).
-    * Recycling: of the tokens a stage prunes, the ``recycle`` fraction (reference 30 %) with the highest
-      scores are clustered by :func:`dpc_knn` into ``int(cluster_ratio * m) + 1`` tokens (reference: one per
-      10 candidates, plus one) whose features are the members' means; each sits at its centre's position. The
-      merged tokens count towards the stage's budget (the top-scored selection keeps that many fewer), so
-      the budget is exact.
+    * Raters (:meth:`rate`, :func:`text_raters`): chosen ONCE, from the LLM's input embeddings, among the prompt
+      tokens after the image (the mechanics then query only them; a pure call rates from ``x`` and ``text``).
+    * Schedule: ``layers`` are the reference's (default 2, 6, 15 of ``ref_depth`` 32): the reference prunes layer
+      ``l``'s OUTPUT with layer ``l``'s own attention, i.e. before layer ``l + 1`` with the attention of the layer
+      before it, which is our stage layer ``K = l + 1`` (:meth:`schedule`; ``l`` is scaled to the depth first).
+      Score of each visual token = the head-mean attention it receives from the raters (``attn [B, N, Q]``,
+      averaged over the valid query rows).
+    * Counts: with ``stage_tokens`` (the reference's hand-set lists for 576-token LLaVA-1.5 images, e.g.
+      ``(300, 200, 110)`` for its 192 setting) stage ``s`` selects ``min(stage_tokens[s], n - 1)`` tokens and the
+      recycled ones come on top, as the reference. Without it (default) the stages shrink geometrically to the
+      budget (stage ``s`` of ``S`` keeps ``round(n * (target / n) ** (1 / (S - s)))`` of the ``n`` it receives)
+      and the recycled tokens count towards the stage's count, so the budget is exact.
+    * Recycling (as the reference): of the ``p`` tokens a stage prunes, the ``int(recycle * p) + 1`` with the
+      highest scores are clustered by :func:`dpc_knn` into ``int(cluster_ratio * m) + 1`` tokens (``m``
+      candidates) whose features are the members' means (the reference divides by ``count + 1e-6``); the merged
+      tokens follow the kept ones of their image, in the order of their centre scores.
+    * Positions: compact (the reference renumbers: ``position_ids[:, :new_length]``).
     """
 
     budget: int | float = 0.33
@@ -226,34 +235,57 @@ class SparseVLM(DecoderCompressor):
     ref_depth: int = 32
     recycle: float = 0.3
     cluster_ratio: float = 0.1
+    stage_tokens: tuple[int, ...] | None = None
 
     name: ClassVar[str] = "sparsevlm"
     family: ClassVar[str] = "query"
     paper: ClassVar[str] = "SparseVLM (arXiv 2410.04417)"
     needs: ClassVar[tuple[str, ...]] = ("attn", "text")
     query: ClassVar[str] = "text"
+    uses_context: ClassVar[bool] = True
+    positions: ClassVar[str] = "compact"
+    matches_reference: ClassVar[str] = ("exact with stage_tokens (the reference's per-budget lists); "
+                                        "default: geometric per-stage counts")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._check_stage_layers()
+        self._check_stage_layers(minimum=0)
         for name in ("recycle", "cluster_ratio"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1]; got {v!r}")
+        if self.stage_tokens is not None:
+            self.stage_tokens = tuple(self.stage_tokens)
+            if len(self.stage_tokens) != len(self.layers) or any(
+                    isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.stage_tokens):
+                raise ValueError(f"stage_tokens must be None or one int >= 1 per stage layer ({len(self.layers)}); "
+                                 f"got {self.stage_tokens!r}")
 
     def schedule(self, num_layers: int) -> tuple[int, ...]:
-        return scale_layers(self.layers, self.ref_depth, num_layers)
+        if num_layers < 2:
+            raise ValueError(f"decoder-stage pruning needs a decoder of at least 2 layers; got {num_layers}")
+        out = {min(max(int(round(layer * num_layers / self.ref_depth)), 0), num_layers - 2) + 1
+               for layer in self.layers}
+        if self.stage_tokens is not None and len(out) != len(self.layers):
+            raise ValueError(f"{self.name}: layers {self.layers} collapse to {sorted(out)} on a {num_layers}-layer "
+                             "decoder; stage_tokens needs one distinct layer per entry")
+        return tuple(sorted(out))
 
-    def score(self, tokens: VisualTokens) -> torch.Tensor:
-        """``[B, N]`` mean attention from the raters (``attn [B, N, Q]`` over the prompt tokens ``text [B, Q, D]``)."""
+    def rate(self, x: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` raters from the input embeddings of the visual (``x``) and prompt (``text``) tokens."""
+        return text_raters(x, mask, text, text_mask)
+
+    def score(self, tokens: VisualTokens, rated: bool = False) -> torch.Tensor:
+        """``[B, N]`` mean attention from the raters (``attn [B, N, Q]`` over the valid query rows ``text_mask``;
+        unless ``rated``, the raters are first chosen among them from ``x`` and ``text``)."""
         tmask = tokens.text_mask if tokens.text_mask is not None else torch.ones(
             tokens.attn.shape[0], tokens.attn.shape[2], dtype=torch.bool, device=tokens.x.device)
-        raters = text_raters(tokens.x, tokens.mask, tokens.text, tmask)
+        raters = tmask if rated else text_raters(tokens.x, tokens.mask, tokens.text, tmask)
         w = raters.to(torch.float32)
         return (tokens.attn.float() * w[:, None]).sum(-1) / w.sum(-1, keepdim=True).clamp(min=1)
 
     def stage_counts(self, counts: torch.Tensor, stage: int, num_stages: int) -> torch.Tensor:
-        """``[B]`` tokens kept by stage ``stage`` of ``num_stages`` from rows of ``counts`` tokens."""
+        """``[B]`` tokens kept by stage ``stage`` of ``num_stages`` from rows of ``counts`` tokens (geometric)."""
         n = counts.to(torch.float64)
         if isinstance(self.budget, int):
             target = n.clamp(max=self.budget)
@@ -266,17 +298,27 @@ class SparseVLM(DecoderCompressor):
     def compress(self, tokens: VisualTokens) -> VisualTokens:
         return self.compress_stage(tokens, 0, 1)
 
-    def compress_stage(self, tokens: VisualTokens, stage: int, num_stages: int = 1) -> VisualTokens:
+    def compress_stage(self, tokens: VisualTokens, stage: int, num_stages: int = 1,
+                       context: StageContext | None = None) -> VisualTokens:
         counts = tokens.counts
-        k = self.stage_counts(counts, stage, num_stages) if num_stages > 1 or isinstance(self.budget, int) \
-            else decoder_keep_counts(self.budget, counts)
-        score = self.score(tokens)
-        pruned = counts - k
-        m = torch.ceil(pruned.to(torch.float64) * self.recycle).to(torch.long)
-        c = torch.where(m > 0, (m.to(torch.float64) * self.cluster_ratio).to(torch.long) + 1, torch.zeros_like(m))
-        c = torch.minimum(c, torch.minimum(m, (k - 1).clamp(min=0)))
-        k_sel = k - c
-        m = torch.where(c > 0, m, torch.zeros_like(m))  # no cluster (k == 1): nothing is recycled
+        score = self.score(tokens, rated=context is not None and context.rated)
+        zero = torch.zeros_like(counts)
+        if self.stage_tokens is not None:  # the reference: select min(list[s], n - 1), recycle on top
+            k_sel = torch.minimum(torch.full_like(counts, self.stage_tokens[min(stage, len(self.stage_tokens) - 1)]),
+                                  (counts - 1).clamp(min=0))
+            pruned = counts - k_sel
+        else:
+            k = self.stage_counts(counts, stage, num_stages) if num_stages > 1 or isinstance(self.budget, int) \
+                else decoder_keep_counts(self.budget, counts)
+            pruned = counts - k
+        m = torch.where(pruned > 0, torch.floor(pruned.to(torch.float64) * self.recycle).to(torch.long) + 1, zero)
+        m = torch.minimum(m, pruned)
+        c = torch.where(m > 0, torch.floor(m.to(torch.float64) * self.cluster_ratio + 1e-9).to(torch.long) + 1, zero)
+        c = torch.minimum(c, m)
+        if self.stage_tokens is None:  # the merged tokens count towards the stage's budget
+            c = torch.minimum(c, (k - 1).clamp(min=0))
+            k_sel = k - c
+            m = torch.where(c > 0, m, zero)  # no cluster (k == 1): nothing is recycled
         sel_idx, sel_ok = topk_sorted(score, k_sel, tokens.mask)
         b, n = tokens.mask.shape
         dev = tokens.x.device
@@ -289,7 +331,8 @@ class SparseVLM(DecoderCompressor):
         rest = tokens.mask & ~selected
         cand_idx, cand_ok = topk_sorted(score, torch.minimum(m, rest.sum(1)), rest)
         xc = tokens.x.gather(1, cand_idx[..., None].expand(-1, -1, tokens.x.shape[2]))
-        center, owner = dpc_knn(xc, cand_ok, torch.where(cand_ok.any(1), c, torch.zeros_like(c)))
+        center, owner, cscore = dpc_knn(xc, cand_ok, torch.where(cand_ok.any(1), c, torch.zeros_like(c)),
+                                        return_score=True)
         is_anchor = selected.clone()
         cand_center_tok = torch.where(center & cand_ok, cand_idx, torch.full_like(cand_idx, n))
         anchor_flag = torch.zeros(b, n + 1, dtype=torch.bool, device=dev).scatter_(1, cand_center_tok, True)
@@ -308,4 +351,15 @@ class SparseVLM(DecoderCompressor):
         anchor = torch.where(is_anchor, ar, ar + n).argsort(dim=1)[:, :mm]
         anchor = torch.where(torch.arange(mm, device=dev)[None] < n_slots[:, None], anchor,
                               torch.full_like(anchor, -1))
-        return tokens.merge(dest, anchor)
+        out = tokens.merge(dest, anchor)
+        if context is not None:
+            # the reference orders its merged tokens by centre score (topk order): rank of each centre
+            cs = torch.where(center & cand_ok, cscore, torch.full_like(cscore, float("-inf")))
+            crank = cs.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # [B, M] rank among candidates
+            tok_rank = torch.full((b, n + 1), -1, dtype=torch.long, device=dev)
+            tok_rank.scatter_(1, cand_center_tok, torch.where(center & cand_ok, crank, torch.full_like(crank, -1)))
+            tok_rank = tok_rank[:, :n]
+            out_rank = tok_rank.gather(1, anchor.clamp(min=0))
+            context.merge_rank = torch.where((anchor >= 0) & ~selected.gather(1, anchor.clamp(min=0)), out_rank,
+                                             torch.full_like(out_rank, -1))
+        return out

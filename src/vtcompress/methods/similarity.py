@@ -11,7 +11,7 @@ from torch import Tensor
 from ..compressor import Compressor, keep_counts, register
 from ..ops import bipartite_soft_matching, maxmin_diversity, topk_sorted
 from ..tokens import VisualTokens
-from .attention import DecoderCompressor
+from .attention import DecoderCompressor, StageContext
 
 
 def _metric(tokens: VisualTokens) -> Tensor:
@@ -351,30 +351,45 @@ class Folder(Compressor):
 @dataclass
 class DART(DecoderCompressor):
     """DART (Wen et al., "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters
-    More", arXiv 2502.11494; ZichenWen1/DART): keep the visual tokens that duplicate the pivots least.
+    More", arXiv 2502.11494; the authors' LLaVA ``modeling_llama`` ``get_retained_image_token``, ported as
+    ModelTC/LightCompress ``token_reduction/dart.py``): keep the visual tokens that duplicate the pivots least.
 
-    At the input of layer ``layer`` (default 2):
+    Before layer ``layer`` (default 2, the reference's ``K``), per image:
 
-    * pivots: the ``pivot_image`` visual tokens with the largest L1 norm of their keys (``keys [B, N, Dk]``,
-      ``k_proj`` output of layer ``layer - 1``, as the reference), plus ``pivot_text`` prompt tokens with the
-      largest L1 norm (of their hidden states ``text [B, T, D]``: the reference ranks them by key norm too;
-      our VisualTokens carry prompt hidden states, not prompt keys);
-    * visual pivots are kept; the remaining budget is split evenly over the pivots (the first ones take the
-      remainder), and pivot by pivot, the not-yet-kept visual tokens least cosine-similar to it (hidden
-      states ``x``) are kept. The reference's per-pivot quota is ``int(budget / pivots)`` (the total may miss
-      the budget); ours hits it exactly.
+    * pivots: the ``pivot_image`` visual tokens and the ``pivot_text`` prompt tokens (the tokens after the image)
+      with the largest L1 norm of their keys in layer ``layer - 1`` — the keys that layer caches, i.e. AFTER RoPE
+      (``keys [B, N, Dk]``; the prompt's keys come in the mechanics' :class:`StageContext`; a pure call without
+      them ranks the prompt tokens by the L1 norm of ``text``);
+    * the visual pivots are kept; then pivot by pivot each one keeps the ``int(T / (pivot_image + pivot_text))``
+      not-yet-kept visual tokens least cosine-similar to it, on the final-RMSNorm'd hidden states entering layer
+      ``layer`` (``normed``: the mechanics pass ``x`` and ``text`` through the LLM's final norm, as the
+      reference). ``T`` is the budget in tokens (an int budget, or ``budget * N``: the reference's
+      ``max_num_trunction``), so an image keeps ``pivot_image + P * int(T / P)`` tokens: 4 + 8 x 16 = 132 at
+      ``budget=128`` (the reference's LLaVA-1.5 setting), not 128. ``budget=1.0`` keeps everything.
+    * pivot order: the reference visits its pivots in the iteration order of a Python ``set`` of their token
+      indices; with the mechanics' token indices (``StageContext.vis_seq`` / ``text_seq``) we visit them in
+      that same order (it matters when two pivots would pick the same token); otherwise image pivots by norm,
+      then prompt pivots.
+
+    ``exact_budget=True`` is the cleaner variant: the pivots count towards the budget and the rest is split
+    evenly over the pivots (the first ones take the remainder), so an image keeps exactly its budget.
     """
 
     budget: int | float = 0.5
     layer: int = 2
     pivot_image: int = 4
     pivot_text: int = 4
+    exact_budget: bool = False
 
     name: ClassVar[str] = "dart"
     family: ClassVar[str] = "similarity"
     paper: ClassVar[str] = "DART (arXiv 2502.11494)"
     needs: ClassVar[tuple[str, ...]] = ("keys",)
     query: ClassVar[str] = "text"  # the mechanics pass the prompt tokens as ``text`` (text pivots; optional)
+    normed: ClassVar[bool] = True
+    uses_context: ClassVar[bool] = True
+    positions: ClassVar[str] = "original"
+    matches_reference: ClassVar[str] = "exact (keeps pivot_image + P * int(budget / P); exact_budget=True: the budget)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -385,48 +400,90 @@ class DART(DecoderCompressor):
                 raise ValueError(f"{name} must be an int >= 0; got {v!r}")
         if self.pivot_image + self.pivot_text == 0:
             raise ValueError("DART needs at least one pivot: pivot_image + pivot_text must be >= 1")
+        if not isinstance(self.exact_budget, bool):
+            raise ValueError(f"exact_budget must be a bool; got {self.exact_budget!r}")
 
     def schedule(self, num_layers: int) -> tuple[int, ...]:
         return self._check_single(self.layer, num_layers, self.name)
 
-    def pivots(self, tokens: VisualTokens) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(image_idx [B, Pi], image_ok, text_idx [B, Pt], text_ok)``: pivot indices, highest norm first."""
-        k = self.keep_counts(tokens)
-        norm = tokens.keys.float().abs().sum(-1).masked_fill(~tokens.mask, float("-inf"))
+    def pivots(self, tokens: VisualTokens, context: StageContext | None = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(image_idx [B, Pi], image_ok, text_idx [B, Pt], text_ok)``: pivot indices, highest key L1 norm first."""
+        norm = torch.norm(tokens.keys, p=1, dim=-1).float().masked_fill(~tokens.mask, float("-inf"))
         pi = min(self.pivot_image, tokens.num_tokens)
         img_idx = norm.topk(pi, dim=1).indices if pi else norm.new_zeros(norm.shape[0], 0).long()
-        img_ok = torch.arange(pi, device=norm.device)[None] < torch.minimum(k, tokens.counts)[:, None]
+        cap = self.keep_counts(tokens) if self.exact_budget else tokens.counts
+        img_ok = torch.arange(pi, device=norm.device)[None] < torch.minimum(cap, tokens.counts)[:, None]
         if tokens.text is None or self.pivot_text == 0:
             z = torch.zeros(norm.shape[0], 0, dtype=torch.long, device=norm.device)
             return img_idx, img_ok, z, z.bool()
         tmask = tokens.text_mask if tokens.text_mask is not None else torch.ones(
             tokens.text.shape[:2], dtype=torch.bool, device=norm.device)
-        tnorm = tokens.text.float().abs().sum(-1).masked_fill(~tmask, float("-inf"))
+        tk = context.text_keys if context is not None and context.text_keys is not None else tokens.text
+        tnorm = torch.norm(tk, p=1, dim=-1).float().masked_fill(~tmask, float("-inf"))
         pt = min(self.pivot_text, tokens.text.shape[1])
         txt_idx = tnorm.topk(pt, dim=1).indices
         txt_ok = torch.arange(pt, device=norm.device)[None] < tmask.sum(1, keepdim=True)
         return img_idx, img_ok, txt_idx, txt_ok
 
-    def compress(self, tokens: VisualTokens) -> VisualTokens:
+    def _quota(self, tokens: VisualTokens, kept: Tensor, piv_ok: Tensor) -> Tensor:
+        """``[B, P]`` tokens each pivot picks."""
+        counts = tokens.counts
+        if not self.exact_budget:
+            # the reference: TOKEN_TOPK = max_num_trunction // (pivot_image_token + pivot_text_token), every pivot
+            trunc = (torch.full_like(counts, self.budget, dtype=torch.float64) if isinstance(self.budget, int)
+                     else counts.to(torch.float64) * self.budget)
+            q = torch.floor(trunc / (self.pivot_image + self.pivot_text)).to(torch.long)
+            return torch.where(piv_ok, q[:, None], torch.zeros_like(q[:, None]))
         k = self.keep_counts(tokens)
+        left = (k - kept.sum(1)).clamp(min=0)
+        n_piv = piv_ok.sum(1).clamp(min=1)
+        rank = piv_ok.long().cumsum(1) - 1  # order of each valid pivot
+        quota = left[:, None] // n_piv[:, None] + (rank < (left % n_piv)[:, None]).long()
+        return torch.where(piv_ok, quota, torch.zeros_like(quota))
+
+    @staticmethod
+    def _set_order(img_seq: Tensor, img_ok: Tensor, txt_seq: Tensor, txt_ok: Tensor) -> Tensor:
+        """``[B, Pi + Pt]`` the order in which the reference visits the pivots: ``list(set(image + text).copy())``
+        of their token indices (a handful of ints per row, on the host)."""
+        seq = torch.cat([img_seq, txt_seq], dim=1)
+        ok = torch.cat([img_ok, txt_ok], dim=1)
+        order = torch.arange(seq.shape[1]).expand(seq.shape[0], -1).clone()
+        for r, (row, row_ok) in enumerate(zip(seq.tolist(), ok.tolist(), strict=True)):
+            valid = [i for i, v in enumerate(row_ok) if v]
+            where = {row[i]: i for i in valid}
+            visited = [where[t] for t in list(set([row[i] for i in valid]).copy())]
+            order[r] = torch.tensor(visited + [i for i in range(len(row)) if i not in visited])
+        return order.to(seq.device)
+
+    def compress(self, tokens: VisualTokens) -> VisualTokens:
+        return self.compress_stage(tokens, 0, 1)
+
+    def compress_stage(self, tokens: VisualTokens, stage: int = 0, num_stages: int = 1,
+                       context: StageContext | None = None) -> VisualTokens:
         b, n, d = tokens.x.shape
         dev = tokens.x.device
-        img_idx, img_ok, txt_idx, txt_ok = self.pivots(tokens)
+        if not self.exact_budget and ((isinstance(self.budget, float) and self.budget >= 1.0)
+                                      or (isinstance(self.budget, int) and self.budget >= n)):
+            return tokens  # a budget of every token keeps every token
+        img_idx, img_ok, txt_idx, txt_ok = self.pivots(tokens, context)
         kept = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
         kept.scatter_(1, torch.where(img_ok, img_idx, torch.full_like(img_idx, n)), True)
         kept = kept[:, :n]
-        x = torch.nn.functional.normalize(tokens.x.float(), dim=-1)
+        x = tokens.x
         piv = torch.cat([x.gather(1, img_idx[..., None].expand(-1, -1, d)),
-                         torch.nn.functional.normalize(tokens.text.float(), dim=-1).gather(
-                             1, txt_idx[..., None].expand(-1, -1, d)) if txt_idx.shape[1] else x[:, :0]], dim=1)
+                         tokens.text.to(x.dtype).gather(1, txt_idx[..., None].expand(-1, -1, d))
+                         if txt_idx.shape[1] else x[:, :0]], dim=1)
         piv_ok = torch.cat([img_ok, txt_ok], dim=1)
-        n_piv = piv_ok.sum(1)
-        left = (k - kept.sum(1)).clamp(min=0)
-        rank = piv_ok.long().cumsum(1) - 1  # order of each valid pivot
-        quota = left[:, None] // n_piv.clamp(min=1)[:, None] + (rank < (left % n_piv.clamp(min=1))[:, None]).long()
-        quota = torch.where(piv_ok, quota, torch.zeros_like(quota))
+        quota = self._quota(tokens, kept, piv_ok)
+        if context is not None and context.vis_seq is not None and context.text_seq is not None \
+                and piv.shape[1] > 1:
+            order = self._set_order(context.vis_seq.gather(1, img_idx), img_ok, context.text_seq.gather(1, txt_idx)
+                                    if txt_idx.shape[1] else txt_idx, txt_ok)
+            piv = piv.gather(1, order[..., None].expand(-1, -1, d))
+            piv_ok, quota = piv_ok.gather(1, order), quota.gather(1, order)
         for i in range(piv.shape[1]):  # a handful of pivots, each a vectorised pick over the batch
-            sim = (x * piv[:, i : i + 1]).sum(-1)
+            sim = torch.nn.functional.cosine_similarity(piv[:, i : i + 1], x, dim=-1).float()
             free = tokens.mask & ~kept
             idx, ok = topk_sorted(-sim, torch.minimum(quota[:, i], free.sum(1)), free)
             ext = torch.cat([kept, torch.zeros(b, 1, dtype=torch.bool, device=dev)], dim=1)

@@ -52,15 +52,22 @@ Consequences:
 from __future__ import annotations
 
 import sys
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..compressor import Compressor
+from ..methods.attention import StageContext
 from ..tokens import VisualTokens
+from .context import activate, deactivate, detach_hook, is_active
 
-__all__ = ["attach_decoder", "DecoderHandle", "attention_rows", "language_model_of", "visual_token_ids"]
+__all__ = ["attach_decoder", "DecoderHandle", "attention_rows", "language_model_of", "visual_token_ids", "POSITIONS"]
+
+#: position schemes of the layers after a prune: "original" (kept tokens keep their positions, FastV's reference) or
+#: "compact" (renumbered contiguously, the generated tokens follow on: PyramidDrop's and SparseVLM's references).
+POSITIONS = ("original", "compact")
 
 #: key chunk of the attention-row computation: bounds the extra memory of scoring to O(chunk * D).
 KEY_CHUNK = 1024
@@ -96,6 +103,15 @@ def visual_token_ids(config) -> list[int]:
             "find the visual tokens in input_ids"
         )
     return ids
+
+
+def _image_newline(model: nn.Module) -> Tensor | None:
+    """The ``image_newline`` parameter of a LLaVA-NeXT / OneVision model (``[D]``), else ``None``."""
+    for obj in (getattr(model, "model", None), model):
+        nl = getattr(obj, "image_newline", None) if obj is not None else None
+        if isinstance(nl, Tensor) and nl.dim() == 1:
+            return nl.detach()
+    return None
 
 
 def _rope_fn(attn: nn.Module):
@@ -201,13 +217,14 @@ class _Stage:
     method: Compressor
     index: int  # stage number within its method
     count: int  # stages of its method
+    method_id: int  # which method (index into DecoderHandle.methods)
 
 
 @dataclass
 class _Decision:
     """What one stage decided in the prefill; reused by decode steps and uncached continuations."""
 
-    rel: Tensor  # [B, Ls] positions kept, into the previous stage's sequence
+    rel: Tensor  # [B, Ls] positions kept, into the previous stage's sequence (in the new order)
     keep: Tensor  # [B, Ls] absolute positions (into the prefill sequence) kept
     ok: Tensor  # [B, Ls] bool real tokens (False: pads and fillers)
     fix: bool  # some fillers are not pads: masks must hide them
@@ -215,25 +232,38 @@ class _Decision:
     slots: Tensor | None = None  # [B, M] new slots whose hidden state the method rewrote (merging)
     values: Tensor | None = None  # [B, M, D]
     slot_ok: Tensor | None = None  # [B, M]
+    pid: Tensor | None = None  # [B, Ls] position ids of the layers of this stage when some stage renumbered them
+    shift: Tensor | None = None  # [B] decode positions are the stock ones minus this (compact positions)
+    reordered: bool = False  # the new order is not the positional order (merged tokens appended): causal masks
+    # are rebuilt in the new order
 
 
 @dataclass
 class _Run:
     mode: str  # prefill | continue | decode | off
     ids: Tensor
-    vis: Tensor  # [B, L0] visual tokens of the prefill
+    vis: Tensor  # [B, L0] prunable visual tokens of the prefill (placeholders that carry a patch)
     pad_ok: Tensor  # [B, L] not padding (current full length)
     length: int  # L0, prefill length
     full: int  # current full length (prefill/continue)
+    ph: Tensor | None = None  # [B, L0] image / video placeholders (visual tokens and image_newline tokens)
+    img: Tensor | None = None  # [B, L0] long: index of the placeholder run (image) in its row, -1 elsewhere
+    pid0: Tensor | None = None  # [B, L0] prefill position ids (text rotary models)
+    raters: dict[int, Tensor] = field(default_factory=dict)  # method id -> [B, L0] bool prompt query rows
+    n0: dict[int, Tensor] = field(default_factory=dict)  # method id -> [B, R] visual tokens per image at stage 0
     past: int = 0  # tokens in layer 0's cache before this decode step
     decisions: dict[int, _Decision] = field(default_factory=dict)
     signals: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    pe_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # stage -> rotary (cos, sin)
 
 
 class DecoderHandle:
     """Hooks of :func:`attach_decoder`; ``remove()`` (or leaving the ``with`` block) restores the model."""
 
-    def __init__(self, model: nn.Module, methods: list[Compressor]):
+    def __init__(self, model: nn.Module, methods: list[Compressor], positions: str | None = None):
+        if positions is not None and positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r}; allowed: None (each method's reference scheme), "
+                             f"{', '.join(map(repr, POSITIONS))}")
         self.model = model
         self.methods = list(methods)
         self.lm = language_model_of(model)
@@ -241,29 +271,62 @@ class DecoderHandle:
         self.token_ids = visual_token_ids(model.config)
         cfg = getattr(model.config, "text_config", None) or model.config
         self._impl = str(getattr(cfg, "_attn_implementation", None) or "")
+        rotary = getattr(self.lm, "rotary_emb", None)
+        # M-RoPE (Qwen2-VL): 3-D grid positions; text after an image already continues from the grid's maximum
+        # whatever the token count, so "compact" positions are the stock ones there (nothing is renumbered).
+        self._mrope = rotary is not None and getattr(rotary, "mrope_section", None) is not None
+        self._rotary = rotary
+        self._newline = _image_newline(model)
         num = len(self.layers)
         stages: list[_Stage] = []
-        for m in self.methods:
+        self._positions: dict[int, str] = {}
+        for mi, m in enumerate(self.methods):
             if getattr(m, "stage", None) != "decoder":
                 raise ValueError(f"attach_decoder takes decoder-stage methods; {type(m).__name__} has stage "
                                  f"{getattr(m, 'stage', None)!r}")
+            pos = positions or getattr(m, "positions", "original")
+            if pos not in POSITIONS:
+                raise ValueError(f"{m.name}.positions={pos!r}; allowed: {', '.join(map(repr, POSITIONS))}")
+            self._positions[mi] = pos
             sched = tuple(m.schedule(num))
             for i, k in enumerate(sched):
                 if not 1 <= k < num:
                     raise ValueError(f"{m.name} prunes at layer {k}, but this model has {num} decoder layers: "
                                      f"a stage layer must be in [1, {num - 1}]")
-                stages.append(_Stage(int(k), m, i, len(sched)))
+                stages.append(_Stage(int(k), m, i, len(sched), mi))
         stages.sort(key=lambda s: s.layer)
         layers_seen = [s.layer for s in stages]
         if len(set(layers_seen)) != len(layers_seen):
             raise ValueError(f"two decoder-stage prunes at the same layer ({layers_seen}); give them different layers")
+        if rotary is None and any(p == "compact" for p in self._positions.values()):
+            raise ValueError("compact positions need the decoder's rotary_emb module (to recompute the position "
+                             "embeddings of the renumbered tokens); pass positions='original'")
         self.stages = stages
         self._stage_at = {s.layer: i for i, s in enumerate(stages)}
-        self._signal_at = {s.layer - 1: i for i, s in enumerate(stages)}
+        # the layer whose attention / keys a stage reads: K - 1 (FastV, SparseVLM, DART) or K itself (PyramidDrop)
+        self._own_signal = {i for i, s in enumerate(stages) if getattr(s.method, "signal_layer", "previous") == "own"}
+        self._signal_at = {s.layer - 1: i for i, s in enumerate(stages) if i not in self._own_signal}
+        self._raters = {s.method_id: s.method for s in stages if hasattr(s.method, "rate")}
+        # per-call state lives per context (thread / asyncio task): concurrent calls on one model each have theirs
+        self._run_var: ContextVar = ContextVar(f"vtcompress_decoder_run_{id(self)}", default=None)
         self.run: _Run | None = None
         self._hooks = [model.register_forward_pre_hook(self._top_hook, with_kwargs=True)]
         for j, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(j), with_kwargs=True))
+        activate(self)  # the hooks act for calls made in this context only (vtcompress.models.context)
+
+    @property
+    def run(self) -> _Run | None:
+        """State of the last prefill made in the calling context (``None`` before one)."""
+        return self._run_var.get()
+
+    @run.setter
+    def run(self, value: _Run | None) -> None:
+        self._run_var.set(value)
+
+    def __deepcopy__(self, memo) -> DecoderHandle:
+        # hooks copied onto a deep copy of the model still point here; they pass through there (see the gates)
+        return self
 
     # -------------------------------------------------------------------------------- public
     def remove(self) -> None:
@@ -271,6 +334,7 @@ class DecoderHandle:
             h.remove()
         self._hooks = []
         self.run = None
+        deactivate(self)
 
     def __enter__(self) -> DecoderHandle:
         return self
@@ -280,7 +344,8 @@ class DecoderHandle:
 
     def kept(self, stage: int = -1) -> tuple[Tensor, Tensor]:
         """Of the last prefill: ``(positions [B, Ls], real [B, Ls])`` kept after ``stage`` (absolute indices into
-        the prefill's ``input_ids``; ``real`` False marks fillers and pads)."""
+        the prefill's ``input_ids``, in the order the later layers see them; ``real`` False marks fillers and pads;
+        a merged token is reported at its anchor's position)."""
         if self.run is None or not self.run.decisions:
             raise ValueError("no prefill has run through the pruned model yet")
         i = range(len(self.stages))[stage]
@@ -293,10 +358,15 @@ class DecoderHandle:
         """Of the last prefill: per row, the sorted positions (into ``input_ids``) of the visual tokens kept."""
         keep, ok = self.kept(stage)
         vis = self.run.vis.gather(1, keep) & ok
-        return [keep[b][vis[b]] for b in range(keep.shape[0])]
+        return [keep[b][vis[b]].sort().values for b in range(keep.shape[0])]
 
     # -------------------------------------------------------------------------------- top-level hook
     def _top_hook(self, module, args, kwargs):
+        if module is not self.model:  # a deep copy of the model: stock, and the copied hook goes away
+            detach_hook(module, self._top_hook, self.model)
+            return None
+        if not is_active(self):  # a call from another thread / task, or outside the block
+            return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("past_key_values")
         if past is not None and getattr(past, "is_compileable", False):
@@ -308,6 +378,7 @@ class DecoderHandle:
             run = self.run
             if run is not None and run.mode in ("prefill", "decode") and past_len >= run.length:
                 run.mode, run.past = "decode", past_len
+                run.pe_cache = {}
             elif run is not None:
                 run.mode = "off"
             return None
@@ -322,12 +393,17 @@ class DecoderHandle:
                 and torch.equal(ids[:, : run.length], run.ids)):
             run.mode, run.pad_ok, run.full = "continue", pad_ok, ids.shape[1]
             run.signals = {}
+            run.pe_cache = {}
             return None
         if kwargs.get("labels") is not None:
             raise ValueError("decoder-stage pruning returns logits for the kept positions only; labels are not "
                              "supported (compute the loss without the pruning hooks)")
-        vis = torch.isin(ids, torch.tensor(self.token_ids, device=ids.device))
-        self.run = _Run("prefill", ids.clone(), vis, pad_ok, ids.shape[1], ids.shape[1])
+        ph = torch.isin(ids, torch.tensor(self.token_ids, device=ids.device)) & pad_ok
+        # image boundaries: contiguous placeholder runs (each image's run is contiguous in every stock family;
+        # two images with no token between them read as one)
+        start = ph & ~torch.nn.functional.pad(ph[:, :-1], (1, 0), value=False)
+        img = torch.where(ph, start.long().cumsum(1) - 1, torch.full_like(ids, -1))
+        self.run = _Run("prefill", ids.clone(), ph.clone(), pad_ok, ids.shape[1], ids.shape[1], ph=ph, img=img)
         return None
 
     # -------------------------------------------------------------------------------- per-layer hook
@@ -340,19 +416,29 @@ class DecoderHandle:
 
     def _make_layer_hook(self, j: int):
         def hook(module, args, kwargs):
+            if module is not self.layers[j]:  # a deep copy of the model
+                detach_hook(module, hook, self.layers[j])
+                return None
+            if not is_active(self):
+                return None
             run = self.run
             if run is None or run.mode == "off":
                 return None
             in_args = len(args) > 0
             hidden = args[0] if in_args else kwargs["hidden_states"]
+            if run.mode == "prefill" and j == 0:
+                self._first_layer(hidden, kwargs)
             if run.mode in ("prefill", "continue") and j in self._stage_at:
                 si = self._stage_at[j]
                 if run.mode == "prefill":
+                    if si in self._own_signal:  # this layer's own q / k on the sequence entering it
+                        prev = kwargs if si - 1 not in run.decisions else self._slice(si - 1, kwargs, hidden)
+                        self._signal(si, module, hidden, prev)
                     self._decide(si, hidden)
                 hidden = self._prune(si, hidden)
             s = self._stage_of(j)
             if s >= 0 and s in run.decisions:
-                kwargs = self._slice(s, kwargs, hidden.shape[1])
+                kwargs = self._slice(s, kwargs, hidden)
             if run.mode == "prefill" and j in self._signal_at:
                 self._signal(self._signal_at[j], module, hidden, kwargs)
             if in_args:
@@ -362,6 +448,28 @@ class DecoderHandle:
             return args, kwargs
 
         return hook
+
+    def _first_layer(self, hidden: Tensor, kwargs: dict) -> None:
+        """Prefill, input of layer 0: newline tokens, prefill positions, and query raters (from the embeddings)."""
+        run = self.run
+        if self._newline is not None and bool(run.ph.any()):
+            # LLaVA-NeXT / OneVision: image_newline closes each row of the packed grid; it is an image placeholder
+            # in input_ids but carries no patch. It is never pruned and not counted (it keeps the row layout).
+            nl = (hidden == self._newline.to(device=hidden.device, dtype=hidden.dtype)).all(-1)
+            run.vis = run.ph & ~nl
+        pid = kwargs.get("position_ids")
+        if isinstance(pid, Tensor) and pid.dim() == 2 and pid.shape[-1] == run.length:
+            run.pid0 = pid.expand(hidden.shape[0], -1)
+        else:
+            run.pid0 = torch.arange(run.length, device=hidden.device).expand(hidden.shape[0], -1)
+        for mi, method in self._raters.items():
+            q_idx, q_ok = self._text_rows(run.vis & run.pad_ok, run.pad_ok, run.ph)
+            v_idx, v_ok = _compact(run.vis)
+            with torch.no_grad():
+                raters = method.rate(_gather_seq(hidden, v_idx, 0, 1), v_ok, _gather_seq(hidden, q_idx, 0, 1), q_ok)
+            flag = torch.zeros(hidden.shape[0], run.length + 1, dtype=torch.bool, device=hidden.device)
+            flag.scatter_(1, torch.where(raters & q_ok, q_idx, torch.full_like(q_idx, run.length)), True)
+            run.raters[mi] = flag[:, : run.length]
 
     # -------------------------------------------------------------------------------- sequences
     def _current(self, si: int) -> tuple[Tensor, Tensor]:
@@ -374,99 +482,179 @@ class DecoderHandle:
         d = run.decisions[si - 1]
         return d.keep, d.ok
 
+    def _current_pid(self, si: int) -> Tensor:
+        """Position ids of the sequence entering stage ``si`` (prefill)."""
+        run = self.run
+        if si > 0 and run.decisions[si - 1].pid is not None:
+            return run.decisions[si - 1].pid
+        return run.pid0.gather(1, self._current(si)[0])
+
     @staticmethod
     def _last(ok: Tensor) -> Tensor:
         """``[B, 1]`` position of the last real token of each row."""
         ar = torch.arange(ok.shape[1], device=ok.device)
         return torch.where(ok, ar, torch.full_like(ar, -1)).amax(dim=1, keepdim=True).clamp(min=0)
 
-    def _queries(self, method: Compressor, vis: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
-        """Query rows for the signal: the last real token, or the prompt tokens after the first visual token."""
+    def _text_rows(self, vis: Tensor, ok: Tensor, ph: Tensor) -> tuple[Tensor, Tensor]:
+        """The prompt rows: real non-placeholder tokens after each row's first visual token, compacted."""
+        ar = torch.arange(ok.shape[1], device=ok.device)
+        first_vis = torch.where(vis, ar, torch.full_like(ar, ok.shape[1])).amin(dim=1, keepdim=True)
+        text = ok & ~ph & (ar[None] > first_vis)
+        none = ~text.any(1, keepdim=True)
+        text = text | (none & vis.any(1, keepdim=True) & (ar[None] == self._last(ok)))  # no prompt: the last token
+        return _compact(text)
+
+    def _queries(self, si: int, vis: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+        """Query rows for the signal: the last real token, or the prompt tokens (raters, if the method rates)."""
+        run = self.run
+        stage = self.stages[si]
+        method = stage.method
         if getattr(method, "query", "last") == "last":
             last = self._last(ok)
             return last, torch.ones_like(last, dtype=torch.bool)
-        ar = torch.arange(ok.shape[1], device=ok.device)
-        first_vis = torch.where(vis, ar, torch.full_like(ar, ok.shape[1])).amin(dim=1, keepdim=True)
-        text = ok & ~vis & (ar[None] > first_vis)
-        none = ~text.any(1, keepdim=True)
-        text = text | (none & (ar[None] == self._last(ok)))  # no prompt after the image: the last token rates
-        return _compact(text)
+        cur = self._current(si)[0]
+        q_idx, q_ok = self._text_rows(vis, ok, run.ph.gather(1, cur))
+        if stage.method_id in run.raters:  # only the raters chosen once from the embeddings query
+            q_ok = q_ok & run.raters[stage.method_id].gather(1, cur).gather(1, q_idx)
+        return q_idx, q_ok
+
+    def _vis(self, si: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(cur, ok, vis)`` of the sequence entering stage ``si``: prunable visual tokens (the last never)."""
+        cur, ok = self._current(si)
+        vis = self.run.vis.gather(1, cur) & ok & (torch.arange(ok.shape[1], device=ok.device)[None] != self._last(ok))
+        return cur, ok, vis
 
     def _signal(self, si: int, layer: nn.Module, hidden: Tensor, kwargs: dict) -> None:
-        """At the input of layer ``K-1``: attention rows (and keys) the method of stage ``si`` needs."""
+        """Attention rows (and keys) the method of stage ``si`` needs, from ``layer`` on its input ``hidden``."""
         run = self.run
         method = self.stages[si].method
-        cur, ok = self._current(si)
-        vis = run.vis.gather(1, cur) & ok
+        cur, ok, vis = self._vis(si)
         sig: dict[str, Tensor] = {}
+        if not bool(vis.any()):  # no visual token in the batch (text-only): nothing to rank
+            run.signals[si] = sig
+            return
         with torch.no_grad():
             if "attn" in method.needs:
-                q_idx, q_ok = self._queries(method, vis, ok)
+                q_idx, q_ok = self._queries(si, vis, ok)
                 rows = attention_rows(layer, hidden, kwargs["position_embeddings"], q_idx, ok)
                 sig["attn"] = rows.transpose(1, 2)  # [B, L, Q]
                 sig["q_ok"] = q_ok
             if "keys" in method.needs:
+                # the keys the layer caches: k_proj (+ k_norm) of the normed input, rotated by RoPE, all KV heads
+                # concatenated ([B, L, Hkv * hd]) — DART's reference reads these post-RoPE keys of layer K - 1
                 attn = layer.self_attn
                 b, n, _ = hidden.shape
-                vis_idx, _ = _compact(vis)
-                h = layer.input_layernorm(_gather_seq(hidden, vis_idx, 0, 1))
-                k = attn.k_proj(h).view(b, h.shape[1], -1, attn.head_dim)
+                k = attn.k_proj(layer.input_layernorm(hidden)).view(b, n, -1, attn.head_dim)
                 if getattr(attn, "k_norm", None) is not None:
                     k = attn.k_norm(k)
-                # k_proj output before RoPE, as DART's reference reads it (RoPE would mix in positions)
-                keys = torch.zeros(b, n, k.shape[2] * k.shape[3], device=hidden.device, dtype=k.dtype)
-                keys.scatter_(1, vis_idx[..., None].expand(-1, -1, keys.shape[2]), k.reshape(b, h.shape[1], -1))
-                sig["keys"] = keys
+                cos, sin = kwargs["position_embeddings"]
+                k = _rope(_rope_fn(attn), k.transpose(1, 2), cos, sin)
+                sig["keys"] = k.transpose(1, 2).reshape(b, n, -1)
         run.signals[si] = sig
 
     def _decide(self, si: int, hidden: Tensor) -> None:
-        """At the input of layer ``K``: run the method on the visual tokens, then choose the kept sequence."""
+        """At the input of layer ``K``: run the method on each image's visual tokens, then choose the kept sequence.
+
+        Each image (placeholder run) of each row is one row of the method's :class:`VisualTokens`, so budgets
+        count per image, as at the projector stage; prompt signals are those of the image's sample.
+        """
         run = self.run
         stage = self.stages[si]
         method = stage.method
         sig = run.signals.pop(si, {})
-        cur, ok = self._current(si)
+        cur, ok, vis = self._vis(si)
         b, n, _ = hidden.shape
         dev = hidden.device
         ar = torch.arange(n, device=dev)
-        last = self._last(ok)
-        vis = run.vis.gather(1, cur) & ok & (ar[None] != last)  # the last token is never pruned
-        img_idx, img_ok = _compact(vis)
+        compact = self._positions[stage.method_id] == "compact" and not self._mrope
         prio = torch.where(ok, torch.zeros_like(cur), torch.ones_like(cur))  # 0 real, 1 pad/filler, 2 dropped
         slots = values = slot_ok = None
-        if img_idx.shape[1] > 0:
-            x = _gather_seq(hidden, img_idx, 0, 1)
-            x = torch.where(img_ok[..., None], x, torch.zeros((), device=dev, dtype=x.dtype))
-            text = text_mask = None
+        seqkey = ar[None].expand(b, -1) * (n + 1)  # the new order: positional, merged tokens after their image
+        img = torch.where(vis, run.img.gather(1, cur), torch.full_like(cur, -1))
+        n_img = int(run.img.max()) + 1 if run.img.numel() else 0
+        cnt = torch.zeros(b, n_img + 1, dtype=torch.long, device=dev).scatter_add_(1, img + 1, torch.ones_like(img))
+        cnt = cnt[:, 1:]
+        if stage.index == 0:
+            run.n0[stage.method_id] = cnt
+        pairs = (cnt > 0).nonzero()  # [P, 2] (row, image)
+        if pairs.shape[0] > 0 and sig is not None:
+            bp, rp = pairs[:, 0], pairs[:, 1]
+            flag = vis[bp] & (img[bp] == rp[:, None])  # [P, n]
+            img_idx, img_ok = _compact(flag)  # [P, Nmax] positions in the current sequence
+            flat = bp[:, None] * n + img_idx
+
+            def rows_of(t: Tensor) -> Tensor:  # [B, n, ...] -> [P, Nmax, ...]
+                return t.reshape(b * n, *t.shape[2:])[flat]
+
+            x = rows_of(hidden)
+            text = text_mask = text_keys = text_seq = None
             if getattr(method, "query", "last") == "text" or "text" in method.needs:
-                q_idx, q_ok = self._queries(method, vis, ok)
-                text, text_mask = _gather_seq(hidden, q_idx, 0, 1), q_ok
-            grid = (1, img_idx.shape[1])
-            keys = sig["keys"].gather(1, img_idx[..., None].expand(-1, -1, sig["keys"].shape[2])) if "keys" in sig \
-                else None
-            tokens = VisualTokens.from_features(x, grid=grid, mask=img_ok, keys=keys, text=text, text_mask=text_mask)
+                q_idx, q_ok = self._queries(si, vis, ok)
+                text, text_mask = _gather_seq(hidden, q_idx, 0, 1)[bp], q_ok[bp]
+                if "keys" in sig:
+                    text_keys = _gather_seq(sig["keys"], q_idx, 0, 1)[bp]
+                text_seq = (ok.long().cumsum(1) - 1).gather(1, q_idx)[bp]
+            if getattr(method, "normed", False):  # DART: cosine similarity on the final-RMSNorm'd states
+                x = self.lm.norm(x)
+                text = self.lm.norm(text) if text is not None else None
+            x = torch.where(img_ok[..., None], x, torch.zeros((), device=dev, dtype=x.dtype))
+            keys = rows_of(sig["keys"]) if "keys" in sig else None
+            tokens = VisualTokens.from_features(x, grid=(1, img_idx.shape[1]), mask=img_ok, keys=keys, text=text,
+                                                text_mask=text_mask)
             if "attn" in sig:
                 a = sig["attn"]
-                tokens = tokens.replace(attn=a.gather(1, img_idx[..., None].expand(-1, -1, a.shape[2])),
-                                        text_mask=text_mask if text_mask is not None else sig["q_ok"])
+                tokens = tokens.replace(attn=rows_of(a), text_mask=text_mask if text_mask is not None
+                                        else sig["q_ok"][bp])
             tokens.validate()
             for name in method.needs:
                 if getattr(tokens, name, None) is None:
                     raise ValueError(f"method {method.name!r} needs {name!r}, which the decoder stage does not provide")
+            kw = {}
+            if getattr(method, "uses_context", False):
+                kw["context"] = StageContext(
+                    text_keys=text_keys, vis_seq=(ok.long().cumsum(1) - 1).reshape(-1)[flat], text_seq=text_seq,
+                    initial=run.n0[stage.method_id][bp, rp], rated=stage.method_id in run.raters)
             with torch.no_grad():
-                out = method.compress_stage(tokens, stage.index, stage.count).sort_by_pos()
+                out = method.compress_stage(tokens, stage.index, stage.count, **kw)
+            rank = kw["context"].merge_rank if kw and kw["context"].merge_rank is not None else None
+            order = out.pos.argsort(dim=1, stable=True)  # sort_by_pos, keeping the merge ranks aligned
+            out = out.sort_by_pos()
+            if rank is not None:
+                rank = rank.gather(1, order)
             kept_pos = img_idx.gather(1, out.pos)  # position in the current sequence of each output token
             kept_pos = torch.where(out.mask, kept_pos, torch.full_like(kept_pos, n))
-            kept = torch.zeros(b, n + 1, dtype=torch.bool, device=dev).scatter_(1, kept_pos, True)[:, :n]
+            flat_kept = torch.where(out.mask, bp[:, None] * n + kept_pos, torch.full_like(kept_pos, b * n))
+            kept = torch.zeros(b * n + 1, dtype=torch.bool, device=dev).scatter_(0, flat_kept.reshape(-1), True)
+            kept = kept[: b * n].view(b, n)
             prio = torch.where(vis & ~kept, torch.full_like(prio, 2), prio)
             merged = out.mask & (out.size != 1)
             if bool(merged.any()):
-                slots, slot_ok = kept_pos, merged
-                values = out.x.to(hidden.dtype)
+                d = hidden.shape[2]
+                flat_m = torch.where(merged, flat_kept, torch.full_like(flat_kept, b * n)).reshape(-1)
+                is_slot = torch.zeros(b * n + 1, dtype=torch.bool, device=dev).scatter_(0, flat_m, True)[: b * n]
+                val = torch.zeros(b * n + 1, d, dtype=hidden.dtype, device=dev)
+                val[flat_m] = out.x.reshape(-1, out.x.shape[2]).to(hidden.dtype)
+                slots, slot_ok = _compact(is_slot.view(b, n))
+                values = _gather_seq(val[: b * n].view(b, n, d), slots, 0, 1)
+                if compact and rank is not None:
+                    # the reference appends the merged tokens after the kept ones of their image, in cluster order
+                    img_key = torch.where(img >= 0, torch.arange(b, device=dev)[:, None] * n_img + img,
+                                          torch.full_like(img, b * n_img))
+                    end = torch.full((b * n_img + 1,), -1, dtype=torch.long, device=dev)
+                    end.scatter_reduce_(0, img_key.reshape(-1), ar[None].expand(b, -1).reshape(-1), reduce="amax")
+                    seq_end = end[(bp * n_img + rp)]  # [P] last visual position of each image
+                    mkey = seq_end[:, None] * (n + 1) + 1 + rank.clamp(min=0)
+                    flat_k = torch.where(merged, flat_kept, torch.full_like(flat_kept, b * n)).reshape(-1)
+                    sk = torch.cat([seqkey.reshape(-1), seqkey.new_zeros(1)])
+                    sk[flat_k] = mkey.reshape(-1)
+                    seqkey = sk[: b * n].view(b, n)
         real = (prio == 0).sum(1)
         new_len = int(real.max())
-        order = (prio * (n + 1) + ar[None]).argsort(dim=1)[:, :new_len]
-        rel = order.sort(dim=1).values
+        chosen = (prio * (n + 1) + ar[None]).argsort(dim=1)[:, :new_len]  # real first, then pads, then dropped
+        # in positional order (pads stay where they were: the last real token stays last), or in the new order
+        rel = chosen.gather(1, seqkey.gather(1, chosen).argsort(dim=1)) if compact and slots is not None \
+            else chosen.sort(dim=1).values
+        reordered = bool((rel[:, 1:] < rel[:, :-1]).any()) if new_len > 1 else False
         new_ok = prio.gather(1, rel) == 0
         keep = cur.gather(1, rel)
         fix = bool((~new_ok & run.pad_ok.gather(1, keep)).any())
@@ -474,10 +662,24 @@ class DecoderHandle:
         if slots is not None:
             inv = torch.full((b, n + 1), -1, dtype=torch.long, device=dev)
             inv.scatter_(1, rel, torch.arange(new_len, device=dev).expand(b, -1).contiguous())
-            slots = inv.gather(1, slots.clamp(max=n))
+            slots = inv.gather(1, torch.where(slot_ok, slots, torch.full_like(slots, n)))
             slot_ok = slot_ok & (slots >= 0)
             slots = slots.clamp(min=0)
-        run.decisions[si] = _Decision(rel, keep, new_ok, fix, identity, slots, values, slot_ok)
+        prev_pid = self._current_pid(si)
+        pid = shift = None
+        prev = run.decisions.get(si - 1)
+        if compact and not identity:
+            # renumber: each row's real tokens get contiguous positions from its first real token's, in the new order
+            first = torch.where(ok, ar[None], torch.full_like(cur, n)).amin(1, keepdim=True).clamp(max=n - 1)
+            base = prev_pid.gather(1, first)
+            pid = base + (new_ok.long().cumsum(1) - 1).clamp(min=0)
+        elif prev is not None and prev.pid is not None:
+            pid = prev.pid.gather(1, rel)
+        if pid is not None:
+            last_new = self._last(new_ok)
+            shift = (run.pid0.gather(1, self._last(run.pad_ok)) - pid.gather(1, last_new)).squeeze(1)
+            identity = False if prev is not None and prev.pid is not None else identity
+        run.decisions[si] = _Decision(rel, keep, new_ok, fix, identity, slots, values, slot_ok, pid, shift, reordered)
 
     def _prune(self, si: int, hidden: Tensor) -> Tensor:
         d = self.run.decisions[si]
@@ -502,15 +704,33 @@ class DecoderHandle:
         return torch.cat([idx, tail], dim=1)
 
     # -------------------------------------------------------------------------------- kwargs of a layer
-    def _slice(self, s: int, kwargs: dict, q_len: int) -> dict:
+    def _renumbered(self, s: int, kwargs: dict, hidden: Tensor, pid: Tensor) -> dict:
+        """Position ids ``pid [B, L]`` and their rotary embeddings, from the decoder's own ``rotary_emb``."""
+        run = self.run
+        if s not in run.pe_cache:
+            run.pe_cache[s] = self._rotary(hidden, pid)
+        kwargs["position_embeddings"] = run.pe_cache[s]
+        if isinstance(kwargs.get("position_ids"), Tensor):
+            kwargs["position_ids"] = None if "flash" in self._impl else pid
+        return kwargs
+
+    def _slice(self, s: int, kwargs: dict, hidden: Tensor) -> dict:
         run = self.run
         d = run.decisions[s]
+        q_len = hidden.shape[1]
         if d.identity:
             return kwargs
         kwargs = dict(kwargs)
         b = d.keep.shape[0]
         dev = d.keep.device
         if run.mode == "decode":
+            if d.pid is not None:
+                pid = kwargs.get("position_ids")
+                if not isinstance(pid, Tensor):
+                    cp = kwargs.get("cache_position")
+                    pid = cp[None] if isinstance(cp, Tensor) else torch.arange(run.past, run.past + q_len,
+                                                                               device=dev)[None]
+                kwargs = self._renumbered(s, kwargs, hidden, pid.expand(b, -1) - d.shift[:, None])
             mask = kwargs.get("attention_mask")
             kv = mask.shape[-1] if isinstance(mask, Tensor) else None
             if kv is not None:
@@ -526,22 +746,31 @@ class DecoderHandle:
                 key_ok = torch.cat([d.ok, torch.ones_like(tail, dtype=torch.bool)], dim=1)
                 kwargs["attention_mask"] = self._hide(None, key_ok, q_len, diagonal=False)
             return kwargs
+        full = run.full
         if run.mode == "continue" and run.full > run.length:
             tail = torch.arange(run.length, run.full, device=dev).expand(b, -1)
             keep = torch.cat([d.keep, tail], dim=1)
             ok = torch.cat([d.ok, run.pad_ok[:, run.length:]], dim=1)
         else:
             keep, ok = d.keep, d.ok
-        full = run.full
-        pe = kwargs.get("position_embeddings")
-        if pe is not None:
-            kwargs["position_embeddings"] = tuple(_gather_seq(t, keep, 0, t.dim() - 2) for t in pe)
-        pid = kwargs.get("position_ids")
-        if isinstance(pid, Tensor) and pid.shape[-1] == full:
-            # FlashAttention reads gapped position ids of a batch of one as packed sequences: drop them there
-            # (positions travel in position_embeddings anyway).
-            kwargs["position_ids"] = None if "flash" in self._impl else _gather_seq(pid, keep, pid.dim() - 2,
-                                                                                     pid.dim() - 1)
+        if d.pid is not None:
+            pid = d.pid
+            if keep.shape[1] > pid.shape[1]:  # continuation: the generated tail keeps its stock positions - shift
+                given = kwargs.get("position_ids")
+                tail_pid = (given.expand(b, -1)[:, run.length:] if isinstance(given, Tensor) and given.shape[-1] == full
+                            else torch.arange(run.length, full, device=dev).expand(b, -1)) - d.shift[:, None]
+                pid = torch.cat([pid, tail_pid], dim=1)
+            kwargs = self._renumbered(s, kwargs, hidden, pid)
+        else:
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                kwargs["position_embeddings"] = tuple(_gather_seq(t, keep, 0, t.dim() - 2) for t in pe)
+            pid = kwargs.get("position_ids")
+            if isinstance(pid, Tensor) and pid.shape[-1] == full:
+                # FlashAttention reads gapped position ids of a batch of one as packed sequences: drop them there
+                # (positions travel in position_embeddings anyway).
+                kwargs["position_ids"] = None if "flash" in self._impl else _gather_seq(pid, keep, pid.dim() - 2,
+                                                                                         pid.dim() - 1)
         cp = kwargs.get("cache_position")
         if isinstance(cp, Tensor) and cp.shape[-1] == full:
             kwargs["cache_position"] = torch.arange(keep.shape[1], device=dev)
@@ -550,7 +779,10 @@ class DecoderHandle:
             if mask.dim() == 4:
                 if mask.shape[-1] != full or mask.shape[-2] != full:
                     raise ValueError(f"expected a [B, 1, {full}, {full}] prefill mask; got {tuple(mask.shape)}")
-                mask = _gather_seq(_gather_seq(mask, keep, 0, 2), keep, 0, 3)
+                if d.reordered:  # causal in the new order (merged tokens come after their image's kept tokens)
+                    mask = self._hide(None, ok, keep.shape[1], diagonal=True, like=mask)
+                else:
+                    mask = _gather_seq(_gather_seq(mask, keep, 0, 2), keep, 0, 3)
             elif mask.dim() == 2:
                 mask = _gather_seq(mask, keep, 0, 1)
             else:
@@ -563,18 +795,25 @@ class DecoderHandle:
         kwargs["attention_mask"] = mask
         return kwargs
 
-    def _hide(self, mask: Tensor | None, key_ok: Tensor, q_len: int, diagonal: bool) -> Tensor:
-        """Hide filler keys (``key_ok`` False) in ``mask``; in the prefill each filler still sees itself."""
+    def _hide(self, mask: Tensor | None, key_ok: Tensor, q_len: int, diagonal: bool, like: Tensor | None = None
+              ) -> Tensor:
+        """Hide filler keys (``key_ok`` False) in ``mask``; in the prefill each filler still sees itself.
+
+        With ``mask=None`` a causal mask is built (bool, or in ``like``'s dtype: 0 / dtype minimum)."""
         b, kv = key_ok.shape
         dev = key_ok.device
         allowed = key_ok[:, None, None, :].expand(b, 1, q_len, kv)
         if diagonal:
             allowed = allowed | torch.eye(q_len, kv, dtype=torch.bool, device=dev)[None, None]
         if mask is None:
-            if "flash" in self._impl:
+            if "flash" in self._impl and like is None:
                 return key_ok.to(torch.long)
             causal = torch.ones(q_len, kv, dtype=torch.bool, device=dev).tril(kv - q_len)
-            return allowed & causal[None, None]
+            built = allowed & causal[None, None]
+            if like is None or like.dtype == torch.bool:
+                return built
+            return torch.zeros((), dtype=like.dtype, device=dev).expand(built.shape).masked_fill(
+                ~built, torch.finfo(like.dtype).min)
         if mask.dim() == 2:
             return mask * key_ok.to(mask.dtype)
         if mask.dtype == torch.bool:
@@ -582,16 +821,19 @@ class DecoderHandle:
         return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
 
 
-def attach_decoder(model: nn.Module, methods: list[Compressor] | Compressor) -> DecoderHandle:
+def attach_decoder(model: nn.Module, methods: list[Compressor] | Compressor,
+                   positions: str | None = None) -> DecoderHandle:
     """Prune visual tokens inside ``model``'s LLM with decoder-stage ``methods``; returns the handle.
 
     Each method gives its stage layers (``method.schedule(num_layers)``), which query rows it needs
-    (``method.query``: ``"last"`` or ``"text"``) and signals (``method.needs``), and decides on
-    :class:`~vtcompress.tokens.VisualTokens` per stage (``method.compress_stage(tokens, stage)``). Call
+    (``method.query``: ``"last"`` or ``"text"``), which layer they are read from (``method.signal_layer``:
+    ``"previous"`` = ``K - 1``, ``"own"`` = ``K``) and signals (``method.needs``), and decides on
+    :class:`~vtcompress.tokens.VisualTokens` per stage (``method.compress_stage(tokens, stage)``), one row per
+    image. ``positions`` overrides every method's ``positions`` (``"original"`` / ``"compact"``). Call
     ``handle.remove()`` (or use ``with attach_decoder(...):``) to restore the model exactly.
     """
     if isinstance(methods, Compressor):
         methods = [methods]
     if not methods:
         raise ValueError("attach_decoder needs at least one decoder-stage method")
-    return DecoderHandle(model, list(methods))
+    return DecoderHandle(model, list(methods), positions=positions)
