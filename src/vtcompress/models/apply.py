@@ -311,13 +311,18 @@ def resolve_methods(method) -> list[Compressor]:
 # ============================================================================== result
 @dataclass
 class CompressedInputs:
-    """What :func:`compress_inputs` returns.
+    """What :func:`compress_inputs` returns (and :attr:`ApplyHandle.last` holds).
 
     Attributes:
         inputs: the shortened inputs for ``model(**inputs)`` / ``model.generate(**inputs)``.
-        tokens: per image (placeholder order), one :class:`VisualTokens` (batch of one) per view of the image
-            (base grid, anyres high-resolution grid, InternVL tile): the survivors' ``pos`` / ``size`` /
-            ``assign`` in that view's grid.
+        tokens: a list with one entry per IMAGE of the batch (placeholder order: sample by sample, images in
+            prompt order; :attr:`image_sample` gives each image's sample), each a list with one
+            :class:`VisualTokens` (a batch of one row) per VIEW of that image: one view for LLaVA-1.5 and
+            Qwen2-VL; the base crop then the high-resolution grid for LLaVA-NeXT / OneVision (one view for a
+            crop without a high-resolution grid); one per tile for InternVL. Each holds the survivors of that
+            view, with ``pos`` / ``size`` / ``assign`` in the view's own grid. So ``tokens[i][v]`` is view
+            ``v`` of image ``i``; :meth:`tokens_of` does the same with range checks, and ``tokens[0][0]`` is
+            the one :class:`VisualTokens` of a single-image LLaVA prompt.
         keep: ``[B, S]`` bool over the ORIGINAL sequence: which columns survived (pads included).
         image_sample: ``[num_images]`` long, the sample each image belongs to.
         num_tokens: ``[num_images, 2]`` long, placeholder tokens per image before and after.
@@ -328,6 +333,19 @@ class CompressedInputs:
     keep: Tensor | None = None
     image_sample: Tensor | None = None
     num_tokens: Tensor | None = None
+
+    def tokens_of(self, image: int = 0, view: int = 0) -> VisualTokens:
+        """The surviving tokens of view ``view`` of image ``image`` (both in placeholder order):
+        ``tokens[image][view]``, a :class:`VisualTokens` of batch 1; ``ValueError`` naming the valid range."""
+        if not self.tokens:
+            raise ValueError("no image was compressed in this call (text-only inputs): tokens is empty")
+        if isinstance(image, bool) or not isinstance(image, int) or not -len(self.tokens) <= image < len(self.tokens):
+            raise ValueError(f"image={image!r}; this call has {len(self.tokens)} image(s): "
+                             f"0 .. {len(self.tokens) - 1}")
+        views = self.tokens[image]
+        if isinstance(view, bool) or not isinstance(view, int) or not -len(views) <= view < len(views):
+            raise ValueError(f"view={view!r}; image {image} has {len(views)} view(s): 0 .. {len(views) - 1}")
+        return views[view]
 
 
 # ============================================================================== the mechanics
@@ -431,8 +449,9 @@ def compress_inputs(model: nn.Module, method, *, positions: str = "original", fo
     ``method`` is a Compressor, a registered name or a list of them (encoder- and projector-stage methods run
     here; decoder-stage methods need :func:`apply`). ``for_generate=True`` builds the position ids the way
     ``generate`` does (from ``attention_mask``), ``False`` the way ``forward`` does. The returned
-    :attr:`CompressedInputs.inputs` are ready to pass on; the per-image :class:`VisualTokens` are in
-    :attr:`CompressedInputs.tokens` (not in ``inputs``).
+    :attr:`CompressedInputs.inputs` are ready to pass on; the surviving tokens are in
+    :attr:`CompressedInputs.tokens` (not in ``inputs``), nested per image then per view:
+    ``tokens[i][v]`` is one :class:`VisualTokens` (``res.tokens_of(i, v)``; a LLaVA-1.5 image has one view).
     """
     adapter = adapter_for(model)
     methods = resolve_methods(method)
@@ -853,6 +872,9 @@ class ApplyHandle:
     def remove(self) -> None:
         """Remove every hook, the instance ``generate`` and the decoder stage; restore runtime state."""
         if self._decoder is not None:
+            from .stats import decoder_record
+
+            self._decoder_record = decoder_record(self._decoder)  # counts for summary() after the block
             self._decoder.remove()
             self._decoder = None
         for h in self._hooks:
@@ -863,6 +885,14 @@ class ApplyHandle:
         base = self._base()
         if self._rope_deltas is not _MISSING:
             base.rope_deltas = self._rope_deltas
+
+    def summary(self):
+        """What the last call under this handle saved (also after the ``with`` block):
+        :class:`~vtcompress.models.stats.Savings` -- tokens in / out per stage (before the LLM: per image;
+        each decoder stage: per sample) and the analytic prefill FLOPs vs the uncompressed model; ``print`` it."""
+        from .stats import summarize
+
+        return summarize(self)
 
     def __enter__(self) -> ApplyHandle:
         return self
