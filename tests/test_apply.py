@@ -480,7 +480,9 @@ def test_every_registered_projector_method_runs(models, family):
             continue
         with torch.no_grad(), vtcompress.apply(model, full) as handle:
             logits = model(**inputs).logits
-        if torch.equal(handle.last.num_tokens[:, 0], handle.last.num_tokens[:, 1]):
+        # PruMerge / PruMerge+ add their neighbours to every kept token (the reference), even at an unchanged count
+        if torch.equal(handle.last.num_tokens[:, 0], handle.last.num_tokens[:, 1]) and \
+                name not in ("prumerge", "prumerge_plus"):
             m = inputs["attention_mask"].bool()
             torch.testing.assert_close(logits[m], ref[m], atol=1e-6, rtol=0, msg=name)
 

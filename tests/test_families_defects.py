@@ -47,12 +47,15 @@ def test_full_budget_beams_and_returns_equal_stock(models, family, mode):
     inputs = make(batch=2, images=[1, 2])
     with torch.no_grad():
         ref_ids, ref_scores = _generate(model, inputs, mode)
-        with vtcompress.apply(model, vtcompress.get("random", budget=1.0, seed=0)):
-            ids, scores = _generate(model, inputs, mode)
-    assert torch.equal(ids, ref_ids)
-    finite = torch.isfinite(ref_scores)
-    assert torch.equal(finite, torch.isfinite(scores))
-    torch.testing.assert_close(scores[finite], ref_scores[finite], rtol=0, atol=1e-5)
+        # a projector-stage method alone, and composed with a decoder-stage one
+        for method in (vtcompress.get("random", budget=1.0, seed=0),
+                       [vtcompress.get("random", budget=1.0, seed=0), vtcompress.get("fastv", budget=1.0, layer=1)]):
+            with vtcompress.apply(model, method):
+                ids, scores = _generate(model, inputs, mode)
+            assert torch.equal(ids, ref_ids)
+            finite = torch.isfinite(ref_scores)
+            assert torch.equal(finite, torch.isfinite(scores))
+            torch.testing.assert_close(scores[finite], ref_scores[finite], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))

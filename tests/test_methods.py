@@ -47,7 +47,9 @@ def test_the_issue_2_method_set_is_registered():
     assert {info[n]["family"] for n in ("tome", "divprune")} == {"similarity"}
     assert {info[n]["family"] for n in ("fastervlm", "visionzip", "prumerge", "prumerge_plus")} == {"attention"}
     assert {info[n]["family"] for n in ("random", "uniform")} == {"baseline"}
-    assert all(info[n]["needs"] == "cls_attn" for n in ("fastervlm", "visionzip", "prumerge", "prumerge_plus"))
+    # the references compare the vision tower's keys (VisionZip, PruMerge)
+    assert info["fastervlm"]["needs"] == "cls_attn"
+    assert all(info[n]["needs"] == "cls_attn,keys" for n in ("visionzip", "prumerge", "prumerge_plus"))
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -345,7 +347,8 @@ def test_fastervlm_keeps_topk_cls_attention():
 
 
 def _visionzip_reference(x, attn, keys, d, c):
-    """VisionZip's feature_select for one image without [CLS]: dominant by attention, contextual groups."""
+    """VisionZip's contextual-token block for one image without [CLS] (dvlab-research/VisionZip,
+    visionzip/clip_encoder.py): dominant by attention, contextual = target + mean of its assigned tokens."""
     n = x.shape[0]
     dom = attn.topk(d).indices.sort().values.tolist()
     rest = [i for i in range(n) if i not in dom]
@@ -357,7 +360,8 @@ def _visionzip_reference(x, attn, keys, d, c):
     for o in others:
         groups[targets[int((kn[o] @ kn[targets].t()).argmax())]].append(o)
     feats = {i: x[i] for i in dom}
-    feats.update({t: x[g].mean(0) for t, g in groups.items()})
+    # the reference's contextual token: target + mean of the tokens assigned to it (not the group mean)
+    feats.update({t: x[t] + (x[g[1:]].mean(0) if len(g) > 1 else 0.0) for t, g in groups.items()})
     return sorted(feats), feats
 
 
@@ -386,35 +390,44 @@ def test_prumerge_keeps_the_iqr_outliers_and_merges_their_neighbours():
         a = tokens.cls_attn[r, :n].double()
         q1, q3 = torch.quantile(a, 0.25), torch.quantile(a, 0.75)
         outliers = (a > q3 + 1.5 * (q3 - q1)).nonzero().squeeze(1)
-        assert out.pos[r, : out.counts[r]].tolist() == outliers.tolist()
         assert torch.equal(iqr_outliers(tokens.cls_attn, tokens.mask)[r, :n].nonzero().squeeze(1), outliers)
-        # each kept token = attention-weighted mean of itself and the pruned tokens it absorbed, all of which
-        # are among its 6 nearest keys
+        pruned = sorted(set(range(n)) - set(outliers.tolist()))
+        # the outliers, plus the reference's summary token anchored at the first pruned patch
+        c = int(out.counts[r])
+        assert out.pos[r, :c].tolist() == sorted(outliers.tolist() + [pruned[0]])
         kn = tokens.keys[r, :n] / tokens.keys[r, :n].norm(dim=-1, keepdim=True)
-        for t, p in enumerate(outliers.tolist()):
-            members = (out.assign[r] == t).nonzero().squeeze(1)
+        x, w = tokens.x[r, :n], tokens.cls_attn[r, :n]
+        for t, p in enumerate(out.pos[r, :c].tolist()):
+            if p == pruned[0]:  # summary: the attention-weighted SUM of every pruned token; owns their patches
+                torch.testing.assert_close(out.x[r, t], (w[pruned, None] * x[pruned]).sum(0), rtol=0, atol=1e-5)
+                assert (out.assign[r, :n] == t).nonzero().squeeze(1).tolist() == pruned
+                continue
+            # kept: itself + attention-weighted SUM of its 6 nearest keys (kept or pruned)
             sims = kn[p] @ kn.t()
             sims[p] = -2
-            near = set(sims.topk(6).indices.tolist())
-            assert set(members.tolist()) - {p} <= near - set(outliers.tolist())
-            w = tokens.cls_attn[r, members]
-            torch.testing.assert_close(out.x[r, t], (w[:, None] * tokens.x[r, members]).sum(0) / w.sum(),
-                                       rtol=0, atol=1e-5)
-    # the budget caps the adaptive count: the top ones by attention stay
+            near = sims.topk(6).indices
+            torch.testing.assert_close(out.x[r, t], x[p] + (w[near, None] * x[near]).sum(0), rtol=0, atol=1e-5)
+            assert (out.assign[r] == t).nonzero().squeeze(1).tolist() == [p]
+    # the budget caps the tokens returned (summary included): the top one by attention + the summary token
     capped = vtcompress.get("prumerge", budget=2)(tokens)
     for r in range(2):
         n = int(tokens.counts[r])
-        top = tokens.cls_attn[r, :n].sort(descending=True, stable=True).indices[:2]  # ties: lower index
-        assert capped.pos[r, :2].tolist() == sorted(top.tolist())
+        top = int(tokens.cls_attn[r, :n].argmax())
+        assert int(capped.counts[r]) == 2 and top in capped.pos[r, :2].tolist()
+    # without the summary token the pruned tokens are dropped
+    plain = vtcompress.get("prumerge", summary_token=False)(tokens)
+    for r in range(2):
+        n = int(tokens.counts[r])
+        assert int(plain.counts[r]) == int(iqr_outliers(tokens.cls_attn, tokens.mask)[r].sum())
 
 
 def test_prumerge_plus_adds_uniform_samples():
     tokens = make_tokens(b=1, grid=(8, 8), seed=14, spikes=4)
-    plain = vtcompress.get("prumerge")(tokens)
-    plus = vtcompress.get("prumerge_plus")(tokens)
+    plain = vtcompress.get("prumerge", summary_token=False)(tokens)
+    plus = vtcompress.get("prumerge_plus", summary_token=False)(tokens)
     o = int(plain.counts[0])
-    stride = max(1, (64 // o) // 3)
-    samples = set(range(0, 64, stride))
+    stride = max(1, int(1 / (o / 64)) // 3)
+    samples = set(range(0, 63, stride))  # the reference's arange(0, N - 1, stride): index N - 1 never sampled
     kept = set(plus.pos[0, : plus.counts[0]].tolist())
     assert kept == set(plain.pos[0, :o].tolist()) | samples
     assert int(plus.counts[0]) > o

@@ -15,17 +15,51 @@ Projector stage, for every family (transformers 5.x):
    re-padded on the batch's padding side, and the compressed features go to the model as
    ``mm_encoder_outputs``.
 
-Positions. Every kept token keeps the position it had in the full sequence, so the LLM sees each survivor
-where it was and the text after the image does not move (as FastV keeps its position ids):
+Positions. ``positions=None`` (default) uses the scheme the methods' references use
+(``Compressor.positions``): every projector- and encoder-stage reference in the LLaVA code base simply feeds
+the LLM fewer tokens, so their positions are ``"compact"`` (after FasterVLM keeps 64 of 576 tokens placed
+after 13 prompt tokens, the last image position is 76, as in the reference, not 588); methods that declare
+different schemes in one apply raise unless ``positions=`` is given. An explicit value overrides:
 
-- M-RoPE (Qwen2-VL / Qwen2.5-VL): the 3-D position of each kept token is its column of ``get_rope_index``
-  on the full ids; ``generate`` receives 4 rows whose row 0 is the compact text position (as stock generate
-  builds it) and extends every row by +1 per new token, exactly as stock decoding does.
-- 1-D RoPE (LLaVA, LLaVA-NeXT, OneVision, InternVL): ``positions="original"`` (default) passes the original
-  1-D positions (with gaps where tokens were dropped); ``generate`` continues from the last prompt position
-  + 1, like the uncompressed model. ``positions="compact"`` instead renumbers the shortened sequence
-  contiguously (what reference implementations of projector-stage pruning do, since they simply feed fewer
-  tokens).
+- M-RoPE (Qwen2-VL / Qwen2.5-VL) always keep their 3-D grid positions (the default there, whatever the
+  methods declare; ``"compact"`` raises): the 3-D position of each kept token is its column of
+  ``get_rope_index`` on the full ids; ``generate`` receives 4 rows whose row 0 is the compact text position
+  (as stock generate builds it) and extends every row by +1 per new token, exactly as stock decoding does.
+- 1-D RoPE (LLaVA, LLaVA-NeXT, OneVision, InternVL): ``"compact"`` renumbers the shortened sequence
+  contiguously; ``"original"`` passes the original 1-D positions (with gaps where tokens were dropped, the text
+  after the image does not move); ``generate`` continues from the last prompt position + 1.
+
+Order. With compact positions the LLM receives an image's tokens in the order of the last projector method's
+reference when it defines one (:meth:`llm_order`: VisionZip dominant then contextual, PruMerge by attention then
+its summary token) on single-view images (LLaVA-1.5); otherwise, and always with ``"original"``, in spatial
+order (every token at its anchor patch's slot).
+
+Signal layer. Methods that read [CLS] attention / keys take them from ``signal_layer`` (a vision layer index,
+negative from the end) or, when it is ``None``, from the layer whose OUTPUT the LLM reads: hidden-state index
+``f = vision_feature_layer`` is the output of layer ``f`` when ``f < 0`` (``-2`` for LLaVA-1.5: layer -2) and of
+layer ``f - 1`` when ``f > 0``; for a list of feature layers, the deepest of them. Qwen2-VL's merger and
+InternVL read the tower's last layer. Head reduction: ``signal_heads`` (``"mean"``, or ``"full"``: one
+full-width head, PruMerge's reference). The methods of one apply must agree on both.
+
+Point of action (``acts_on``). VisionZip, PruMerge and PruMerge+ act, as their references, on the vision
+tower's selected-layer features BEFORE the multimodal projector (``acts_on="vision"``); FasterVLM (selection
+only: the same kept set either way) and the others on the projected features. ``"vision"`` works by
+capturing the input of the model's own projector module (a forward pre-hook on ``multi_modal_projector``),
+compressing those features, and running the model's projector on the survivors (the stock call still
+projects every token once; the LLM never sees a dropped one):
+
+- LLaVA-1.5: the projector input is one ``[N, C]`` row per image (``[CLS]`` included with strategy "full";
+  a list of feature layers is concatenated along channels), 1:1 with the placeholders;
+- LLaVA-NeXT / OneVision: the projector input per crop is packed the way the stock packer packs the
+  projected features (the model's own ``pack_image_features`` on the vision features); the newlines are the
+  model's ``image_newline``. This is 1:1 unless OneVision's anyres_max bilinear down-sizing (which the stock
+  model applies AFTER the projector) blends tokens: then that call falls back to the projected features for
+  every method (interpolating vision features before the projector would change the model);
+- Qwen2-VL / Qwen2.5-VL (the patch merger IS the projector, 2x2 patches into one token) and InternVL (pixel
+  shuffle + ``mlp1``, 2x2 into one): no 1:1 map from the projector input to the LLM's tokens, so the methods
+  act on the projected tokens (the signals are pooled over each token's patches);
+- a composition acts in one space: the vision features when every projector method acts there, else the
+  projected ones. With ``"vision"``, the ``tokens`` of :class:`CompressedInputs` carry vision features.
 
 Budgets are per image: a fraction applies to every view; an int is split over an image's views in proportion
 to their sizes (at least one each), and an image with fewer tokens than the int keeps them all.
@@ -349,15 +383,48 @@ class CompressedInputs:
 
 
 # ============================================================================== the mechanics
-def _signal_layer(methods: Sequence[Compressor], n_layers: int) -> int:
-    layer = -2
+def feature_signal_layer(feature_layer: int | Sequence[int], n_layers: int) -> int:
+    """The vision layer (index into the tower's ``n_layers`` layers, ``0 .. n_layers - 1``) whose output the
+    LLM reads: hidden-state index ``f < 0`` is the output of layer ``n_layers + f``, ``f > 0`` of layer ``f - 1``
+    (index 0 is the embeddings, which no attention layer produces); for a list, the deepest listed layer."""
+    wanted = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    if not wanted:
+        raise ValueError("vision_feature_layer is an empty list; it must name at least one hidden-state index")
+    out = []
+    for f in wanted:
+        f = int(f)
+        layer = n_layers + f if f < 0 else f - 1
+        if not 0 <= layer < n_layers:
+            raise ValueError(
+                f"vision_feature_layer {f} names no attention layer of a {n_layers}-layer vision tower (hidden-state "
+                f"indices 1 .. {n_layers} or -1 .. -{n_layers}; 0 is the embeddings); set signal_layer on the method")
+        out.append(layer)
+    return max(out)
+
+
+def _signal_layer(methods: Sequence[Compressor], n_layers: int, feature_layer=None) -> tuple[int, str]:
+    """``(layer, heads)`` of the vision attention signal the methods need: each method's ``signal_layer``
+    (``None``: :func:`feature_signal_layer` of the model's ``vision_feature_layer``) and ``signal_heads``;
+    they must agree."""
+    picks = {}
     for m in methods:
-        if set(m.needs) & {"cls_attn", "keys"} and getattr(m, "signal_layer", None) is not None:
-            layer = int(m.signal_layer)
-            break
-    if not -n_layers <= layer < n_layers:
-        raise ValueError(f"signal_layer={layer} is out of range for a vision encoder of {n_layers} layers")
-    return layer
+        if not set(m.needs) & {"cls_attn", "keys"}:
+            continue
+        layer = getattr(m, "signal_layer", None)
+        if layer is None:
+            layer = feature_signal_layer(-2 if feature_layer is None else feature_layer, n_layers)
+        layer = int(layer)
+        if not -n_layers <= layer < n_layers:
+            raise ValueError(f"signal_layer={layer} is out of range for a vision encoder of {n_layers} layers")
+        picks[m.name or type(m).__name__] = (layer % n_layers, getattr(m, "signal_heads", "mean"))
+    if not picks:
+        return feature_signal_layer(-2 if feature_layer is None else feature_layer, n_layers), "mean"
+    if len(set(picks.values())) > 1:
+        desc = ", ".join(f"{k}: layer {v[0]}, heads {v[1]!r}" for k, v in picks.items())
+        raise ValueError(f"the methods of one apply read the vision attention signal from different layers / head "
+                         f"reductions ({desc}); one capture serves them all: set the same signal_layer and "
+                         "signal_heads on each")
+    return next(iter(picks.values()))
 
 
 def _needs(methods: Sequence[Compressor]) -> set[str]:
@@ -442,7 +509,7 @@ def _shorten(inputs: dict, keep: Tensor, pad_id: int, left: bool):
     return out, move
 
 
-def compress_inputs(model: nn.Module, method, *, positions: str = "original", for_generate: bool = False,
+def compress_inputs(model: nn.Module, method, *, positions: str | None = None, for_generate: bool = False,
                     **inputs) -> CompressedInputs:
     """Compress the images of ``inputs`` and return shortened inputs for ``model`` / ``model.generate``.
 
@@ -460,12 +527,35 @@ def compress_inputs(model: nn.Module, method, *, positions: str = "original", fo
     return _compress(model, adapter, methods, inputs, positions=positions, for_generate=for_generate)
 
 
-def _check_positions(positions: str, adapter: Adapter) -> None:
-    if positions not in ("original", "compact"):
-        raise ValueError(f"positions={positions!r}; allowed: 'original', 'compact'")
+def _check_positions(positions: str | None, adapter: Adapter) -> None:
+    if positions not in (None, "original", "compact"):
+        raise ValueError(f"positions={positions!r}; allowed: None (the methods' reference scheme), 'original', "
+                         "'compact'")
     if positions == "compact" and adapter.position_scheme == "mrope":
         raise ValueError("positions='compact' is not available for M-RoPE models (Qwen2-VL / Qwen2.5-VL): "
                          "their 3-D positions come from the image grid; use positions='original'")
+
+
+def _resolve_positions(positions: str | None, methods: Sequence[Compressor], adapter: Adapter) -> str:
+    """The position scheme of one call: the explicit one, else the one the encoder- / projector-stage methods'
+    references use (``Compressor.positions``); M-RoPE models keep their 3-D grid positions."""
+    _check_positions(positions, adapter)
+    if positions is not None:
+        return positions
+    if adapter.position_scheme == "mrope":
+        return "original"
+    declared = {m.name or type(m).__name__: getattr(m, "positions", "compact") for m in methods
+                if m.stage in ("encoder", "projector")}
+    schemes = set(declared.values())
+    if not schemes:
+        return "original"
+    if len(schemes) > 1:
+        raise ValueError(f"the methods declare different reference position schemes ({declared}); pass "
+                         "positions='compact' or positions='original' to apply")
+    scheme = schemes.pop()
+    if scheme not in ("original", "compact"):
+        raise ValueError(f"a method declares positions={scheme!r}; allowed: 'original', 'compact'")
+    return scheme
 
 
 @dataclass
@@ -488,9 +578,9 @@ class _Signals:
     text_mask: Tensor | None = None
 
 
-def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, *, positions: str,
+def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, *, positions: str | None,
               for_generate: bool) -> CompressedInputs:
-    _check_positions(positions, adapter)
+    positions = _resolve_positions(positions, methods, adapter)
     if inputs.get("pixel_values") is None:
         return CompressedInputs(inputs=dict(inputs))
     ids = inputs.get("input_ids")
@@ -504,14 +594,18 @@ def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, 
     mask = torch.ones_like(ids) if mask is None else mask
     image_id = adapter.image_token_id(model)
 
-    out, feats, enc_rows, signals = _encode(model, adapter, methods, inputs)
+    out, feats, enc_rows, signals, vision = _encode(model, adapter, methods, inputs)
     flat, samples = _placeholder_slots(ids, image_id, [int(f.shape[0]) for f in feats])
     if "text" in _needs(proj_methods):
         signals.text, signals.text_mask = _text_signal(model, ids, mask, image_id, samples)
     layouts = adapter.layouts(model, inputs, feats)
     views = _views(layouts, proj_methods)
-    results = _compress_views(model, views, layouts, feats, signals, enc_rows, proj_methods)
-    new_feats, kept_slots, tokens = _kept_features(layouts, views, results, feats)
+    work = feats if vision is None else vision.feats  # the features the methods act on
+    results, orders = _compress_views(model, views, layouts, work, signals, enc_rows, proj_methods)
+    new_feats, kept_slots, tokens = _kept_features(layouts, views, results, work,
+                                                   orders if positions == "compact" else None)
+    if vision is not None:
+        new_feats = vision.project(new_feats, kept_slots, feats)
 
     keep = torch.ones_like(ids, dtype=torch.bool)
     if kept_slots:
@@ -542,15 +636,24 @@ def _encode(model, adapter: Adapter, methods: list[Compressor], inputs: dict):
     needs = _needs(proj_methods)
     want_attn, want_keys = "cls_attn" in needs, "keys" in needs
     layers = adapter.vision_layers(model)
-    signal_layer = _signal_layer(proj_methods, len(layers)) if (want_attn or want_keys) else None
+    signal = None
+    if want_attn or want_keys:
+        signal = _signal_layer(proj_methods, len(layers), adapter.feature_layer(model))
+    # the vision space: when every projector method acts there, on a family with a 1:1 map (see the docstring)
+    projector = _projector(model, adapter) if (
+        proj_methods and not enc_methods and all(_acts_on(m) == "vision" for m in proj_methods)) else None
+    captured: list[Tensor] = []
     merging = rec = None
     with ExitStack() as stack:
         if enc_methods:
             merging = stack.enter_context(_encoder_merging(model, adapter, enc_methods))
-        elif signal_layer is not None:  # with a merged tower, keys come from the merge itself
+        elif signal is not None:  # with a merged tower, keys come from the merge itself
             rec = stack.enter_context(capture_signals(
-                model, adapter.vision_config(model), adapter.attention_module(layers[signal_layer]),
-                has_cls=adapter.num_prefix_tokens(model) > 0, attn=want_attn, keys=want_keys))
+                model, adapter.vision_config(model), adapter.attention_module(layers[signal[0]]),
+                has_cls=adapter.num_prefix_tokens(model) > 0, attn=want_attn, keys=want_keys, heads=signal[1]))
+        if projector is not None:
+            hook = projector.register_forward_pre_hook(lambda _mod, args: captured.append(args[0]))
+            stack.callback(hook.remove)
         # the caller's grad mode holds: a projector (or a trainable compressor) can be trained through apply
         out = adapter.base(model).get_image_features(**adapter.encoder_kwargs(model, inputs), return_dict=True)
     feats = adapter.features(model, inputs, out)
@@ -562,7 +665,86 @@ def _encode(model, adapter: Adapter, methods: list[Compressor], inputs: dict):
         signals.attn = adapter.signal_to_features(model, inputs, [a[..., None] for a in rec.attn], "sum", feats)
     if rec is not None and want_keys:
         signals.keys = adapter.signal_to_features(model, inputs, rec.keys, "mean", feats)
-    return out, feats, enc_rows, signals
+    vision = _VisionSpace.build(model, adapter, inputs, projector, captured, feats) if projector is not None else None
+    return out, feats, enc_rows, signals, vision
+
+
+def _acts_on(m: Compressor) -> str:
+    where = getattr(m, "acts_on", "projected")
+    if where not in ("vision", "projected"):
+        raise ValueError(f"method {m.name!r}: acts_on={where!r}; allowed: 'vision', 'projected'")
+    return where
+
+
+def _projector(model, adapter: Adapter) -> nn.Module | None:
+    """The model's own multimodal projector when the family maps its input 1:1 onto the LLM's image tokens
+    (LLaVA-1.5, LLaVA-NeXT, OneVision); ``None`` (act on the projected features) otherwise."""
+    if adapter.family not in ("llava", "llava_next", "onevision"):
+        return None
+    return getattr(adapter.base(model), "multi_modal_projector", None)
+
+
+@dataclass
+class _VisionSpace:
+    """The projector's input laid out like the projected features: ``feats`` per image ``[L_i, C_v]`` (zeros
+    at the newlines), ``newline`` per image ``[L_i]`` bool, and the model's projector / ``image_newline``."""
+
+    feats: list[Tensor]
+    newline: list[Tensor]
+    projector: nn.Module
+    image_newline: Tensor | None
+
+    @classmethod
+    def build(cls, model, adapter: Adapter, inputs, projector, captured: list[Tensor], feats: list[Tensor]):
+        if len(captured) != 1:
+            return None  # the projector ran 0 or several times: no 1:1 map to rely on
+        x = captured[0]
+        base = adapter.base(model)
+        if adapter.family == "llava":
+            if x.dim() != 3 or x.shape[0] != len(feats):
+                return None  # features of several images in one row (image_sizes): not handled, act projected
+            vis = list(x)
+            newline = [torch.zeros(int(f.shape[0]), dtype=torch.bool, device=f.device) for f in feats]
+            image_newline = None
+        else:  # anyres: pack the projector input as the stock packer packs the projected crops
+            crops = adapter.crops(model, inputs)
+            if x.dim() != 3 or x.shape[0] != sum(crops):
+                return None
+            t = x.shape[1]
+            ids = torch.arange(x.shape[0] * t, device=x.device, dtype=torch.float32).reshape(-1, t, 1)
+            packed_ids = adapter.pack(model, inputs, list(torch.split(ids, crops)), torch.full((1,), -1.0,
+                                                                                                  device=x.device))
+            vis, newline = [], []
+            flat = x.reshape(-1, x.shape[-1])
+            for p, f in zip(packed_ids, feats, strict=True):
+                v = p[:, 0]
+                nl = v < -0.5
+                idx = v[~nl]
+                # 1:1 only if every packed token is one projector-input token, each at most once (OneVision's
+                # anyres_max interpolation blends them: act on the projected features for this call)
+                if p.shape[0] != f.shape[0] or not bool((idx == idx.round()).all()) or \
+                        idx.unique().numel() != idx.numel():
+                    return None
+                out = flat.new_zeros(p.shape[0], flat.shape[-1])
+                out[~nl] = flat[idx.long()]
+                vis.append(out)
+                newline.append(nl)
+            image_newline = getattr(base, "image_newline", None)
+        for v, f in zip(vis, feats, strict=True):
+            if v.shape[0] != f.shape[0]:
+                return None
+        return cls(feats=vis, newline=newline, projector=projector, image_newline=image_newline)
+
+    def project(self, new_feats: list[Tensor], kept_slots: list[Tensor], feats: list[Tensor]) -> list[Tensor]:
+        """The model's projector on the surviving vision features; newlines become ``image_newline``."""
+        out = []
+        for x, kept, nl, f in zip(new_feats, kept_slots, self.newline, feats, strict=True):
+            y = self.projector(x[None])[0].to(f.dtype) if x.shape[0] else f.new_zeros(0, f.shape[-1])
+            sep = nl[kept]
+            if bool(sep.any()):
+                y = torch.where(sep[:, None], self.image_newline.to(y.dtype)[None], y)
+            out.append(y)
+        return out
 
 
 def _views(layouts: list[ImageLayout], proj_methods: list[Compressor]) -> list[_View]:
@@ -584,20 +766,28 @@ def _compress_views(model, views: list[_View], layouts, feats, signals: _Signals
     for u, view in enumerate(views):
         groups.setdefault((layouts[view.image].grids[view.view], view.budgets), []).append(u)
     results: dict[int, VisualTokens] = {}
+    orders: dict[int, Tensor] = {}
     for (grid, budgets), members in groups.items():
         tok = _start_tokens([views[u] for u in members], feats, grid, signals, enc_rows)
         d = tok.x.shape[-1]
+        order = None
         for m, b in zip(proj_methods, budgets, strict=True):
-            tok = (m if b == m.budget else dataclasses.replace(m, budget=b))(tok)
+            mb = m if b == m.budget else dataclasses.replace(m, budget=b)
+            before, tok = tok, mb(tok)
+            # the reference's LLM order of the last method's output, when it defines one
+            order = mb.llm_order(before, tok) if hasattr(mb, "llm_order") else None
             if tok.x.shape[-1] != d:
                 raise ValueError(
                     f"method {m.name!r} changed the feature width from {d} to {tok.x.shape[-1]}; the LLM of "
                     f"{type(model).__name__} takes {d}-wide image features (a width-changing method needs a "
                     "trained projector after it)")
+        srt = torch.where(tok.mask, tok.pos, torch.full_like(tok.pos, tok.num_patches + 1)).argsort(dim=1, stable=True)
         tok = tok.sort_by_pos()
         for r, u in enumerate(members):
             results[u] = tok.row(r)
-    return [results[u] for u in range(len(views))]
+            if order is not None:
+                orders[u] = order.gather(1, srt)[r : r + 1, : int(tok.counts[r])]
+    return [results[u] for u in range(len(views))], [orders.get(u) for u in range(len(views))]
 
 
 def _start_tokens(views: list[_View], feats, grid, signals: _Signals, enc_rows) -> VisualTokens:
@@ -623,26 +813,42 @@ def _start_tokens(views: list[_View], feats, grid, signals: _Signals, enc_rows) 
     return tok
 
 
-def _kept_features(layouts: list[ImageLayout], views: list[_View], results: list[VisualTokens], feats):
+def _kept_features(layouts: list[ImageLayout], views: list[_View], results: list[VisualTokens], feats,
+                   orders: list[Tensor | None] | None = None):
     """Per image: the features the LLM receives (kept / merged tokens at their anchor's slot, plus the
-    newlines of rows that keep a token), the kept flag of each original slot, and the per-view tokens."""
+    newlines of rows that keep a token), the kept flag of each original slot, and the per-view tokens.
+
+    ``orders`` (compact positions only): per view, ``[1, M]`` keys of the reference's LLM order of its tokens
+    (``None``: spatial). Applied to single-view images without separators (LLaVA-1.5), non-patch prefix
+    features ([CLS]) first; other layouts keep the spatial order their packing defines."""
     new_feats, kept_slots, tokens = [], [], [[] for _ in feats]
-    by_image: list[list[tuple[_View, VisualTokens]]] = [[] for _ in feats]
-    for view, row in zip(views, results, strict=True):
-        by_image[view.image].append((view, row))
+    by_image: list[list[tuple[_View, VisualTokens, Tensor | None]]] = [[] for _ in feats]
+    orders = orders if orders is not None else [None] * len(views)
+    for view, row, order in zip(views, results, orders, strict=True):
+        by_image[view.image].append((view, row, order))
         tokens[view.image].append(row)
     for i, lay in enumerate(layouts):
         full = feats[i].clone()
         kept = (lay.patch < 0) & ~lay.sep  # non-patch features (a kept [CLS]) always stay
-        for view, row in by_image[i]:
+        slot_key = None
+        reorder = len(by_image[i]) == 1 and by_image[i][0][2] is not None and not bool(lay.sep.any())
+        if reorder:
+            slot_key = torch.full(kept.shape, float("inf"), dtype=torch.float64, device=kept.device)
+            slot_key[kept] = -1.0  # prefix features first
+        for view, row, order in by_image[i]:
             where = view.index[row.pos[0]]
             full[where] = row.x[0].to(full.dtype)  # merged features sit at their anchor patch
             kept[where] = True
+            if reorder:
+                slot_key[where] = order[0].to(slot_key.device, torch.float64)
         if bool(lay.sep.any()):
             row_kept = torch.zeros(int(lay.group.max()) + 1, dtype=torch.bool, device=kept.device)
             row_kept[lay.group[kept & (lay.patch >= 0)]] = True
             kept |= lay.sep & row_kept[lay.group.clamp(min=0)]
-        new_feats.append(full[kept])
+        sel = full[kept]
+        if reorder:
+            sel = sel[slot_key[kept].argsort(stable=True)]
+        new_feats.append(sel)
         kept_slots.append(kept)
     return new_feats, kept_slots, tokens
 
@@ -757,14 +963,14 @@ class ApplyHandle:
     sequence (``last.keep`` maps its columns to the original ones).
     """
 
-    def __init__(self, model: nn.Module, methods: list[Compressor], positions: str = "original",
+    def __init__(self, model: nn.Module, methods: list[Compressor], positions: str | None = None,
                  restore_prompt: bool = True):
         self.model = model
         self.methods = methods
         # decoder-only methods need no adapter (attach_decoder also serves plain causal LMs)
         self.adapter = adapter_for(model) if self._compressing else None
         if self.adapter is not None:
-            _check_positions(positions, self.adapter)
+            positions = _resolve_positions(positions, methods, self.adapter)  # None: the methods' references
         self.positions = positions
         self.restore_prompt = restore_prompt
         self.last: CompressedInputs | None = None
@@ -904,15 +1110,17 @@ class ApplyHandle:
 _MISSING = object()
 
 
-def apply(model: nn.Module, method, *, positions: str = "original", restore_prompt: bool = True) -> ApplyHandle:
+def apply(model: nn.Module, method, *, positions: str | None = None, restore_prompt: bool = True) -> ApplyHandle:
     """Apply ``method`` to ``model`` until the returned handle is removed (or its ``with`` block ends).
 
     Args:
         model: a stock ``...ForConditionalGeneration`` of a supported family (see :func:`supported_families`).
         method: a Compressor, a registered name, or a list of them (composition: encoder stage first, then
             the projector-stage methods in list order, then the decoder stage).
-        positions: ``"original"`` (kept tokens keep their positions) or ``"compact"`` (1-D RoPE models only:
-            renumber the shortened sequence).
+        positions: ``None`` (default: the scheme of the methods' references, ``Compressor.positions``:
+            ``"compact"`` for the projector-stage ones; M-RoPE models keep their 3-D positions), ``"original"``
+            (kept tokens keep their positions) or ``"compact"`` (1-D RoPE models only: renumber the shortened
+            sequence).
         restore_prompt: ``generate`` returns the original prompt ids followed by the new tokens.
 
     Example::

@@ -13,6 +13,13 @@ unchanged, and for the one chosen attention module it also computes
   over the queries (computed in query chunks, so the extra memory stays bounded);
 - ``keys [B, L, Dh]``: the keys averaged over heads.
 
+``heads="full"`` instead treats the layer as ONE full-width head, as PruMerge's reference does
+(42Shawn/LLaVA-PruMerge, ``clip_encoder.py``, ``token_prune_merge_advanced``: it hooks ``q_proj`` / ``k_proj``
+and computes ``softmax(q k^T * C^-1/2)`` over all ``C = H * Dh`` channels): the logits are the sum of the
+per-head dot products scaled by ``(H * Dh)^-1/2``, and the keys are all heads concatenated, ``[B, L, H * Dh]``
+(the ``k_proj`` output). The query / key tensors the attention function receives are the projections reshaped
+to heads (CLIP applies its scale inside the attention function), so both reductions come from the same call.
+
 The switch is ``model.set_attn_implementation({"vision_config": name})``; the previous implementation and
 the previous content of the global registry are put back on exit. Encoders that split their input into
 several attention calls per layer (Qwen2-VL runs one call per image, Qwen2.5-VL one per window) give one
@@ -24,6 +31,7 @@ from __future__ import annotations
 import sys
 import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -35,9 +43,12 @@ __all__ = ["SignalRecord", "capture_signals", "attention_signal", "SIGNAL_ATTENT
 SIGNAL_ATTENTION = "vtcompress_signals"
 _CHUNK_ELEMENTS = 1 << 24
 _LOCK = threading.RLock()
-# id(vision config) -> base implementation name; id(attention module) -> recorder
-_BASES: dict[int, str] = {}
-_RECORDERS: dict[int, SignalRecord] = {}
+# id(vision config) -> [base implementation name, active captures]: the switch is made by the first capture on a
+# config and undone by the last, so concurrent captures (threads) on one model never see each other's switch
+_BASES: dict[int, list] = {}
+# id(attention module) -> recorder, per context (thread / asyncio task): a concurrent call on the same model, with
+# or without its own capture, never records into another call's recorder
+_RECORDERS: ContextVar[dict | None] = ContextVar("vtcompress_signal_recorders", default=None)
 _ACTIVE = [0]  # number of active captures (the registration is removed when it drops to zero)
 _SAVED: dict[str, object] = {}
 
@@ -52,14 +63,18 @@ class SignalRecord:
     has_cls: bool
     want_attn: bool = True
     want_keys: bool = False
+    heads: str = "mean"
     attn: list[Tensor] = field(default_factory=list)
     keys: list[Tensor] = field(default_factory=list)
 
     def record(self, query: Tensor, key: Tensor, attention_mask: Tensor | None, scaling: float | None) -> None:
         if self.want_attn:
-            self.attn.append(attention_signal(query, key, attention_mask, scaling, has_cls=self.has_cls))
+            self.attn.append(attention_signal(query, key, attention_mask, scaling, has_cls=self.has_cls,
+                                              heads=self.heads))
         if self.want_keys:
-            self.keys.append(key.detach().to(torch.float32).mean(1))
+            k = key.detach().to(torch.float32)
+            # [B, H, L, Dh] -> head mean [B, L, Dh], or all heads side by side [B, L, H * Dh] (the k_proj output)
+            self.keys.append(k.mean(1) if self.heads == "mean" else k.transpose(1, 2).flatten(2))
 
 
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -73,22 +88,33 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 @torch.no_grad()
 def attention_signal(
     query: Tensor, key: Tensor, attention_mask: Tensor | None = None, scaling: float | None = None,
-    has_cls: bool = True,
+    has_cls: bool = True, heads: str = "mean",
 ) -> Tensor:
-    """Head-mean attention signal ``[B, L]`` from ``query, key [B, H, L, Dh]``.
+    """Attention signal ``[B, L]`` from ``query, key [B, H, L, Dh]``.
 
     With ``has_cls``: the attention row of query 0 (the [CLS] token), ``softmax(q_0 K^T * scaling)``.
     Without: the attention each key receives, averaged over all queries (each query row sums to one,
     so the result sums to one per image). ``attention_mask`` is an additive or boolean mask broadcastable
     to ``[B, H, L, L]``. Computed in float32.
+
+    ``heads="mean"``: per-head softmax, then the head mean. ``heads="full"``: one head over all ``H * Dh``
+    channels, ``softmax(q_full k_full^T * (H * Dh)^-1/2)`` (PruMerge's reference; ``scaling`` is ignored).
     """
+    if heads not in ("mean", "full"):
+        raise ValueError(f"heads={heads!r}; allowed: 'mean' (head-mean attention), 'full' (one full-width head)")
+    if key.shape[1] != query.shape[1]:  # grouped keys: repeat them to the query heads
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    if heads == "full":  # concatenate the heads: [B, 1, L, H * Dh]
+        query = query.transpose(1, 2).flatten(2)[:, None]
+        key = key.transpose(1, 2).flatten(2)[:, None]
+        scaling = None
     b, h, lq, d = query.shape
-    if key.shape[1] != h:  # grouped keys: repeat them to the query heads
-        key = key.repeat_interleave(h // key.shape[1], dim=1)
     scale = d**-0.5 if scaling is None else scaling
     q = query.detach().to(torch.float32)
     k = key.detach().to(torch.float32).transpose(-1, -2)
     mask = _additive(attention_mask, torch.float32)
+    if mask is not None and heads == "full" and mask.dim() == 4 and mask.shape[1] > 1:
+        mask = mask[:, :1]  # one head: a per-head mask (none of the supported towers has one) reduces to head 0
     if has_cls:
         logits = (q[:, :, :1] @ k) * scale
         if mask is not None:
@@ -119,10 +145,11 @@ def _base_function(module: nn.Module, name: str):
 
 def _signal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Runs the module's own attention implementation unchanged; the chosen module also records signals."""
-    base = _BASES.get(id(getattr(module, "config", None)), "sdpa")
+    entry = _BASES.get(id(getattr(module, "config", None)))
+    base = entry[0] if entry is not None else "sdpa"
     out = _base_function(module, base)(module, query, key, value, attention_mask, scaling=scaling,
                                        dropout=dropout, **kwargs)
-    rec = _RECORDERS.get(id(module))
+    rec = (_RECORDERS.get() or {}).get(id(module))
     if rec is not None:
         rec.record(query, key, attention_mask, scaling)
     return out
@@ -154,7 +181,7 @@ def _unregister() -> None:
 
 @contextmanager
 def capture_signals(model: nn.Module, vision_config, module: nn.Module, has_cls: bool, attn: bool = True,
-                    keys: bool = False):
+                    keys: bool = False, heads: str = "mean"):
     """Record the signals of attention ``module`` while the vision tower runs inside the context.
 
     Args:
@@ -163,30 +190,48 @@ def capture_signals(model: nn.Module, vision_config, module: nn.Module, has_cls:
         module: the attention module of the chosen vision layer.
         has_cls: the encoder's token 0 is a [CLS] token (its row is the signal).
         attn, keys: which signals to record.
+        heads: ``"mean"`` (head-mean attention and keys) or ``"full"`` (one full-width head, concatenated keys).
 
     Yields:
         a :class:`SignalRecord` filled by every call of ``module`` in the context.
     """
-    base = getattr(vision_config, "_attn_implementation", None) or "eager"
+    with _LOCK:
+        entry = _BASES.get(id(vision_config))  # another capture (thread) on this config: its base, not our switch
+        base = entry[0] if entry is not None else getattr(vision_config, "_attn_implementation", None) or "eager"
     if base not in ("sdpa", "eager"):
         raise ValueError(
             f"capturing vision attention signals needs the vision tower's attention implementation to be "
             f"'sdpa' or 'eager'; it is {base!r} "
             "(switch with model.set_attn_implementation({'vision_config': 'sdpa'}))"
         )
-    rec = SignalRecord(has_cls=has_cls, want_attn=attn, want_keys=keys)
+    if heads not in ("mean", "full"):
+        raise ValueError(f"heads={heads!r}; allowed: 'mean' (head-mean attention), 'full' (one full-width head)")
+    rec = SignalRecord(has_cls=has_cls, want_attn=attn, want_keys=keys, heads=heads)
     with _LOCK:
         _register()
-        _BASES[id(vision_config)] = base
-        _RECORDERS[id(module)] = rec
+        entry = _BASES.get(id(vision_config))
+        if entry is None:
+            entry = _BASES[id(vision_config)] = [base, 0]
+            try:
+                model.set_attn_implementation({"vision_config": SIGNAL_ATTENTION})
+            except BaseException:
+                _BASES.pop(id(vision_config), None)
+                _unregister()
+                raise
+        entry[1] += 1
+    token = _RECORDERS.set({**(_RECORDERS.get() or {}), id(module): rec})
     try:
-        model.set_attn_implementation({"vision_config": SIGNAL_ATTENTION})
-        try:
-            yield rec
-        finally:
-            model.set_attn_implementation({"vision_config": base})
+        yield rec
     finally:
+        try:
+            _RECORDERS.reset(token)
+        except ValueError:  # closed from another context: drop ours from the current view
+            _RECORDERS.set({k: v for k, v in (_RECORDERS.get() or {}).items() if v is not rec})
         with _LOCK:
-            _RECORDERS.pop(id(module), None)
-            _BASES.pop(id(vision_config), None)
-            _unregister()
+            entry[1] -= 1
+            try:
+                if entry[1] == 0:
+                    _BASES.pop(id(vision_config), None)
+                    model.set_attn_implementation({"vision_config": entry[0]})
+            finally:
+                _unregister()
