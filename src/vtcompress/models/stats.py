@@ -173,17 +173,27 @@ class DecoderRecord:
     stages: list[tuple[int, str, list[int]]]
 
 
-def decoder_record(dec) -> DecoderRecord | None:
-    """The :class:`DecoderRecord` of a :class:`~vtcompress.models.decoder.DecoderHandle`'s last prefill."""
-    run = getattr(dec, "run", None) if dec is not None else None
-    if run is None or not run.decisions:
+def decoder_record(dec, strict: bool = False) -> DecoderRecord | None:
+    """The :class:`DecoderRecord` of a :class:`~vtcompress.models.decoder.DecoderHandle`'s last prefill.
+
+    ``ApplyHandle.remove`` calls it with ``strict=False``: a state it cannot read then gives ``None`` (the summary
+    after the block has no decoder stage) rather than a restoration that fails half-way; :func:`summarize` on a
+    live handle is strict (the error propagates).
+    """
+    try:
+        run = getattr(dec, "run", None) if dec is not None else None
+        if run is None or not run.decisions:
+            return None
+        real = run.pad_ok[:, : run.length].bool()
+        ph = getattr(run, "ph", None)
+        ph = (run.vis if ph is None else ph) & real
+        stages = [(int(st.layer), str(st.method.name), [int(k.numel()) for k in dec.kept_visual(i)])
+                  for i, st in enumerate(dec.stages) if i in run.decisions]
+        return DecoderRecord(ids=run.ids, placeholders=ph, visual=run.vis & real, real=real, stages=stages)
+    except Exception:
+        if strict:
+            raise
         return None
-    real = run.pad_ok[:, : run.length].bool()
-    ph = getattr(run, "ph", None)
-    ph = (run.vis if ph is None else ph) & real
-    stages = [(int(st.layer), str(st.method.name), [int(k.numel()) for k in dec.kept_visual(i)])
-              for i, st in enumerate(dec.stages) if i in run.decisions]
-    return DecoderRecord(ids=run.ids, placeholders=ph, visual=run.vis & real, real=real, stages=stages)
 
 
 def summarize(handle) -> Savings:
@@ -192,7 +202,7 @@ def summarize(handle) -> Savings:
     methods = list(handle.methods)
     labels = tuple(_method_label(m) for m in methods)
     before = [m for m in methods if m.stage in ("encoder", "projector")]
-    rec = decoder_record(getattr(handle, "_decoder", None)) or getattr(handle, "_decoder_record", None)
+    rec = decoder_record(getattr(handle, "_decoder", None), strict=True) or getattr(handle, "_decoder_record", None)
     last = handle.last if before else None
     if last is not None and last.num_tokens is None:
         last = None
