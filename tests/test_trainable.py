@@ -376,3 +376,54 @@ def test_unshuffle_mlp_on_a_grid_not_divisible_by_its_factor():
     g = tok.x.reshape(2, 5, 7, D_MODEL)
     torch.testing.assert_close(out.x[:, 11], g[:, 4, 6])  # the corner cell holds one real patch
     torch.testing.assert_close(out.x[:, 0], g[:, :2, :2].mean((1, 2)))
+
+
+# ------------------------------------------------------------------------------------------ unshuffle_mlp per view
+def _alone_count(budget, grid, d):
+    """What a fresh ``unshuffle_mlp`` gives on one view of ``grid`` seen on its own."""
+    tok = VisualTokens.from_features(torch.randn(1, grid[0] * grid[1], d), grid=grid)
+    return int(_get("unshuffle_mlp", budget=budget)(tok).counts[0])
+
+
+def test_unshuffle_mlp_each_anyres_view_gets_its_own_count():
+    """Regression (issue 12): the base crop fixed the factor, so the high-resolution view got the base crop's
+    (4x4 at 0.09 -> factor 4) instead of its own count."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models_util import tiny_llava_next
+
+    model, make = tiny_llava_next()
+    inputs = make(batch=2, images=[2, 2])
+    m = _get("unshuffle_mlp", budget=0.09)
+    with torch.no_grad():
+        ci = vc.compress_inputs(model, m, **inputs)
+    views = [t for image in ci.tokens for t in image]
+    assert len(views) == 8 and {t.grid for t in views} >= {(4, 4), (6, 8), (8, 4), (8, 8)}
+    for t in views:
+        assert int(t.counts[0]) == _alone_count(0.09, t.grid, t.x.shape[-1]), t.grid
+        f = 3  # round(1 / sqrt(0.09)), whatever the view
+        assert int(t.counts[0]) == -(-t.grid[0] // f) * -(-t.grid[1] // f)
+
+
+def test_unshuffle_mlp_batched_equals_one_by_one_on_qwen2_vl():
+    """Regression (issue 12): two images with different grids in one batch used the first image's factor."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models_util import split_samples, tiny_qwen2_vl
+
+    model, make = tiny_qwen2_vl()
+    inputs = make(batch=2, images=[3, 1])  # sample 1's image (grid 4x2) comes after three others
+    with torch.no_grad():
+        batched = vc.compress_inputs(model, _get("unshuffle_mlp", budget=0.09), **inputs)
+        alone = [vc.compress_inputs(model, _get("unshuffle_mlp", budget=0.09), **one) for one in split_samples(inputs)]
+    flat = [views for ci in alone for views in ci.tokens]
+    assert len(flat) == len(batched.tokens) == 4
+    for a, b in zip(flat, batched.tokens, strict=True):
+        assert a[0].grid == b[0].grid and torch.equal(a[0].counts, b[0].counts)
+        torch.testing.assert_close(a[0].x, b[0].x, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a[0].assign, b[0].assign)
+    assert torch.equal(batched.num_tokens, torch.cat([ci.num_tokens for ci in alone]))

@@ -85,9 +85,12 @@ def build_method(name: str, budget: int | float, **params):
 
         _check_params(name, params)
         try:
-            return load_trained(name, budget)
+            method = load_trained(name, budget)
         except ValueError as e:
             return f"trainable, no checkpoint: {e}"
+        if getattr(method, "untrained", False):  # never report random weights as a trained method's results
+            return "trainable, untrained weights: not benchmarked"
+        return method
     _check_params(name, params)
     try:
         return get(name, budget=budget, **params)
