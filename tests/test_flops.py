@@ -258,7 +258,9 @@ def test_unsupported_config_raises():
     ("name", "params"),
     [
         ("random", {"budget": 0.25}),  # projector stage
-        ("visionzip", {"budget": 0.25}),  # projector stage with [CLS] attention
+        # projector stage with [CLS] attention; after the projector, as the analytic model assumes (its default,
+        # acts_on="vision", also runs the model's projector on the survivors: 2 * kept * in * out more per image)
+        ("visionzip", {"budget": 0.25, "acts_on": "projected"}),
         ("tome_encoder", {"budget": 0.5}),  # encoder stage: fewer tokens per vision layer
         ("fastv", {"budget": 0.25, "layer": 1}),  # decoder stage
         ("pyramiddrop", {"budget": 0.5}),  # decoder stage, its own layer schedule
