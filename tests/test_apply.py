@@ -596,7 +596,7 @@ def test_one_apply_at_a_time(models):
 
 
 def test_decoder_only_method_is_delegated(models):
-    """Only decoder-stage methods: apply installs no projector hook and no generate wrapper; attach_decoder
+    """Only decoder-stage methods: apply installs no projector hook; attach_decoder
     does the work (budget 1.0 == stock), and removal is exact."""
     model, make = models["internvl"]
     inputs = make(batch=2, images=[1, 2])
@@ -604,7 +604,8 @@ def test_decoder_only_method_is_delegated(models):
         ref = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
         hooks = _hooks(model)
         with vtcompress.apply(model, vtcompress.get("fastv", budget=1.0, layer=1)) as handle:
-            assert "generate" not in vars(model) and handle.adapter is None
+            # no projector hook; the generate dispatcher is there (it marks the KV caches the decoder stage fills)
+            assert handle.adapter is None and len(handle._hooks) == 0
             out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert torch.equal(out, ref)
     assert _hooks(model) == hooks

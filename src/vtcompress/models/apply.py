@@ -79,6 +79,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import threading
+import weakref
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -88,6 +90,19 @@ from torch import Tensor, nn
 
 from ..compressor import Compressor, get
 from ..tokens import VisualTokens
+from .context import (
+    CacheRecord,
+    activate,
+    active_handles,
+    deactivate,
+    detach_hook,
+    install,
+    is_active,
+    new_cache,
+    record_of,
+    set_record,
+    uninstall,
+)
 from .signals import capture_signals
 
 __all__ = [
@@ -652,7 +667,9 @@ def _encode(model, adapter: Adapter, methods: list[Compressor], inputs: dict):
                 model, adapter.vision_config(model), adapter.attention_module(layers[signal[0]]),
                 has_cls=adapter.num_prefix_tokens(model) > 0, attn=want_attn, keys=want_keys, heads=signal[1]))
         if projector is not None:
-            hook = projector.register_forward_pre_hook(lambda _mod, args: captured.append(args[0]))
+            me = threading.get_ident()  # a concurrent call on the model (another thread) runs this projector too
+            hook = projector.register_forward_pre_hook(
+                lambda _mod, args: captured.append(args[0]) if threading.get_ident() == me else None)
             stack.callback(hook.remove)
         # the caller's grad mode holds: a projector (or a trainable compressor) can be trained through apply
         out = adapter.base(model).get_image_features(**adapter.encoder_kwargs(model, inputs), return_dict=True)
@@ -954,64 +971,163 @@ def _encoder_features(merging, feats: list[Tensor], want_attn: bool, want_keys: 
 class ApplyHandle:
     """Returned by :func:`apply`: a context manager and a handle with :meth:`remove`.
 
-    While active, ``model(**inputs)`` and ``model.generate(**inputs)`` run with the methods applied (the
-    top-level model: calls to ``model.model`` directly are not compressed). One apply per model at a time;
-    compose methods by passing a list.
-    :attr:`last` holds the :class:`CompressedInputs` of the latest call (its ``tokens`` show which tokens
-    survived). ``generate`` returns the ORIGINAL prompt ids followed by the new tokens, so slicing by the
-    prompt length works as without compression. ``model(**inputs)`` returns logits over the SHORTENED
-    sequence (``last.keep`` maps its columns to the original ones).
+    While installed, ``model(**inputs)`` and ``model.generate(**inputs)`` run with the methods applied (the
+    top-level model: calls to ``model.model`` directly are not compressed) -- for the calls made in the context
+    (thread / asyncio task) that created or entered the handle; calls from other threads, and calls on a
+    ``copy.deepcopy`` of the model, run stock. Concurrent blocks on one model (even with different methods) each
+    get their own result. :attr:`last` holds the :class:`CompressedInputs` of the latest call (its ``tokens`` show
+    which tokens survived). ``generate`` returns the ORIGINAL prompt ids followed by the new tokens, so slicing by
+    the prompt length works as without compression, and a returned KV cache can be continued inside the block
+    with the original ids (the Hugging Face chat pattern, see :func:`apply`). ``model(**inputs)`` returns logits
+    over the SHORTENED sequence (``last.keep`` maps its columns to the original ones).
+
+    Lifecycle: :func:`apply` installs the handle at once; ``with handle:`` installs it again if it was removed
+    (re-entrant, nested ``with`` blocks of one handle count), and leaving the outermost block removes it.
     """
 
     def __init__(self, model: nn.Module, methods: list[Compressor], positions: str | None = None,
                  restore_prompt: bool = True):
+        if not isinstance(restore_prompt, bool):
+            raise ValueError(f"restore_prompt={restore_prompt!r}; allowed: True, False")
         self.model = model
         self.methods = methods
         # decoder-only methods need no adapter (attach_decoder also serves plain causal LMs)
         self.adapter = adapter_for(model) if self._compressing else None
+        self._positions_arg = positions  # the caller's choice, for the decoder stage too (None: each reference's)
         if self.adapter is not None:
             positions = _resolve_positions(positions, methods, self.adapter)  # None: the methods' references
+        elif positions is not None and not _decoder_takes_positions():
+            raise ValueError(
+                f"positions={positions!r} sets how encoder- / projector-stage methods number the shortened prompt; "
+                f"{self.describe()} only has decoder-stage methods, which keep every token's original position: "
+                "drop the argument")
+        if self._decoding:
+            _check_sliding_window(model, [m for m in methods if m.stage == "decoder"])
         self.positions = positions
         self.restore_prompt = restore_prompt
         self.last: CompressedInputs | None = None
+        #: installed (hooks on the model); ``epoch`` changes with every installation
+        self.installed = False
+        self.epoch: object | None = None
         self._hooks: list = []
         self._decoder = None
-        self._had_generate = "generate" in vars(model)
-        base = self._base()
-        # runtime state stock generate() keeps on the model (Qwen2-VL's rope_deltas), put back on exit
-        self._rope_deltas = getattr(base, "rope_deltas", None) if hasattr(base, "rope_deltas") else _MISSING
+        self._depth = 0
         self._install()
 
-    def _base(self) -> nn.Module:
-        return self.adapter.base(self.model) if self.adapter is not None else getattr(self.model, "model", self.model)
+    def describe(self) -> str:
+        return "[" + ", ".join(m.name or type(m).__name__ for m in self.methods) + "]"
 
     @property
     def _compressing(self) -> bool:
         return any(m.stage in ("encoder", "projector") for m in self.methods)
 
+    @property
+    def _decoding(self) -> bool:
+        return any(m.stage == "decoder" for m in self.methods)
+
+    def __deepcopy__(self, memo) -> ApplyHandle:
+        # the hooks of a deep-copied model still point here; they see they are not on self.model and pass through
+        return self
+
+    def __reduce__(self):
+        raise TypeError("a model under vtcompress.apply cannot be pickled; leave the apply block first")
+
+    # -------------------------------------------------------------------------------------------- lifecycle
+    def _check_nesting(self) -> None:
+        """At most one active apply per stage group (encoder/projector, decoder) per model and context."""
+        from .decoder import DecoderHandle
+
+        others = [h for h in active_handles(self.model) if h is not self]
+        owned = {id(h._decoder) for h in others if isinstance(h, ApplyHandle) and h._decoder is not None}
+        for h in others:
+            if isinstance(h, ApplyHandle):
+                clash = (h._compressing and self._compressing) or (h._decoding and self._decoding)
+                what = h.describe()
+            elif isinstance(h, DecoderHandle) and id(h) not in owned:
+                clash, what = self._decoding, "attach_decoder(" + ", ".join(m.name for m in h.methods) + ")"
+            else:
+                continue
+            if clash:
+                raise ValueError(
+                    f"another apply is active on this {type(self.model).__name__} in this thread ({what}); a nested "
+                    f"apply ({self.describe()}) may only add the stage the outer one lacks (decoder-stage methods "
+                    "inside an encoder/projector-stage apply, or the reverse), never the same stage twice: compose "
+                    "methods of one stage as a list, vtcompress.apply(model, [a, b])")
+
     def _install(self) -> None:
-        model = self.model
+        self._check_nesting()
+        install(self.model)  # the generate dispatcher (once per model, reference-counted)
+        self.installed, self.epoch = True, object()
+        activate(self)
         try:
             if self._compressing:
-                self._hooks.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-                if self._had_generate:
-                    raise ValueError(f"{type(model).__name__} instance already has its own `generate` attribute "
-                                     "(another apply is active?); nest methods as a list instead")
-                model.generate = self._generate
+                # prepended: under a nested decoder-stage apply, the decoder's top-level hook must see the
+                # shortened input_ids (as in the list form)
+                self._hooks.append(self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True,
+                                                                        prepend=True))
             decoder = [m for m in self.methods if m.stage == "decoder"]
             if decoder:
-                try:
-                    from .decoder import attach_decoder
-                except ImportError as e:
-                    raise NotImplementedError(
-                        "decoder-stage methods need vtcompress.models.decoder.attach_decoder, which is not "
-                        "available in this build") from e
-                self._decoder = attach_decoder(model, decoder)
+                from .decoder import attach_decoder
+
+                extra = {"positions": self._positions_arg} if _decoder_takes_positions() else {}
+                self._decoder = attach_decoder(self.model, decoder, **extra)
         except BaseException:
             self.remove()
             raise
 
-    def _pre_hook(self, module, args, kwargs):
+    def remove(self) -> None:
+        """Remove every hook, the decoder stage and (with the model's last handle) the instance ``generate``;
+        restore runtime state. Idempotent; ``with handle:`` installs it again."""
+        if self._decoder is not None:
+            from .stats import decoder_record
+
+            self._decoder_record = decoder_record(self._decoder)  # counts for summary() after the block
+            self._decoder.remove()
+            self._decoder = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        deactivate(self)
+        self._depth = 0
+        if self.installed:
+            self.installed = False
+            uninstall(self.model)
+
+    def summary(self):
+        """What the last call under this handle saved (also after the ``with`` block):
+        :class:`~vtcompress.models.stats.Savings` -- tokens in / out per stage (before the LLM: per image;
+        each decoder stage: per sample) and the analytic prefill FLOPs vs the uncompressed model; ``print`` it."""
+        from .stats import summarize
+
+        return summarize(self)
+
+    def __enter__(self) -> ApplyHandle:
+        if not self.installed:
+            self._install()
+        elif not is_active(self):  # installed in another context: it governs this one too from now on
+            self._check_nesting()
+            activate(self)
+            if self._decoder is not None:
+                activate(self._decoder)
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth <= 0:
+            self.remove()
+
+    # -------------------------------------------------------------------------------------------- forward
+    def _pre_hook(self, module, args, kwargs=None):
+        # kwargs None: torch called us as a plain hook while another thread was (un)registering hooks (a call that
+        # this handle does not govern); not active: another thread / task, or outside the block
+        if kwargs is None:
+            return None
+        if module is not self.model:  # a deep copy of the model: stock, and the copied hook goes away
+            detach_hook(module, self._pre_hook, self.model)
+            return None
+        if not (self.installed and is_active(self)):
+            return None
         if not args and kwargs.get("pixel_values") is None:
             return self._explicit_mask(kwargs)
         if args:
@@ -1047,67 +1163,219 @@ class ApplyHandle:
         kwargs["attention_mask"] = torch.ones(ref.shape[0], n, dtype=torch.long, device=ref.device)
         return (), kwargs
 
-    def _generate(self, *args, **kwargs):
-        gen = type(self.model).generate.__get__(self.model)
-        if len(args) > 1:
-            raise ValueError("with vtcompress.apply, pass generate's arguments after input_ids by keyword")
-        if args:
-            if "input_ids" in kwargs or "inputs" in kwargs:
-                raise ValueError("input_ids given twice")
-            kwargs["input_ids"], args = args[0], ()
-        if "inputs" in kwargs:
-            kwargs["input_ids"] = kwargs.pop("inputs")
-        if kwargs.get("pixel_values") is None:
-            return gen(*args, **kwargs)
-        orig = kwargs["input_ids"]
-        res = _compress(self.model, self.adapter, self.methods, kwargs, positions=self.positions,
-                        for_generate=True)
-        self.last = res
-        out = gen(*args, **res.inputs)
-        if not self.restore_prompt:
-            return out
+    # -------------------------------------------------------------------------------------------- generate
+    def _generate(self, handles: list, *args, **kwargs):
+        """``model.generate`` for the calling context, whose active handles on the model are ``handles`` (this
+        one compresses when it has encoder / projector methods; the others are decoder-stage)."""
+        model = self.model
+        gen = type(model).generate.__get__(model)
+        kwargs = _generate_kwargs(args, kwargs)
+        past = kwargs.get("past_key_values")
+        rec = record_of(past)
+        decoders = [h._decoder for h in handles if getattr(h, "_decoder", None) is not None]
+        if rec is not None:  # the next turn of a conversation whose cache was filled under compression
+            if not rec.governed():
+                raise rec.outside_error()
+            call, prefix, coords = _continue_inputs(rec, kwargs, self.adapter)
+            for d, run in rec.decoder_runs.items():
+                if d in decoders:
+                    d.run = run  # the decoder stage's decision for this cache (another prefill may have run since)
+            orig = kwargs["input_ids"] if coords == "orig" else None
+        elif self._compressing and kwargs.get("pixel_values") is not None:
+            if past is not None and past.get_seq_length() > 0:
+                raise ValueError("under vtcompress.apply, images go with an empty cache (or none): this "
+                                 "past_key_values already holds tokens that vtcompress did not compress")
+            orig = kwargs["input_ids"]
+            res = _compress(model, self.adapter, self.methods, kwargs, positions=self.positions, for_generate=True)
+            self.last = res
+            call = dict(res.inputs)
+        else:  # nothing to compress: decoder-stage methods only, or a text-only call
+            orig, call = None, dict(kwargs)
+        shaped = orig is not None or bool(decoders) or rec is not None  # the cache will differ from stock
+        if shaped and past is None and _returns_cache(model, call):
+            call["past_key_values"] = new_cache(model)
+        out = gen(**call)
         seqs = out if isinstance(out, Tensor) else out.sequences
-        s_new = res.inputs["input_ids"].shape[1]
-        prompt = orig.repeat_interleave(seqs.shape[0] // orig.shape[0], dim=0).to(seqs.device)
-        full = torch.cat([prompt, seqs[:, s_new:]], dim=1)
-        if isinstance(out, Tensor):
-            return full
-        out.sequences = full
+        s_new = call["input_ids"].shape[1]
+        if orig is not None and self.restore_prompt:
+            prompt = orig.repeat_interleave(seqs.shape[0] // orig.shape[0], dim=0).to(seqs.device)
+            full = torch.cat([prompt, seqs[:, s_new:]], dim=1)
+            if isinstance(out, Tensor):
+                out = full
+            else:
+                out.sequences = full
+        cache = call.get("past_key_values")
+        if cache is None and not isinstance(out, Tensor):
+            cache = getattr(out, "past_key_values", None)
+        if shaped and cache is not None:
+            set_record(cache, _make_record(model, handles, decoders, kwargs["input_ids"] if orig is None else orig,
+                                           call, seqs, cache, rec))
         return out
 
-    def remove(self) -> None:
-        """Remove every hook, the instance ``generate`` and the decoder stage; restore runtime state."""
-        if self._decoder is not None:
-            from .stats import decoder_record
 
-            self._decoder_record = decoder_record(self._decoder)  # counts for summary() after the block
-            self._decoder.remove()
-            self._decoder = None
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        if not self._had_generate and vars(self.model).get("generate") == self._generate:
-            del self.model.generate
-        base = self._base()
-        if self._rope_deltas is not _MISSING:
-            base.rope_deltas = self._rope_deltas
+def _decoder_takes_positions() -> bool:
+    from .decoder import attach_decoder
 
-    def summary(self):
-        """What the last call under this handle saved (also after the ``with`` block):
-        :class:`~vtcompress.models.stats.Savings` -- tokens in / out per stage (before the LLM: per image;
-        each decoder stage: per sample) and the analytic prefill FLOPs vs the uncompressed model; ``print`` it."""
-        from .stats import summarize
-
-        return summarize(self)
-
-    def __enter__(self) -> ApplyHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    return "positions" in inspect.signature(attach_decoder).parameters
 
 
-_MISSING = object()
+def _generate_kwargs(args, kwargs) -> dict:
+    """``generate``'s inputs as keywords (``input_ids`` may come positionally or as ``inputs``)."""
+    kwargs = dict(kwargs)
+    if len(args) > 1:
+        raise ValueError("with vtcompress.apply, pass generate's arguments after input_ids by keyword")
+    if args:
+        if "input_ids" in kwargs or "inputs" in kwargs:
+            raise ValueError("input_ids given twice")
+        kwargs["input_ids"] = args[0]
+    if "inputs" in kwargs:
+        kwargs["input_ids"] = kwargs.pop("inputs")
+    return kwargs
+
+
+def _returns_cache(model: nn.Module, kwargs: dict) -> bool:
+    """This ``generate`` call returns the DynamicCache it would build (so the caller can continue it)."""
+    cfg = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def opt(name, default=None):
+        return kwargs[name] if name in kwargs else getattr(cfg, name, default)
+
+    return (bool(opt("return_dict_in_generate", False)) and opt("use_cache", True) is not False
+            and opt("cache_implementation") in (None, "dynamic") and isinstance(kwargs.get("input_ids"), Tensor))
+
+
+def _make_record(model, handles, decoders, orig: Tensor, call: dict, seqs: Tensor, cache, prev):
+    """What the next turn needs to map its ids onto ``cache`` (see :class:`~vtcompress.models.context.CacheRecord`)."""
+    short = call["input_ids"]
+    rows = seqs.shape[0]
+    rep = rows // short.shape[0]
+
+    def rows_of(t: Tensor, dim: int = 0) -> Tensor:
+        return t.repeat_interleave(rep, dim=dim) if rep > 1 else t
+
+    mask = call.get("attention_mask")
+    seq = {"attention_mask": rows_of(mask if mask is not None else torch.ones_like(short))}
+    for k in ("mm_token_type_ids", "token_type_ids"):
+        t = call.get(k)
+        if isinstance(t, Tensor) and tuple(t.shape) == tuple(short.shape):
+            seq[k] = rows_of(t)
+    pos = call.get("position_ids")
+    if isinstance(pos, Tensor):
+        pos = rows_of(pos.expand(short.shape[0], -1) if pos.dim() == 2 else pos, dim=pos.dim() - 2)
+    layers = getattr(cache, "layers", None)
+    keys = getattr(layers[0], "keys", None) if layers else None
+    cache_rows = int(keys.shape[0]) if isinstance(keys, Tensor) and keys.dim() > 0 else rows
+    return CacheRecord(
+        model=weakref.ref(model),
+        owners=tuple((h, h.epoch) for h in handles if isinstance(h, ApplyHandle)),
+        orig=rows_of(orig), short=rows_of(short), seq=seq, pos=pos,
+        decoder_runs={d: d.run for d in decoders},
+        description=" + ".join(h.describe() for h in handles if isinstance(h, ApplyHandle)),
+        rows=cache_rows,
+    )
+
+
+def _continue_inputs(rec, kwargs: dict, adapter: Adapter | None) -> tuple[dict, int, str]:
+    """Map the next turn's ``input_ids`` (the previous call's ids, the new tokens after them) onto the cache's
+    coordinates: the known prefix is replaced by its shortened form, the rest follows unchanged; position ids
+    continue after the prefix's last position (+1 per token, as ``generate`` extended them).
+
+    Returns the inputs for the stock ``generate``, the prefix length in the caller's ids and ``"orig"`` / ``"short"``
+    (whether the caller wrote the prefix in original or in shortened coordinates)."""
+    ids = kwargs.get("input_ids")
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise ValueError("continuing a KV cache filled under vtcompress.apply needs input_ids [B, S]: the previous "
+                         "output's sequences followed by the new tokens")
+    for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs", "inputs_embeds"):
+        if kwargs.get(k) is not None:
+            raise ValueError(f"{k} given with a past_key_values that already holds the conversation's images (the "
+                             "stock model refuses this too); pass only input_ids / attention_mask for the next turn")
+    if rec.rows != rec.orig.shape[0]:
+        raise ValueError(f"this KV cache has {rec.rows} rows for {rec.orig.shape[0]} returned sequences (beam "
+                         "search keeps every beam): it cannot be continued")
+    if ids.shape[0] != rec.orig.shape[0]:
+        raise ValueError(f"input_ids have {ids.shape[0]} rows; the KV cache was filled for {rec.orig.shape[0]}")
+    orig, short = rec.orig.to(ids.device), rec.short.to(ids.device)
+    if ids.shape[1] >= orig.shape[1] and torch.equal(ids[:, : orig.shape[1]], orig):
+        prefix, coords = orig.shape[1], "orig"
+    elif ids.shape[1] >= short.shape[1] and torch.equal(ids[:, : short.shape[1]], short):
+        prefix, coords = short.shape[1], "short"
+    else:
+        raise ValueError("input_ids do not start with the ids this KV cache was filled from: pass the previous "
+                         "generate's output sequences followed by the new tokens")
+    if kwargs.get("position_ids") is not None:
+        raise ValueError("position_ids cannot be given when continuing a KV cache filled under vtcompress.apply "
+                         "(they are continued from the compressed prompt's positions); drop them")
+    suffix = ids[:, prefix:]
+    model = rec.model()
+    cfg = getattr(model, "config", None)
+    visual = [v for v in (getattr(cfg, n, None) for n in ("image_token_id", "image_token_index", "video_token_id",
+                                                          "video_token_index")) if isinstance(v, int) and v >= 0]
+    if visual and bool(torch.isin(suffix, torch.tensor(visual, device=ids.device)).any()):
+        raise ValueError("the new tokens hold image / video placeholders: a new image in a conversation continued "
+                         "from a compressed KV cache is not supported; run the whole conversation again without "
+                         "past_key_values")
+    mask = kwargs.get("attention_mask")
+    mask_suffix = mask[:, prefix:] if mask is not None else torch.ones_like(suffix)
+    call = dict(kwargs)
+    call["input_ids"] = torch.cat([short, suffix], dim=1)
+    prefix_mask = rec.seq["attention_mask"].to(ids.device)
+    call["attention_mask"] = torch.cat([prefix_mask, mask_suffix.to(prefix_mask.dtype)], dim=1)
+    for k in (*(adapter.encoder_only_keys if adapter is not None else ()), "image_grid_thw", "video_grid_thw",
+              "image_sizes", "batch_num_images"):
+        call.pop(k, None)
+    for k in ("mm_token_type_ids", "token_type_ids"):
+        t = kwargs.get(k)
+        if t is None:
+            continue
+        if k not in rec.seq or t.shape[-1] != ids.shape[1]:
+            call.pop(k)  # positions are explicit (M-RoPE) or the key plays no role for the text
+            continue
+        call[k] = torch.cat([rec.seq[k].to(t.device), t[:, prefix:]], dim=1)
+    if rec.pos is not None:
+        call["position_ids"] = _continue_positions(rec.pos.to(ids.device), prefix_mask, mask_suffix)
+    return call, prefix, coords
+
+
+def _continue_positions(pos: Tensor, prefix_mask: Tensor, suffix_mask: Tensor) -> Tensor:
+    """Positions of ``prefix + suffix``: the prefix's own (``[R, S']``, ``[3, R, S']`` or ``[4, R, S']`` whose row 0
+    is the compact text position), then the last real prefix position + 1, + 2, ... per real suffix token."""
+    real = prefix_mask.bool()
+    body = pos[1:] if pos.dim() == 3 and pos.shape[0] == 4 else pos
+    low = torch.iinfo(body.dtype).min
+    last = body.masked_fill(~real.expand_as(body), low).amax(dim=-1)  # [R] or [rows, R]
+    if body.dim() == 3:
+        last = last.amax(dim=0)  # M-RoPE: text after the prompt continues from the largest position
+    steps = suffix_mask.long().cumsum(-1)
+    tail = (last[:, None] + steps).masked_fill(suffix_mask == 0, 0).to(body.dtype)
+    if body.dim() == 3:
+        tail = tail[None].expand(body.shape[0], -1, -1)
+    out = torch.cat([body, tail], dim=-1)
+    if pos.dim() == 3 and pos.shape[0] == 4:
+        m = torch.cat([prefix_mask, suffix_mask.to(prefix_mask.dtype)], dim=1).long()
+        row0 = (m.cumsum(-1) - 1).masked_fill(m == 0, 0).to(out.dtype)
+        out = torch.cat([row0[None], out], dim=0)
+    return out
+
+
+def _check_sliding_window(model: nn.Module, methods: list[Compressor]) -> None:
+    """Decoder-stage pruning does not handle sliding-window attention layers (the window would count kept
+    tokens): refuse at apply time, from the text config's ``layer_types`` / ``sliding_window``."""
+    cfg = model.config
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config(decoder=True)
+    types = getattr(cfg, "layer_types", None)
+    window = getattr(cfg, "sliding_window", None)
+    if types:
+        sliding = [i for i, t in enumerate(types) if "sliding" in str(t)]
+    else:
+        sliding = ["all"] if window and getattr(cfg, "use_sliding_window", True) else []
+    if sliding:
+        names = ", ".join(m.name for m in methods)
+        raise ValueError(
+            f"decoder-stage method(s) {names} prune inside the LLM, and this {type(cfg).__name__} uses sliding-window "
+            f"attention (sliding_window={window}, layers {sliding}); the window would count kept tokens, which "
+            "decoder-stage pruning does not handle: use an encoder- / projector-stage method on this model")
 
 
 def apply(model: nn.Module, method, *, positions: str | None = None, restore_prompt: bool = True) -> ApplyHandle:
@@ -1120,8 +1388,19 @@ def apply(model: nn.Module, method, *, positions: str | None = None, restore_pro
         positions: ``None`` (default: the scheme of the methods' references, ``Compressor.positions``:
             ``"compact"`` for the projector-stage ones; M-RoPE models keep their 3-D positions), ``"original"``
             (kept tokens keep their positions) or ``"compact"`` (1-D RoPE models only: renumber the shortened
-            sequence).
-        restore_prompt: ``generate`` returns the original prompt ids followed by the new tokens.
+            sequence). Only for encoder- / projector-stage methods (decoder-stage methods keep every position).
+        restore_prompt: ``True`` or ``False``: ``generate`` returns the original prompt ids followed by the new
+            tokens (else the shortened prompt).
+
+    The handle governs the calls made in the calling thread / asyncio task (others run stock, even on the same
+    model). Nested applies on one model may add the stage the outer one lacks (decoder inside projector, or the
+    reverse: the same as the list form); the same stage twice is refused.
+
+    Multi-turn: ``o = model.generate(**inputs, return_dict_in_generate=True)`` then
+    ``model.generate(input_ids=torch.cat([o.sequences, new_ids], 1), attention_mask=..., past_key_values=
+    o.past_key_values)`` inside the same block gives what the whole conversation gives from scratch under the
+    same decisions (the cache remembers the shortened prompt; the images are already in it, so do not pass them
+    again). Continuing such a cache outside the block raises ``ValueError``.
 
     Example::
 

@@ -361,7 +361,10 @@ class DecoderHandle:
         return [keep[b][vis[b]].sort().values for b in range(keep.shape[0])]
 
     # -------------------------------------------------------------------------------- top-level hook
-    def _top_hook(self, module, args, kwargs):
+    def _top_hook(self, module, args, kwargs=None):
+        # kwargs None: torch called us as a plain hook because another thread was (un)registering hooks right then
+        if kwargs is None:
+            return None
         if module is not self.model:  # a deep copy of the model: stock, and the copied hook goes away
             detach_hook(module, self._top_hook, self.model)
             return None
@@ -415,7 +418,9 @@ class DecoderHandle:
         return s
 
     def _make_layer_hook(self, j: int):
-        def hook(module, args, kwargs):
+        def hook(module, args, kwargs=None):
+            if kwargs is None:  # see _top_hook
+                return None
             if module is not self.layers[j]:  # a deep copy of the model
                 detach_hook(module, hook, self.layers[j])
                 return None

@@ -33,6 +33,7 @@ Limits: the towers of LLaVA-NeXT / LLaVA-OneVision (anyres packing), Qwen2-VL (2
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,6 +265,9 @@ class EncoderMerging:
 
     # --------------------------------------------------------------------------- hooks
     def _install(self) -> None:
+        # the hooks merge only the runs of the thread that entered (one call under apply): a concurrent call on the
+        # same model from another thread sees the stock tower
+        self._thread = threading.get_ident()
         spec = self.spec
         feature_after = {f - 1 for f in spec.feature_layers if f > 0}
         merges = [i for i, r in enumerate(self.schedule) if r > 0]
@@ -282,7 +286,9 @@ class EncoderMerging:
     def _pre_hook(self, i: int):
         pos = _mask_position(self.spec.layers[i])  # resolved once: the hook runs on every forward
 
-        def hook(module, args, kwargs):
+        def hook(module, args, kwargs=None):
+            if kwargs is None or threading.get_ident() != self._thread:  # another thread's call on the tower: stock
+                return None
             if i == 0:
                 self._state = _RunState()
                 return None
@@ -324,6 +330,8 @@ class EncoderMerging:
         attn = self.spec.layers[i].self_attn
 
         def hook(module, args, output):
+            if threading.get_ident() != self._thread:
+                return None
             head_dim = getattr(attn, "head_dim", None) or output.shape[-1] // int(attn.num_heads)
             b, t, _ = output.shape
             # ToMe's metric: keys averaged over heads, [B, T, Dh]
@@ -335,6 +343,8 @@ class EncoderMerging:
         p = self.spec.num_prefix_tokens
 
         def hook(module, args, output):
+            if threading.get_ident() != self._thread:
+                return None
             hidden = output[0] if isinstance(output, tuple) else output
             st = self._state
             if st.vt is None:
