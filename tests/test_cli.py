@@ -115,3 +115,21 @@ def test_show_refuses_untrained_weights_unless_asked(tmp_path, capsys):
     assert main(args) == 2
     assert "has learned weights" in capsys.readouterr().err
     assert main([*args, "--param", "pretrained=False"]) == 0
+
+
+def test_show_on_the_testbed_loads_the_shipped_checkpoint(tmp_path, monkeypatch):
+    import vtcompress.viz as viz
+
+    seen = []
+    real = viz.method_panels
+
+    def spy(loaded, image, methods, *args, **kwargs):
+        seen.append(methods)
+        return real(loaded, image, methods, *args, **kwargs)
+
+    monkeypatch.setattr(viz, "method_panels", spy)
+    out = tmp_path / "m.png"
+    assert main(["show", "--sample", "0", "--method", "qformer", "--budget", "0.25", "--out", str(out)]) == 0
+    (m,) = seen[-1]
+    assert isinstance(m, vtcompress.Compressor) and m.name == "qformer" and not m.untrained and m.budget == 0.25
+    assert main(["show", "--sample", "0", "--method", "qformer", "--budget", "0.5", "--out", str(out)]) == 2

@@ -93,6 +93,11 @@ class Compressor:
 
     Subclasses set the class attributes below, add typed hyper-parameters as dataclass fields
     (validated in ``__post_init__``, calling ``super().__post_init__()``), and implement :meth:`compress`.
+
+    A field assigned after construction (``m.budget = 0``) is checked by the same rules as at construction (a
+    trial copy runs every ``__post_init__``): a bad value raises ``ValueError`` and is not stored. A method is
+    applied to a model with ``vtcompress.apply(model, method)``; calling it on a model or entering it with
+    ``with method:`` raises saying so.
     """
 
     budget: int | float = 0.5

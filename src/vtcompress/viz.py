@@ -920,6 +920,8 @@ def _show(args) -> Path:
             raise ValueError(f"--threads {args.threads}: give a number of CPU threads >= 1")
         torch.set_num_threads(args.threads)
     loaded = load_model(args.model, device=args.device)
+    if args.model == "testbed":
+        methods = [_shipped_checkpoint(m, budget, params) for m in methods]
     panels = method_panels(loaded, image, methods, budget, question or DEFAULT_QUESTION, grid, params, args.cell,
                            input_panel=args.input_panel, skip_errors=args.skip_errors or not named)
     cols = args.cols if args.cols is not None else min(len(panels), 4)
@@ -927,6 +929,27 @@ def _show(args) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path, format="PNG")
     return path
+
+
+def _shipped_checkpoint(name: str, budget, params: dict):
+    """On the testbed: a trainable method whose checkpoint ships for exactly ``budget`` (and that no ``--param``
+    configures) is loaded from it; anything else stays a name (a trainable one then needs a checkpoint or
+    ``--param pretrained=False``, whose map is titled ``[untrained]``)."""
+    import dataclasses
+
+    from .compressor import _REGISTRY, _load_builtin_methods
+    from .trainable import load_trained, trained_checkpoints
+
+    _load_builtin_methods()
+    cls = _REGISTRY.get(name)
+    if cls is None or not getattr(cls, "trainable", False):
+        return name
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if any(k.rpartition(".")[0] == name or k in fields for k in params):
+        return name
+    if any(m == name and b == budget and type(b) is type(budget) for m, b, _ in trained_checkpoints()):
+        return load_trained(name, budget)
+    return name
 
 
 #: drawn by ``vtcompress show`` when no method is named (those registered, in this order).
