@@ -501,3 +501,27 @@ def test_matches_reference_declared():
         vtcompress.get("prumerge", acts_on="before")
     with pytest.raises(ValueError, match="signal_heads="):
         vtcompress.get("visionzip", signal_heads="sum")
+
+
+def test_onevision_interpolated_grid_falls_back_to_projected_features():
+    """OneVision's anyres_max down-sizing (after the projector in the stock model) blends tokens: no 1:1 map from
+    the projector input, so a call with such an image acts on the projected features (documented), exactly as
+    acts_on="projected"; a call without one acts before the projector (and then differs: the projector is not
+    linear)."""
+    model, make = tiny_onevision(pinpoints=[[64, 64]])
+    blended = make(batch=4, images=[1, 1, 1, 1])  # image 3: 16x16 patches down-sized to 12x12
+    vz = vtcompress.get("visionzip", budget=0.5)
+    late = vtcompress.get("visionzip", budget=0.5, acts_on="projected")
+    with torch.no_grad():
+        a = vtcompress.compress_inputs(model, vz, **blended)
+        b = vtcompress.compress_inputs(model, late, **blended)
+    for x, y in zip(a.inputs["mm_encoder_outputs"]["image"].pooler_output,
+                    b.inputs["mm_encoder_outputs"]["image"].pooler_output, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    one = make(batch=1, images=[1])  # image 0: no down-sizing
+    with torch.no_grad():
+        a = vtcompress.compress_inputs(model, vz, **one)
+        b = vtcompress.compress_inputs(model, late, **one)
+    assert torch.equal(a.keep, b.keep)
+    x, y = (r.inputs["mm_encoder_outputs"]["image"].pooler_output[0] for r in (a, b))
+    assert x.shape == y.shape and not torch.allclose(x, y, atol=1e-4)

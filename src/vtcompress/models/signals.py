@@ -2,7 +2,8 @@
 
 Methods such as FasterVLM, VisionZip and PruMerge rank patches by the attention they receive from the
 vision encoder's [CLS] token (VisionZip, arXiv 2412.04467; PruMerge, arXiv 2403.15388) in one layer
-(default the second-to-last), and merge by the similarity of that layer's keys. Reference code asks the
+(by default the layer whose output the LLM reads, -2 for LLaVA-1.5; PruMerge: the last; see
+vtcompress.models.apply), and merge by the similarity of that layer's keys. Reference code asks the
 encoder for ``output_attentions``, which forces eager attention and materialises every layer's
 ``[B, H, L, L]`` matrix. Here an attention function registered through transformers'
 ``AttentionInterface`` wraps the model's own implementation (SDPA or eager): every layer still runs it
