@@ -167,6 +167,12 @@ def test_sequence_prefill_flops_equals_prefill_flops_for_equal_images():
         a = prefill_flops(arch, 5, image_tokens, images=2, schedule=schedule, selection_rows=1)
         b = sequence_prefill_flops(arch, 5, visual, images=2, stages=[k for k, _ in schedule], selection_rows=1)
         assert a == b
+    with pytest.raises(ValueError, match="one each"):
+        sequence_prefill_flops(arch, 5, [16], images=1)
+    with pytest.raises(ValueError, match=r"visual_tokens\[1\]"):
+        sequence_prefill_flops(arch, 5, [8, 9], images=1)
+    with pytest.raises(ValueError, match="stage layer K"):
+        sequence_prefill_flops(arch, 5, [8, 8], images=1, stages=[0])
 
 
 # ------------------------------------------------------------------------------------------ CompressedInputs
