@@ -85,7 +85,9 @@ def test_summary_decoder_method_closed_form():
     model, inputs, text = _setup()
     with torch.no_grad(), vtcompress.apply(model, get("fastv", budget=0.5, layer=1)) as handle:
         model(**inputs)
-    s = handle.summary()
+        inside = handle.summary()
+    s = handle.summary()  # after the block: from the counts the handle kept when it was removed
+    assert s == inside
     (st,) = s.stages
     assert (st.stage, st.per, st.layer) == ("decoder", "sample", 1)
     assert st.tokens_in == (16, 32) and st.tokens_out == (8, 16)
