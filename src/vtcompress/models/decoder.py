@@ -6,20 +6,32 @@ is patched) and returns a :class:`DecoderHandle` whose ``remove()`` takes every 
 How one prefill runs (``K`` is a stage layer of a method; a method may have several stages):
 
 * a pre-hook on the top-level model reads ``input_ids`` (already shortened by projector-stage hooks,
-  which are registered earlier) and ``attention_mask``: visual tokens are ``input_ids`` equal to the
-  config's image / video token id; pads are ``attention_mask == 0``;
-* a pre-hook on ``layers[K-1]`` computes the signal the method needs from that layer's input: the
-  attention rows of the chosen query tokens (the last token, or the prompt tokens) — q of those rows
-  only, K of all tokens in chunks, full causal + padding row normaliser, head mean — so the result is
-  exactly the row ``output_attentions=True`` returns for layer ``K-1`` under eager attention, while
-  the layer itself keeps running SDPA / FlashAttention (FastV's reference also reads layer ``K-1``'s
-  attention to prune before layer ``K``); optionally the keys of the visual tokens (``k_proj`` output);
-* a pre-hook on ``layers[K]`` wraps the visual tokens' hidden states (the output of layer ``K-1``)
-  with the signal in :class:`~vtcompress.tokens.VisualTokens`, calls the method (a pure function on
-  them), and returns the kept rows of ``hidden_states``; that hook and the hooks of every later layer
-  slice ``position_embeddings`` (cos, sin), ``position_ids`` and the attention mask (query and key
-  axes) to the kept tokens, so kept tokens keep their original positions (M-RoPE cos/sin of
-  Qwen2-VL are per token and are sliced the same way).
+  which are registered earlier) and ``attention_mask``: image placeholders are ``input_ids`` equal to the
+  config's image / video token id; pads are ``attention_mask == 0``; each contiguous placeholder run is one
+  image (every stock family separates images by text or vision start / end tokens; two images with no token
+  between them read as one);
+* the pre-hook on ``layers[0]`` (the input embeddings) marks LLaVA-NeXT / OneVision ``image_newline`` tokens
+  (placeholders whose embedding is the model's ``image_newline`` vector): they carry no patch, so they are
+  never pruned and do not count towards budgets (they keep the packed grid's row layout); methods that rate
+  their query rows once (SparseVLM, :meth:`rate`) choose them there, from the embeddings, as their reference;
+* the signal a method needs is computed from the input of layer ``K - 1`` (``signal_layer = "previous"``:
+  FastV, SparseVLM, DART, whose references read the previous layer's attention / cached keys) or of layer
+  ``K`` itself (``"own"``: PyramidDrop, whose reference scores with the pruning layer's own q / k): the
+  attention rows of the chosen query tokens (the last token, or the prompt tokens) — q of those rows only,
+  K of all tokens in chunks, full causal + padding row normaliser, head mean — exactly the row
+  ``output_attentions=True`` returns under eager attention, while the layers keep running SDPA /
+  FlashAttention; optionally the keys the layer caches (``k_proj`` output after RoPE, all KV heads);
+* the pre-hook on ``layers[K]`` wraps each image's visual tokens (the hidden states entering ``K``, one row
+  per image, so budgets count per image as at the projector stage) with the signal in
+  :class:`~vtcompress.tokens.VisualTokens`, calls the method (a pure function on them), and returns the kept
+  rows of ``hidden_states``; that hook and those of every later layer slice the attention mask (query and key
+  axes) to the kept tokens and give them positions by the method's scheme (``method.positions`` or
+  ``attach_decoder(positions=...)``): ``"original"`` (FastV, DART: ``position_embeddings`` / ``position_ids``
+  sliced, kept tokens keep their positions) or ``"compact"`` (PyramidDrop, SparseVLM: each row's real tokens
+  renumbered contiguously from its first one, rotary embeddings recomputed with the decoder's own
+  ``rotary_emb``; decode steps use the stock position minus the tokens dropped). M-RoPE (Qwen2-VL) keeps its
+  per-token 3-D positions under either scheme: no reference renumbers a grid, and text after an image
+  already continues from the grid's maximum whatever the token count.
 
 Consequences:
 
@@ -28,16 +40,19 @@ Consequences:
 * the final norm and ``lm_head`` see the pruned sequence: the last position is never pruned, so
   ``logits[:, -1]`` (what ``generate`` uses) is valid, but full-length logits for pruned positions
   are not returned (passing ``labels`` raises);
-* ragged batches: every row keeps exactly its own budget of visual tokens; rows then have different
+* ragged batches: every image keeps exactly its own budget of visual tokens; rows then have different
   real lengths, so shorter rows are filled up to the longest with "filler" slots, taken first from
   their padding and then from their dropped visual tokens; fillers that are not padding are masked
   out as keys (each still attends to itself, so its row is never empty). With the usual left-padded
   batch of same-length prompts the fillers are pads and no mask changes;
+* rows (or whole batches) without visual tokens run like the stock model;
 * the query token of "last"-row methods is the last real token of each row; the prompt ("text") rows
-  are the real non-visual tokens after each row's first visual token;
+  are the real non-placeholder tokens after each row's first visual token;
 * multi-stage methods (PyramidDrop, SparseVLM): stage ``s`` works on the survivors of stage ``s - 1``,
-  its signal computed on the pruned sequence at its own layer ``K_s - 1``; merged tokens (SparseVLM's
-  recycling) replace the hidden state at their anchor's slot;
+  its signal computed on the pruned sequence (at its positions); merged tokens (SparseVLM's recycling)
+  take a slot of the image: with compact positions they follow the image's kept tokens in the method's
+  order (``StageContext.merge_rank``; the causal mask is rebuilt in that order), as the reference appends
+  them; with original positions they sit at their cluster centre's position;
 * supported: eager, sdpa and flash attention masks (tensors; flex attention's BlockMask is refused),
   DynamicCache (static caches are refused: the layers from ``K`` on hold fewer tokens), greedy / sampled
   / beam generation (beams of one sample share its decision). Not handled: sliding-window layers (the
