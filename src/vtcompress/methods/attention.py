@@ -156,8 +156,8 @@ class VisionZip(Compressor):
     family: ClassVar[str] = "attention"
     paper: ClassVar[str] = "VisionZip (arXiv 2412.04467)"
     needs: ClassVar[tuple[str, ...]] = ("cls_attn", "keys")
-    matches_reference: ClassVar[str] = ("exact (reference [CLS] token: vision_feature_select_strategy='full', "
-                                        "budget=63, dominant_ratio=53/63)")
+    matches_reference: ClassVar[str] = ("exact with vision_feature_select_strategy='full', budget=63, "
+                                        "dominant_ratio=53/63 (the reference's [CLS] slot)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -348,7 +348,7 @@ class PruMerge(Compressor):
     family: ClassVar[str] = "attention"
     paper: ClassVar[str] = "LLaVA-PruMerge (arXiv 2403.15388)"
     needs: ClassVar[tuple[str, ...]] = ("cls_attn", "keys")
-    matches_reference: ClassVar[str] = "exact (summary token's provenance: the pruned patches)"
+    matches_reference: ClassVar[str] = "exact (where the reference runs)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -420,7 +420,7 @@ class PruMergePlus(PruMerge):
 
     name: ClassVar[str] = "prumerge_plus"
     paper: ClassVar[str] = "LLaVA-PruMerge+ (arXiv 2403.15388)"
-    matches_reference: ClassVar[str] = "exact (summary token's provenance: the pruned patches)"
+    matches_reference: ClassVar[str] = "exact (where the reference runs)"
 
     def priority(self, tokens: VisualTokens) -> tuple[Tensor, Tensor]:
         attn = tokens.cls_attn.to(torch.float64)
