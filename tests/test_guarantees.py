@@ -116,6 +116,25 @@ def test_second_turn_after_reentry_or_with_images_is_refused(models):
         model.generate(**turn2, past_key_values=first.past_key_values, **out)
 
 
+def test_callers_own_cache_is_continued_and_guarded(models):
+    """The caller passes their own DynamicCache to turn 1 (no return_dict_in_generate): turn 2 with it equals the
+    conversation from scratch; after the block it refuses, like the cache generate returns."""
+    from transformers import DynamicCache
+
+    model, make = models["onevision"]
+    inputs = make(batch=1, images=[1], seed=7)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    with torch.no_grad(), vtcompress.apply(model, NormTopK(budget=0.5)):
+        seqs = model.generate(**inputs, past_key_values=cache, **GEN)
+        ids = torch.cat([seqs, torch.tensor([[7, 8, 9]])], dim=1)
+        turn2 = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        scratch = {**{k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}, **turn2}
+        assert torch.equal(model.generate(**turn2, past_key_values=cache, **GEN)[:, -3:],
+                           model.generate(**scratch, **GEN)[:, -3:])
+    with torch.no_grad(), pytest.raises(ValueError, match="same apply block"):
+        model(**turn2, past_key_values=cache)
+
+
 def test_second_turn_with_shortened_sequences(models):
     """restore_prompt=False: the caller continues in the cache's own (shortened) coordinates; same result."""
     model, make = models["llava"]
@@ -230,7 +249,7 @@ def _worker(model, inputs, method, n, results, errors, barrier):
         barrier.wait()
         if method is None:
             with torch.no_grad():
-                results.extend(model(**inputs).logits for _ in range(n))
+                results.extend(model(**inputs).logits if i % 4 else model.generate(**inputs, **GEN) for i in range(n))
             return
         with torch.no_grad(), vtcompress.apply(model, method):
             for i in range(n):
@@ -258,7 +277,7 @@ def test_threads_share_one_model(pair):
         for m in methods:
             with vtcompress.apply(model, m):
                 alone.append([model(**inputs).logits if i % 4 else model.generate(**inputs, **GEN) for i in range(4)])
-        stock = model(**inputs).logits
+        stock = [model(**inputs).logits if i % 4 else model.generate(**inputs, **GEN) for i in range(4)]
     results = [[], [], []]
     errors: list = []
     barrier = threading.Barrier(3)
@@ -273,8 +292,33 @@ def test_threads_share_one_model(pair):
         assert len(results[k]) == n
         for i, r in enumerate(results[k]):
             torch.testing.assert_close(r, alone[k][i % 4], atol=1e-6, rtol=1e-6)
-    assert len(results[2]) == n and all(torch.equal(r, stock) for r in results[2])
+    assert len(results[2]) == n and all(torch.equal(r, stock[i % 4]) for i, r in enumerate(results[2]))
     assert "generate" not in vars(model)
+
+
+def test_worker_thread_in_a_copied_context_is_governed(models):
+    """A thread does not inherit the block (contextvars): the streaming pattern runs generate in a worker, which is
+    governed when started in a copy of the caller's context (``contextvars.copy_context().run``)."""
+    import contextvars
+
+    model, make = models["llava"]
+    inputs = make(batch=1, images=[1])
+    box: dict = {}
+
+    def work(key):
+        with torch.no_grad():
+            box[key] = model.generate(**inputs, **GEN)
+
+    with torch.no_grad():
+        stock = model.generate(**inputs, **GEN)
+        with vtcompress.apply(model, NormTopK(budget=0.25)) as handle:
+            here = model.generate(**inputs, **GEN)
+            t = threading.Thread(target=contextvars.copy_context().run, args=(work, "copied"))
+            u = threading.Thread(target=work, args=("plain",))
+            t.start(), u.start()
+            t.join(), u.join()
+            assert handle.last.num_tokens[0, 1] < handle.last.num_tokens[0, 0]
+    assert torch.equal(box["copied"], here) and torch.equal(box["plain"], stock)
 
 
 # ------------------------------------------------------------------------------------------ arguments refused

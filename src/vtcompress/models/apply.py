@@ -98,6 +98,7 @@ from .context import (
     detach_hook,
     install,
     is_active,
+    mark_cache,
     new_cache,
     record_of,
     set_record,
@@ -1194,6 +1195,8 @@ class ApplyHandle:
         shaped = orig is not None or bool(decoders) or rec is not None  # the cache will differ from stock
         if shaped and past is None and _returns_cache(model, call):
             call["past_key_values"] = new_cache(model)
+        elif shaped and past is not None:
+            mark_cache(past)  # the caller's own DynamicCache refuses, too, to be continued outside the block
         out = gen(**call)
         seqs = out if isinstance(out, Tensor) else out.sequences
         s_new = call["input_ids"].shape[1]

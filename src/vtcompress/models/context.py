@@ -42,6 +42,7 @@ __all__ = [
     "CacheRecord",
     "compressed_cache_class",
     "new_cache",
+    "mark_cache",
     "install",
     "uninstall",
     "record_of",
@@ -73,9 +74,15 @@ def is_active(obj) -> bool:
     return any(o is obj for o in _ACTIVE.get())
 
 
+def _installed(h) -> bool:
+    flag = getattr(h, "installed", None)  # ApplyHandle; a DecoderHandle is installed while it holds hooks
+    return bool(getattr(h, "_hooks", True)) if flag is None else bool(flag)
+
+
 def active_handles(model: nn.Module, kind: type | None = None) -> list:
-    """The installed handles on ``model`` active in the calling context (outermost first)."""
-    return [h for h in _ACTIVE.get() if getattr(h, "model", None) is model and getattr(h, "installed", True)
+    """The installed handles on ``model`` active in the calling context (outermost first); a handle removed from
+    another context stays in this context's view but no longer counts."""
+    return [h for h in _ACTIVE.get() if getattr(h, "model", None) is model and _installed(h)
             and (kind is None or isinstance(h, kind))]
 
 
@@ -246,6 +253,13 @@ def _dynamic_cache_class():
 def new_cache(model: nn.Module):
     """A :class:`CompressedCache` built as ``generate`` builds its default ``DynamicCache``."""
     return compressed_cache_class()(config=model.config.get_text_config(decoder=True))
+
+
+def mark_cache(cache) -> None:
+    """Make a caller's plain ``DynamicCache`` a :class:`CompressedCache` (an instance-level change: the subclass
+    only adds the check in ``update``), so that it too refuses a forward outside its block."""
+    if type(cache) is _dynamic_cache_class():
+        cache.__class__ = compressed_cache_class()
 
 
 _CACHE_CLASS: list = []
