@@ -65,7 +65,7 @@ def bipartite_soft_matching(
         token whose ``pos`` each slot keeps, ``-1`` for padding slots; ascending), ``M`` = most tokens kept by
         any row: the arguments of :meth:`VisualTokens.merge`. Ties go to the lower index (stable sorts).
     """
-    b, n, _ = metric.shape
+    b, n, c = metric.shape
     dev = metric.device
     ar = torch.arange(n, device=dev)
     if mask is None:
@@ -74,35 +74,43 @@ def bipartite_soft_matching(
     r = torch.as_tensor(r, device=dev, dtype=torch.long).expand(b)
     # valid tokens are a prefix, so [protect, count) holds >= (count - protect) // 2 tokens of each parity
     r = torch.minimum(r.clamp(min=0), eligible.sum(1) // 2)
-    a_idx, b_idx = ar[0::2], ar[1::2]
+    na, nb = (n + 1) // 2, n // 2
     merged = torch.zeros(b, n, dtype=torch.bool, device=dev)
-    partner = torch.zeros(b, a_idx.numel(), dtype=torch.long, device=dev)
-    if b_idx.numel():
+    partner = torch.zeros(b, na, dtype=torch.long, device=dev)
+    if nb:
         m = metric if metric.dtype == torch.float32 else metric.to(torch.float32)
-        norm = m.norm(dim=-1).clamp_min(1e-12)  # [B, N]
-        # cosine = (a . b) / (|a| |b|): the raw products on strided views (no copies of the metric), then divided
-        # by |b| per column (the argmax over B) and by |a| per row (the ranking of the best edges): the same
-        # similarities as ToMe's normalise-then-multiply, at a fraction of its element-wise work
+        norm = m.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [B, N, 1]
+        # cosine = (a . b) / (|a| |b|) on strided views of the A / B sets (no copies). For a narrow metric
+        # (C <= Nb, e.g. ToMe's head-dim keys) normalise it first, as ToMe does; for a wide one (C > Nb, e.g.
+        # 1024-wide features) divide the [Na, Nb] products by |b| per column (the argmax over B) and the best
+        # edges by |a| (their ranking): the same similarities with less element-wise work
+        wide = c > nb
+        if not wide:
+            m = m / norm
         scores = m[:, 0::2] @ m[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
-        scores.div_(norm[:, None, 1::2])
+        if wide:
+            scores.div_(norm[:, 1::2].transpose(1, 2))
         elig_b = eligible[:, 1::2]
         if not bool(elig_b.all()):
             scores.masked_fill_(~elig_b[:, None, :], float("-inf"))
         best, match = scores.max(dim=-1)  # each A token's best edge (first index on ties)
-        best = (best / norm[:, 0::2]).masked_fill_(~eligible[:, 0::2], float("-inf"))
-        order = best.sort(dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(a_idx.numel(), device=dev).expand_as(order))
-        merged[:, 0::2] = (rank < r[:, None]) & torch.isfinite(best)
-        partner = b_idx[match]
+        if wide:
+            best = best / norm[:, 0::2, 0]
+        best = best.masked_fill_(~eligible[:, 0::2], float("-inf"))
+        order = best.sort(dim=1, descending=True, stable=True).indices  # ties: lower index first
+        top = torch.arange(na, device=dev)[None] < r[:, None]  # the first r[b] of each row's order merge
+        merged[:, 0::2] = torch.zeros_like(top).scatter_(1, order, top) & torch.isfinite(best)
+        partner = 2 * match + 1  # index of the B partner
     keep = mask & ~merged
     slot = keep.long().cumsum(1) - 1  # kept tokens take consecutive slots in index order
     dest = torch.where(keep, slot, torch.full_like(slot, -1))
-    dest[:, a_idx] = torch.where(merged[:, a_idx], slot.gather(1, partner), dest[:, a_idx])
+    dest[:, 0::2] = torch.where(merged[:, 0::2], slot.gather(1, partner), dest[:, 0::2])
     kept = keep.sum(1)
     m_out = int(kept.max()) if b else 0
-    first = torch.where(keep, ar, ar + n).argsort(dim=1)[:, :m_out]
-    anchor = torch.where(torch.arange(m_out, device=dev)[None] < kept[:, None], first, torch.full_like(first, -1))
-    return dest, anchor
+    # anchor[b, slot] = the kept token in that slot (one scatter; padding slots stay -1, dropped to a dump column)
+    anchor = torch.full((b, m_out + 1), -1, dtype=torch.long, device=dev)
+    anchor.scatter_(1, torch.where(keep, slot, torch.full_like(slot, m_out)), ar.expand(b, n))
+    return dest, anchor[:, :m_out]
 
 
 # ---------------------------------------------------------------------------------- DivPrune max-min diversity

@@ -44,13 +44,20 @@ def _check_pair(name: str, value) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def _slot_sum(v: Tensor, slot: Tensor, m: int) -> Tensor:
+    """``[B, m, Q]``: the rows of ``v [B, N, Q]`` summed per slot ``slot [B, N]`` in ``[0, m]`` (slot ``m``: a dump
+    slot, cut off). One ``index_add_`` on the flattened batch (about twice as fast on CPU as a ``scatter_add_``
+    along dim 1 with an expanded index)."""
+    b, n, q = v.shape
+    flat = (slot + torch.arange(b, device=slot.device)[:, None] * (m + 1)).reshape(-1)
+    acc = torch.zeros(b * (m + 1), q, device=v.device, dtype=v.dtype).index_add_(0, flat, v.reshape(b * n, q))
+    return acc.view(b, m + 1, q)[:, :m]
+
+
 def _sum_rows(t: Tensor, slot: Tensor, keep: Tensor, m: int) -> Tensor:
     """Sum the rows of ``t [B,N,Q]`` into ``m`` slots given by ``slot [B,N]`` (``keep`` False -> dropped)."""
-    b, _, q = t.shape
-    acc = torch.zeros(b, m + 1, q, device=t.device, dtype=torch.float32)
     vals = torch.where(keep[..., None], t.to(torch.float32), torch.zeros((), device=t.device))
-    acc.scatter_add_(1, slot[..., None].expand(-1, -1, q), vals)
-    return acc[:, :m].to(t.dtype)
+    return _slot_sum(vals, slot, m).to(t.dtype)
 
 
 @dataclass
@@ -335,18 +342,14 @@ class VisualTokens:
         w = torch.where(dest >= 0, w, torch.zeros_like(w))
 
         def wmean(t: Tensor) -> Tensor:
-            d = t.shape[-1]
             acc_dtype = torch.promote_types(t.dtype, torch.float32)  # at least float32; float64 stays float64
-            wt = w.to(acc_dtype)
-            acc = torch.zeros(b, m + 1, d, device=dev, dtype=acc_dtype)
-            acc.scatter_add_(1, slot[..., None].expand(-1, -1, d), t.to(acc_dtype) * wt[..., None])
-            den = torch.zeros(b, m + 1, device=dev, dtype=acc_dtype).scatter_add_(1, slot, wt)
-            return (acc[:, :m] / den[:, :m, None].clamp_min(1e-12)).to(t.dtype)
+            wt = w.to(acc_dtype)[..., None]
+            num = _slot_sum(t.to(acc_dtype) * wt, slot, m)
+            return (num / _slot_sum(wt, slot, m).clamp_min(1e-12)).to(t.dtype)
 
         def ssum(t: Tensor) -> Tensor:
-            acc = torch.zeros(b, m + 1, device=dev, dtype=torch.float32)
-            acc.scatter_add_(1, slot, torch.where(dest >= 0, t.to(torch.float32), torch.zeros_like(w)))
-            return acc[:, :m].to(t.dtype)
+            vals = torch.where(dest >= 0, t.to(torch.float32), torch.zeros_like(w))
+            return _slot_sum(vals[..., None], slot, m)[..., 0].to(t.dtype)
 
         valid = anchor >= 0
         safe_anchor = anchor.clamp(min=0)

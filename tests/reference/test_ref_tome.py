@@ -87,11 +87,13 @@ def _sorted_by_source(x, size, source):
 
 
 # ------------------------------------------------------------------------------------------ ToMe
-@pytest.mark.parametrize("n,r,protect", [(577, 288, 1), (577, 100, 1), (576, 200, 0), (145, 72, 1), (144, 1, 0)])
+@pytest.mark.parametrize("n,r,protect,dim", [(577, 288, 1, 24), (577, 100, 1, 24), (576, 200, 0, 24),
+                                             (145, 72, 1, 24), (144, 1, 0, 24),
+                                             (577, 288, 1, 1024), (145, 40, 1, 128)])  # C > N / 2: the "wide" path
 @pytest.mark.parametrize("use_keys", [False, True])
-def test_tome_round_matches_reference(n, r, protect, use_keys):
+def test_tome_round_matches_reference(n, r, protect, dim, use_keys):
     gen = torch.Generator().manual_seed(n + r)
-    x = torch.randn(3, n, 24, generator=gen)
+    x = torch.randn(3, n, dim, generator=gen)
     keys = torch.randn(3, n, 8, generator=gen) if use_keys else None
     metric = keys if use_keys else x
     merge, source = ref_bipartite_soft_matching(metric, r, class_token=bool(protect))
