@@ -112,6 +112,10 @@ def test_second_turn_after_reentry_or_with_images_is_refused(models):
         with pytest.raises(ValueError, match="do not start with the ids"):
             model.generate(input_ids=turn2["input_ids"].flip(1), attention_mask=turn2["attention_mask"],
                            past_key_values=first.past_key_values, **out)
+        beams = model.generate(**inputs, **{**out, "num_beams": 2})
+        with pytest.raises(ValueError, match="beam search keeps every beam"):
+            model.generate(**_conversation(inputs, beams, torch.tensor([[5, 6]]))[0],
+                           past_key_values=beams.past_key_values, **out)
     with torch.no_grad(), handle, pytest.raises(ValueError, match="same apply block"):
         model.generate(**turn2, past_key_values=first.past_key_values, **out)
 
@@ -157,16 +161,18 @@ def test_second_turn_with_shortened_sequences(models):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_decoder_stage_second_turn_survives_another_prefill(models, family):
-    """FastV: turn 2 through the cache equals the uncached run of the conversation under the same decision (the
-    decoder stage's continuation path); a prefill of another prompt in between does not change it (the decision
-    is kept per cache, not only as the handle's last run)."""
+@pytest.mark.parametrize("projector", [False, True])
+def test_decoder_stage_second_turn_survives_another_prefill(models, family, projector):
+    """FastV (alone, or after a projector-stage method): turn 2 through the cache is the same whether or not a
+    prefill of another prompt ran in between (the decision is kept per cache, not only as the handle's last run;
+    a deep copy of the cache carries it too)."""
     model, make = models[family]
     inputs = make(batch=1, images=[1], seed=5)
     other = make(batch=1, images=[1], seed=6)
     new = torch.tensor([[5, 6, 7, 8]])
     out = {**GEN, "output_logits": True, "return_dict_in_generate": True}
-    with torch.no_grad(), vtcompress.apply(model, vtcompress.get("fastv", budget=0.25, layer=1)):
+    methods = [NormTopK(budget=0.5)] * projector + [vtcompress.get("fastv", budget=0.25, layer=1)]
+    with torch.no_grad(), vtcompress.apply(model, methods):
         first = model.generate(**inputs, **out)
         turn2, _ = _conversation(inputs, first, new)
         ref = model.generate(**turn2, past_key_values=copy.deepcopy(first.past_key_values), **out)

@@ -24,6 +24,8 @@ instead of silently mixing coordinates.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 import weakref
 from contextvars import ContextVar
@@ -280,6 +282,17 @@ def compressed_cache_class():
                 if rec is not None and not rec.governed():
                     raise rec.outside_error()
                 return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+            def __deepcopy__(self, memo):
+                # a copy holds the same compressed content: it carries the record along
+                new = type(self).__new__(type(self))
+                memo[id(self)] = new
+                for key, value in vars(self).items():
+                    setattr(new, key, copy.deepcopy(value, memo))
+                rec = record_of(self)
+                if rec is not None:
+                    set_record(new, dataclasses.replace(rec, decoder_runs=dict(rec.decoder_runs)))
+                return new
 
         _CACHE_CLASS.append(CompressedCache)
     return _CACHE_CLASS[0]
