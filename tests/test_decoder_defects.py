@@ -143,3 +143,32 @@ def test_pyramiddrop_full_budget_is_stock_with_the_default_lambda():
         ref = model(**inputs).logits
     with attach_decoder(model, get("pyramiddrop", budget=1.0, layers=(1, 2, 3), ref_depth=4)), torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)
+
+
+# ---------------------------------------------------------------------------------------------- merged-token order
+def test_sparsevlm_later_stages_keep_the_causal_order_of_appended_merged_tokens():
+    """Merged tokens appended after their image's kept ones at stage 0 stay out of positional order at later
+    stages: every later layer's mask must be causal in the sequence order (SDPA without a mask was right, eager and
+    padded masks gathered by position were not)."""
+    from transformers import LlavaForConditionalGeneration
+
+    outs = {}
+    for attn in ("eager", "sdpa"):
+        model, make = tiny_llava(attn=attn)
+        cfg = model.config
+        cfg.text_config.num_hidden_layers = 4
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration(cfg).eval()
+        if attn != "sdpa":
+            model.set_attn_implementation(attn)
+        inputs = make(batch=3, images=[1, 2, 1], padding="left", seed=3)
+        method = get("sparsevlm", budget=2, layers=(0, 1, 2), ref_depth=4, stage_tokens=(3, 2, 1))
+        with attach_decoder(model, method), torch.no_grad():
+            outs[attn, "batch"] = model(**inputs).logits[:, -1]
+            keep = inputs["attention_mask"][1].bool()
+            one = {"input_ids": inputs["input_ids"][1:2, keep], "attention_mask": inputs["attention_mask"][1:2, keep],
+                   "pixel_values": inputs["pixel_values"][1:3]}
+            outs[attn, "one"] = model(**one).logits[0, -1]
+    for a in ("eager", "sdpa"):
+        torch.testing.assert_close(outs[a, "one"], outs["eager", "batch"][1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[a, "batch"], outs["eager", "batch"], rtol=1e-5, atol=1e-5)

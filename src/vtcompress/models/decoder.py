@@ -674,9 +674,10 @@ class DecoderHandle:
         # in positional order (pads stay where they were: the last real token stays last), or in the new order
         rel = chosen.gather(1, seqkey.gather(1, chosen).argsort(dim=1)) if compact and slots is not None \
             else chosen.sort(dim=1).values
-        reordered = bool((rel[:, 1:] < rel[:, :-1]).any()) if new_len > 1 else False
         new_ok = prio.gather(1, rel) == 0
         keep = cur.gather(1, rel)
+        # not in positional order (merged tokens appended, now or at an earlier stage): masks are rebuilt causal
+        reordered = bool((keep[:, 1:] < keep[:, :-1]).any()) if new_len > 1 else False
         fix = bool((~new_ok & run.pad_ok.gather(1, keep)).any())
         identity = new_len == n and bool((rel == ar[None]).all()) and slots is None and not fix
         if slots is not None:
