@@ -335,6 +335,14 @@ def test_arguments_refused(models):
     with pytest.raises(ValueError, match="positions='sideways'"):
         vtcompress.apply(model, vtcompress.get("fastv", budget=0.5, layer=1), positions="sideways")
     assert "generate" not in vars(model) and not vtcompress.models.context.active_handles(model)
+    # positions= reaches a decoder-only apply (before: silently ignored)
+    inputs = make(batch=1, images=[1])
+    last = {}
+    with torch.no_grad():
+        for p in ("original", "compact"):
+            with vtcompress.apply(model, vtcompress.get("fastv", budget=0.25, layer=1), positions=p):
+                last[p] = model(**inputs).logits[:, -1]
+    assert not torch.allclose(last["original"], last["compact"])
 
 
 def test_sliding_window_llm_refuses_decoder_stage():
