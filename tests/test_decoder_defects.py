@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models_util import IMAGE, tiny_llava, tiny_llava_next, tiny_onevision, tiny_qwen2_vl
+from models_util import BUILDERS, IMAGE, split_samples, tiny_llava, tiny_llava_next, tiny_onevision, tiny_qwen2_vl
 from vtcompress import get
 from vtcompress.models.decoder import attach_decoder, language_model_of
 
@@ -172,3 +172,31 @@ def test_sparsevlm_later_stages_keep_the_causal_order_of_appended_merged_tokens(
     for a in ("eager", "sdpa"):
         torch.testing.assert_close(outs[a, "one"], outs["eager", "batch"][1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outs[a, "batch"], outs["eager", "batch"], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- every family
+FAMILY_METHODS = {
+    "fastv": {"layer": 1, "budget": 0.3},
+    "pyramiddrop": {"layers": (1,), "ref_depth": 2, "budget": 0.3},
+    "sparsevlm": {"layers": (0,), "ref_depth": 2, "budget": 0.3},
+    "dart": {"layer": 1, "budget": 0.5, "pivot_image": 2, "pivot_text": 2},
+}
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_every_method_every_family_cache_batch_and_full_budget(family):
+    """Per-image rows, newline handling and compact positions on every family: cached == uncached, a batch with a
+    two-image row and a text-only row == one by one, budget 1.0 == stock."""
+    model, make = BUILDERS[family]()
+    inputs = make(batch=3, images=[1, 2, 0], padding="left", seed=1)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    for name, params in FAMILY_METHODS.items():
+        with attach_decoder(model, get(name, **params)):
+            cached = _gen(model, inputs)
+            assert torch.equal(cached, _gen(model, inputs | {"use_cache": False})), name
+            for b, one in enumerate(split_samples(inputs)):
+                new = _gen(model, one)[0, one["input_ids"].shape[1]:]
+                assert torch.equal(new, cached[b, inputs["input_ids"].shape[1]:][: len(new)]), (name, b)
+        with attach_decoder(model, get(name, **(params | {"budget": 1.0}))), torch.no_grad():
+            assert torch.equal(model(**inputs).logits, ref), name
