@@ -605,7 +605,8 @@ class PyramidDrop(DecoderCompressor):
       setting), scaled to the model's depth by :func:`scale_layers`; the drop happens before layer ``K``.
     * Score (as the reference): at each stage layer ``K``, THAT layer's own q / k (``signal_layer = "own"``)
       on the hidden states entering it, at the positions they have then; the head-mean softmax attention the
-      visual tokens receive from the last instruction token (the last token). ``attn [B, N, 1]``.
+      visual tokens receive from the last instruction token (the last token). ``attn [B, N, 1]``. (The
+      reference's LLaMA has no grouped KV heads; with GQA each KV head serves its query heads, as ``repeat_kv``.)
     * Counts: stage ``s`` keeps ``int(n0 * r_s)`` of the image's ``n0`` visual tokens (``int()`` truncates, as
       the reference; it may reach 0), with ``r_s = budget * lambda ** s``: the float budget is the fraction
       kept after the first stage, as for the other decoder methods, and lambda (``ratio``) defaults to the
@@ -628,7 +629,7 @@ class PyramidDrop(DecoderCompressor):
     signal_layer: ClassVar[str] = "own"
     uses_context: ClassVar[bool] = True
     positions: ClassVar[str] = "compact"
-    matches_reference: ClassVar[str] = "exact (lambda = budget: budget 0.5 is the paper's 0.5/0.25/0.125)"
+    matches_reference: ClassVar[str] = "exact (lambda defaults to the budget: 0.5 gives the paper's 0.5/0.25/0.125)"
 
     def __post_init__(self) -> None:
         super().__post_init__()
