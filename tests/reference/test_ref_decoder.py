@@ -432,3 +432,113 @@ def test_sdpa_and_eager_keep_the_same_tokens(family, name):
         kept.append(_ours(model, inputs, name, params, n_new=1)[1])
     for a, b in zip(*kept, strict=True):
         assert torch.equal(a, b)
+
+
+# ============================================================================ the rules alone, at N = 576 and 144
+def ref_get_retained_image_token(last_layer_state, k_states, start, length, max_num_trunction, pivot_image_token,
+                                 pivot_text_token):
+    """The authors' DART ``get_retained_image_token`` (see :func:`ref_dart`) as a function of its inputs:
+    ``last_layer_state [1, L, D]`` (already normed), ``k_states [1, L, Dk]`` (already flattened over heads)."""
+    token_topk = int(max_num_trunction // (pivot_image_token + pivot_text_token))
+    k_img = k_states[0][start:start + length, :]
+    k_query = k_states[0][start + length:, :]
+    image_indices = (torch.norm(k_img, p=1, dim=-1).topk(pivot_image_token).indices + start).tolist()
+    query_indices = (torch.norm(k_query, p=1, dim=-1).topk(pivot_text_token).indices + start + length).tolist()
+    indices_set = set(image_indices + query_indices)
+    tmp_set = indices_set.copy()
+    valid_indices = set(range(start, start + length))
+    valid_indices.difference_update(image_indices)
+    for item in list(tmp_set):
+        valid_indices_list = list(valid_indices)
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -F.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(token_topk).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices.tolist()]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+    indices_set.difference_update(query_indices)
+    return torch.tensor(sorted(indices_set))
+
+
+def test_dart_rule_matches_reference_function():
+    """Random low-dimensional states (so the pivots' least-similar sets overlap and the visiting order matters),
+    N = 576 and 144, several budgets: the same kept set as the reference, given the same token indices (LLaVA-1.5:
+    the image at 35); visiting the pivots in key-norm order instead would differ."""
+    from vtcompress import VisualTokens
+    from vtcompress.methods.attention import StageContext
+
+    order_mattered = 0
+    for n in (576, 144):
+        for budget in (128, 64, 0.2222):
+            for seed in range(3):
+                g = torch.Generator().manual_seed(seed)
+                start, t, d = 35, 40, 3
+                length = start + n + t
+                states = torch.randn(1, length, d, generator=g)
+                keys = torch.randn(1, length, 32, generator=g)
+                trunc = budget if isinstance(budget, int) else budget * n
+                ref = ref_get_retained_image_token(states, keys, start, n, trunc, 4, 4)
+                tokens = VisualTokens.from_features(states[:, start:start + n], grid=(1, n),
+                                                    keys=keys[:, start:start + n], text=states[:, start + n:],
+                                                    text_mask=torch.ones(1, t, dtype=torch.bool))
+                ctx = StageContext(text_keys=keys[:, start + n:], vis_seq=torch.arange(start, start + n)[None],
+                                   text_seq=torch.arange(start + n, length)[None])
+                method = get("dart", budget=budget)
+                out = method.compress_stage(tokens, 0, 1, context=ctx)
+                assert torch.equal(out.pos[0][out.mask[0]] + start, ref), (n, budget, seed)
+                assert int(out.counts[0]) == 4 + 8 * int(trunc // 8)
+                plain = method.compress_stage(tokens, 0, 1, context=StageContext(text_keys=ctx.text_keys))
+                order_mattered += not torch.equal(plain.pos[0][plain.mask[0]] + start, ref)
+    assert order_mattered > 0
+
+
+def ref_sparsevlm_stage(relation_vis, vis_out, keep_num):
+    """One SparseVLM stage as the reference does it (``score.py`` ``attn_postprocess_topk`` + the recycling block of
+    ``modelling_sparse_llama.py``): ``relation_vis [1, N]`` rater-mean attention, ``vis_out [1, N, D]`` the layer's
+    output; returns (selected indices, merged tokens in cluster order, their centres)."""
+    n = relation_vis.shape[1]
+    _, indices = torch.topk(relation_vis, min(keep_num, n - 1), dim=1)
+    pred = torch.zeros_like(relation_vis, dtype=torch.bool)
+    pred[0][indices] = True
+    pruned = torch.where(~pred[0])[0]
+    n_merge = int(pruned.shape[0] * 0.3) + 1
+    stage2 = relation_vis[0][pruned].topk(n_merge)[1]
+    cand = vis_out[:, pruned[stage2]]
+    cluster_num = int(cand.shape[1] / 10) + 1
+    noise = 1e-7 * (1.0 - pruned[stage2].argsort().argsort().float() / len(stage2))
+    merged, centres = ref_cluster_and_merge(cand, cluster_num, noise)
+    return torch.where(pred[0])[0], merged[0], pruned[stage2][centres]
+
+
+@pytest.mark.parametrize("n,keep", [(576, 300), (576, 66), (144, 75), (144, 17)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparsevlm_stage_matches_reference_function(n, keep, seed):
+    from vtcompress import VisualTokens
+    from vtcompress.methods.attention import StageContext
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, n, 32, generator=g)
+    attn = torch.rand(1, n, 5, generator=g)
+    rel = attn.mean(-1)
+    sel, merged, centres = ref_sparsevlm_stage(rel, x, keep)
+    tokens = VisualTokens.from_features(x, grid=(1, n), text=torch.randn(1, 5, 32, generator=g),
+                                        text_mask=torch.ones(1, 5, dtype=torch.bool)).replace(attn=attn)
+    ctx = StageContext(rated=True)
+    out = get("sparsevlm", budget=0.5, stage_tokens=(keep, 1, 1)).compress_stage(tokens, 0, 3, context=ctx)
+    is_merged = out.mask[0] & (out.size[0] > 1) | (ctx.merge_rank[0] >= 0)
+    assert torch.equal(out.pos[0][out.mask[0] & ~is_merged], sel)
+    order = ctx.merge_rank[0][is_merged].argsort()
+    assert torch.equal(out.pos[0][is_merged][order], centres)  # merged tokens in the reference's cluster order
+    torch.testing.assert_close(out.x[0][is_merged][order], merged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [576, 144])
+@pytest.mark.parametrize("budget", [0.5, 0.33])
+def test_pyramiddrop_counts_match_reference(n, budget):
+    """``image_token_ratio_list = [1, b, b^2, b^3]`` (lambda = the budget): ``int(N * ratio[s + 1])`` per stage."""
+    from vtcompress.methods.attention import PyramidDrop
+
+    ratio_list = [1.0, budget, budget**2, budget**3]
+    m = PyramidDrop(budget=budget)
+    for s in range(3):
+        assert int(m.stage_counts(torch.tensor([n]), s)) == int(n * ratio_list[s + 1])
