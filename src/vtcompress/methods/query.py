@@ -244,8 +244,8 @@ class SparseVLM(DecoderCompressor):
     query: ClassVar[str] = "text"
     uses_context: ClassVar[bool] = True
     positions: ClassVar[str] = "compact"
-    matches_reference: ClassVar[str] = ("exact with stage_tokens=(300, 200, 110) etc. (the reference's hand-set "
-                                        "lists); default: per-stage counts shrink geometrically to the budget")
+    matches_reference: ClassVar[str] = ("exact with stage_tokens (the reference's hand-set lists, e.g. 300/200/110); "
+                                        "default: geometric per-stage counts")
 
     def __post_init__(self) -> None:
         super().__post_init__()

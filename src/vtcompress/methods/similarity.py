@@ -389,8 +389,7 @@ class DART(DecoderCompressor):
     normed: ClassVar[bool] = True
     uses_context: ClassVar[bool] = True
     positions: ClassVar[str] = "original"
-    matches_reference: ClassVar[str] = ("exact (keeps pivot_image + P * int(budget / P): 132 at 128 of 576); "
-                                        "exact_budget=True keeps the budget")
+    matches_reference: ClassVar[str] = "exact (keeps pivots + P * int(budget / P): 132 at 128); exact_budget: budget"
 
     def __post_init__(self) -> None:
         super().__post_init__()
