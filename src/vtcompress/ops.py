@@ -93,14 +93,26 @@ def bipartite_soft_matching(
         elig_b = eligible[:, 1::2]
         if not bool(elig_b.all()):
             scores.masked_fill_(~elig_b[:, None, :], float("-inf"))
-        best, match = scores.max(dim=-1)  # each A token's best edge (first index on ties)
+        # each A token's best edge (first index on ties, as ToMe's max). On CPU a max with indices costs ~10x an
+        # amax, so when few A tokens merge (r < Na / 2) the values come from an amax over all rows and the
+        # indices only from the rows that merge
+        rmax = int(r.max()) if b else 0
+        few = 2 * rmax < na
+        best, match = (scores.amax(dim=-1), None) if few else scores.max(dim=-1)
         if wide:
             best = best / norm[:, 0::2, 0]
         best = best.masked_fill_(~eligible[:, 0::2], float("-inf"))
         order = best.sort(dim=1, descending=True, stable=True).indices  # ties: lower index first
-        top = torch.arange(na, device=dev)[None] < r[:, None]  # the first r[b] of each row's order merge
-        merged[:, 0::2] = torch.zeros_like(top).scatter_(1, order, top) & torch.isfinite(best)
-        partner = 2 * match + 1  # index of the B partner
+        rows = order[:, :rmax]  # [B, R] the A tokens that merge (the first r[b] of each row)
+        if few:
+            flat = (rows + torch.arange(b, device=dev)[:, None] * na).reshape(-1)
+            match = scores.reshape(b * na, nb).index_select(0, flat).max(dim=-1).indices.view(b, rmax)
+        else:
+            match = match.gather(1, rows)
+        top = torch.arange(rmax, device=dev)[None] < r[:, None]
+        merged[:, 0::2] = torch.zeros(b, na, dtype=torch.bool, device=dev).scatter_(1, rows, top) \
+            & torch.isfinite(best)
+        partner = partner.scatter_(1, rows, 2 * match + 1)  # index of the B partner of each merging A token
     keep = mask & ~merged
     slot = keep.long().cumsum(1) - 1  # kept tokens take consecutive slots in index order
     dest = torch.where(keep, slot, torch.full_like(slot, -1))

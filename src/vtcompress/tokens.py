@@ -340,12 +340,18 @@ class VisualTokens:
         slot = torch.where(dest >= 0, dest, torch.full_like(dest, m))  # dropped tokens -> dump slot m
         w = self.size.to(torch.float32) * (1.0 if weight is None else weight.to(torch.float32))
         w = torch.where(dest >= 0, w, torch.zeros_like(w))
+        # every merged token of weight 1 (first merges, no extra weight): the weighted mean is the plain mean,
+        # bit for bit, without the [B, N, D] multiply
+        unit = weight is None and bool(((self.size == 1) | (dest < 0)).all())
+        dens: dict[torch.dtype, Tensor] = {}
 
         def wmean(t: Tensor) -> Tensor:
             acc_dtype = torch.promote_types(t.dtype, torch.float32)  # at least float32; float64 stays float64
             wt = w.to(acc_dtype)[..., None]
-            num = _slot_sum(t.to(acc_dtype) * wt, slot, m)
-            return (num / _slot_sum(wt, slot, m).clamp_min(1e-12)).to(t.dtype)
+            num = _slot_sum(t.to(acc_dtype) if unit else t.to(acc_dtype) * wt, slot, m)
+            if acc_dtype not in dens:
+                dens[acc_dtype] = _slot_sum(wt, slot, m).clamp_min(1e-12)
+            return (num / dens[acc_dtype]).to(t.dtype)
 
         def ssum(t: Tensor) -> Tensor:
             vals = torch.where(dest >= 0, t.to(torch.float32), torch.zeros_like(w))
