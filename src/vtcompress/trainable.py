@@ -186,6 +186,9 @@ class TrainableCompressor(Compressor, nn.Module):
 
     trainable: ClassVar[bool] = True
     matches_reference: ClassVar[str] = "n/a (trainable)"
+    #: no reference to follow: the positions the shipped checkpoints were trained with (training and evaluation
+    #: both go through ``vtcompress.apply``, so a checkpoint always sees the positions it was trained on)
+    positions: ClassVar[str] = "original"
     #: False for resamplers whose output tokens are not functions of one image region (provenance nominal).
     spatial: ClassVar[bool] = True
     #: True when weights depend on the output count (learned queries): then the input grid must match ``grid``.
