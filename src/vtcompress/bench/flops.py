@@ -357,21 +357,10 @@ def prefill_flops(
     llm = sum(decoder_layer_flops(t, n, attention=attention) for n in lengths)
     _check_count("selection_rows", selection_rows, 0, 10**9)
     if selection_rows:
-        r = selection_rows
         for k, _ in schedule:
             n = lengths[k - 1] if k > 0 else text_tokens + images * image_tokens
-            llm += 2 * r * t.hidden * t.heads * t.head_dim + 2 * n * t.hidden * t.kv_heads * t.head_dim
-            llm += 2 * t.heads * r * n * t.head_dim if attention else 0
-
-    if logits == "last":
-        positions = 1
-    elif logits == "all":
-        positions = lengths[-1]
-    elif isinstance(logits, int) and not isinstance(logits, bool) and logits >= 1:
-        positions = min(logits, lengths[-1])
-    else:
-        raise ValueError(f"logits={logits!r}; allowed: 'last', 'all' or a positive int (positions kept)")
-    lm_head = 2 * positions * t.hidden * t.vocab
+            llm += _selection_flops(t, selection_rows, n, attention)
+    lm_head = _lm_head_flops(t, logits, lengths[-1])
 
     per_image = images * batch
     return Flops(vision=vision * per_image, projector=projector * per_image, llm=llm * batch, lm_head=lm_head * batch)
@@ -431,17 +420,27 @@ def sequence_prefill_flops(
                           attention=attention)
     lengths = [text_tokens + n for n in visual]
     llm = sum(decoder_layer_flops(t, n, attention=attention) for n in lengths)
-    r = selection_rows
-    for k in stages if r else ():  # the selection's attention rows, counted as prefill_flops does
-        n = lengths[k - 1]
-        llm += 2 * r * t.hidden * t.heads * t.head_dim + 2 * n * t.hidden * t.kv_heads * t.head_dim
-        llm += 2 * t.heads * r * n * t.head_dim if attention else 0
+    for k in stages if selection_rows else ():  # the selection's attention rows, counted as prefill_flops does
+        llm += _selection_flops(t, selection_rows, lengths[k - 1], attention)
+    return Flops(vision=tower.vision, projector=tower.projector, llm=llm,
+                 lm_head=_lm_head_flops(t, logits, lengths[-1]))
+
+
+def _selection_flops(t, rows: int, n: int, attention: bool) -> int:
+    """A decoder-stage selection on ``n`` tokens: q of the ``rows`` query rows, keys of all ``n``, and (with
+    ``attention``) their ``rows x n`` attention logits."""
+    out = 2 * rows * t.hidden * t.heads * t.head_dim + 2 * n * t.hidden * t.kv_heads * t.head_dim
+    return out + (2 * t.heads * rows * n * t.head_dim if attention else 0)
+
+
+def _lm_head_flops(t, logits, last_len: int) -> int:
+    """The LM head on ``logits`` positions: ``"last"``, ``"all"`` (``last_len``) or an int (at most ``last_len``)."""
     if logits == "last":
         positions = 1
     elif logits == "all":
-        positions = lengths[-1]
+        positions = last_len
     elif isinstance(logits, int) and not isinstance(logits, bool) and logits >= 1:
-        positions = min(logits, lengths[-1])
+        positions = min(logits, last_len)
     else:
         raise ValueError(f"logits={logits!r}; allowed: 'last', 'all' or a positive int (positions kept)")
-    return Flops(vision=tower.vision, projector=tower.projector, llm=llm, lm_head=2 * positions * t.hidden * t.vocab)
+    return 2 * positions * t.hidden * t.vocab
