@@ -773,7 +773,16 @@ def _views(layouts: list[ImageLayout], proj_methods: list[Compressor]) -> list[_
         for v in range(len(lay.grids)):
             idx = ((lay.view == v) & (lay.patch >= 0)).nonzero().squeeze(1)
             index.append(idx[torch.argsort(lay.patch[idx])])
-        per_method = [_split_budget(m.budget, [int(x.numel()) for x in index]) for m in proj_methods]
+        sizes = [int(x.numel()) for x in index]
+        per_method = [_split_budget(m.budget, sizes) for m in proj_methods]
+        for m, b in zip(proj_methods, per_method, strict=True):
+            if getattr(m, "trainable", False) and any(v != m.budget for v in b):
+                # a copy at another budget would be a freshly built module: the caller's weights silently unused
+                raise ValueError(
+                    f"method {m.name!r} has learned weights for budget={m.budget!r} per view; an int budget is "
+                    f"split over an image's views and capped at their token counts ({sizes} here -> per-view "
+                    f"budgets {b}), which those weights do not serve: pass a float budget (the fraction kept "
+                    "of every view), or an int no larger than the tokens of an image with one view")
         views += [_View(i, v, idx, tuple(b[v] for b in per_method)) for v, idx in enumerate(index)]
     return views
 
