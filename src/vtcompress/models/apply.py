@@ -93,10 +93,12 @@ from ..tokens import VisualTokens
 from .context import (
     CacheRecord,
     activate,
+    activate_model_scope,
     active_handles,
     deactivate,
     detach_hook,
     install,
+    installed_count,
     is_active,
     mark_cache,
     new_cache,
@@ -996,9 +998,13 @@ class ApplyHandle:
     """
 
     def __init__(self, model: nn.Module, methods: list[Compressor], positions: str | None = None,
-                 restore_prompt: bool = True):
+                 restore_prompt: bool = True, scope: str = "context"):
         if not isinstance(restore_prompt, bool):
             raise ValueError(f"restore_prompt={restore_prompt!r}; allowed: True, False")
+        if scope not in ("context", "model"):
+            raise ValueError(f"scope={scope!r}; allowed: 'context' (the calls of this thread / task, or of the "
+                             "with block) or 'model' (every call on the model, from any thread, until removed)")
+        self.scope = scope
         self.model = model
         self.methods = methods
         # decoder-only methods need no adapter (attach_decoder also serves plain causal LMs)
@@ -1066,9 +1072,16 @@ class ApplyHandle:
 
     def _install(self) -> None:
         self._check_nesting()
+        if self.scope == "model" and installed_count(self.model):
+            raise ValueError(
+                f"apply(..., scope='model') governs every thread's calls on this {type(self.model).__name__}, but "
+                "another apply is installed on it (in some thread); remove that one first, or compose the methods "
+                "as one list")
         install(self.model)  # the generate dispatcher (once per model, reference-counted)
         self.installed, self.epoch = True, object()
         activate(self)
+        if self.scope == "model":
+            activate_model_scope(self, self.model)
         try:
             if self._compressing:
                 # prepended: under a nested decoder-stage apply, the decoder's top-level hook must see the
@@ -1081,6 +1094,8 @@ class ApplyHandle:
 
                 extra = {"positions": self._positions_arg} if _decoder_takes_positions() else {}
                 self._decoder = attach_decoder(self.model, decoder, **extra)
+                if self.scope == "model":
+                    activate_model_scope(self._decoder, self.model)
         except BaseException:
             self.remove()
             raise
@@ -1390,7 +1405,8 @@ def _check_sliding_window(model: nn.Module, methods: list[Compressor]) -> None:
             "decoder-stage pruning does not handle: use an encoder- / projector-stage method on this model")
 
 
-def apply(model: nn.Module, method, *, positions: str | None = None, restore_prompt: bool = True) -> ApplyHandle:
+def apply(model: nn.Module, method, *, positions: str | None = None, restore_prompt: bool = True,
+          scope: str = "context") -> ApplyHandle:
     """Apply ``method`` to ``model`` until the returned handle is removed (or its ``with`` block ends).
 
     Args:
@@ -1404,8 +1420,13 @@ def apply(model: nn.Module, method, *, positions: str | None = None, restore_pro
         restore_prompt: ``True`` or ``False``: ``generate`` returns the original prompt ids followed by the new
             tokens (else the shortened prompt).
 
-    The handle governs the calls made in the calling thread / asyncio task (others run stock, even on the same
-    model). Nested applies on one model may add the stage the outer one lacks (decoder inside projector, or the
+        scope: ``"context"`` (default): the handle governs the calls made in the calling thread / asyncio task
+            (others run stock, even on the same model), so concurrent blocks with different methods each get their
+            own result; ``"model"``: every call on the model, from any thread (a server that applies once at
+            start-up and answers from a thread pool), until the handle is removed -- refused while another apply
+            is installed on the model.
+
+    Nested applies on one model may add the stage the outer one lacks (decoder inside projector, or the
     reverse: the same as the list form); the same stage twice is refused.
 
     Multi-turn: ``o = model.generate(**inputs, return_dict_in_generate=True)`` then
@@ -1419,4 +1440,5 @@ def apply(model: nn.Module, method, *, positions: str | None = None, restore_pro
         with vtcompress.apply(model, vtcompress.get("fastervlm", budget=64)):
             out = model.generate(**inputs, max_new_tokens=20)
     """
-    return ApplyHandle(model, resolve_methods(method), positions=positions, restore_prompt=restore_prompt)
+    return ApplyHandle(model, resolve_methods(method), positions=positions, restore_prompt=restore_prompt,
+                       scope=scope)

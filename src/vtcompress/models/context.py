@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "activate",
+    "activate_model_scope",
     "deactivate",
     "is_active",
     "active_handles",
@@ -46,6 +47,7 @@ __all__ = [
     "new_cache",
     "mark_cache",
     "install",
+    "installed_count",
     "uninstall",
     "record_of",
     "set_record",
@@ -69,11 +71,33 @@ def deactivate(obj) -> None:
     cur = _ACTIVE.get()
     if any(o is obj for o in cur):
         _ACTIVE.set(tuple(o for o in cur if o is not obj))
+    if getattr(obj, "model_scope", False):
+        with _LOCK:
+            obj.model_scope = False
+            model = getattr(obj, "model", None)
+            left = tuple(o for o in _MODEL_SCOPE.get(model, ()) if o is not obj) if model is not None else ()
+            if left:
+                _MODEL_SCOPE[model] = left
+            elif model is not None:
+                _MODEL_SCOPE.pop(model, None)
 
 
 def is_active(obj) -> bool:
-    """``obj`` governs calls made in the calling context."""
-    return any(o is obj for o in _ACTIVE.get())
+    """``obj`` governs calls made in the calling context (or in every context: ``scope="model"``)."""
+    return getattr(obj, "model_scope", False) or any(o is obj for o in _ACTIVE.get())
+
+
+#: model -> the handles installed with ``scope="model"`` (they govern every thread's calls), outermost first
+_MODEL_SCOPE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def activate_model_scope(obj, model: nn.Module) -> None:
+    """Make ``obj`` govern every call on ``model``, from any thread or task, until :func:`deactivate`."""
+    with _LOCK:
+        obj.model_scope = True
+        cur = _MODEL_SCOPE.get(model, ())
+        if not any(o is obj for o in cur):
+            _MODEL_SCOPE[model] = (*cur, obj)
 
 
 def _installed(h) -> bool:
@@ -84,7 +108,9 @@ def _installed(h) -> bool:
 def active_handles(model: nn.Module, kind: type | None = None) -> list:
     """The installed handles on ``model`` active in the calling context (outermost first); a handle removed from
     another context stays in this context's view but no longer counts."""
-    return [h for h in _ACTIVE.get() if getattr(h, "model", None) is model and _installed(h)
+    everywhere = _MODEL_SCOPE.get(model, ())
+    here = [h for h in _ACTIVE.get() if not any(h is g for g in everywhere)]
+    return [h for h in (*everywhere, *here) if getattr(h, "model", None) is model and _installed(h)
             and (kind is None or isinstance(h, kind))]
 
 
@@ -132,6 +158,13 @@ def install(model: nn.Module) -> ModelState:
             model.generate = state.dispatch  # an instance attribute: the class is untouched
         state.count += 1
         return state
+
+
+def installed_count(model: nn.Module) -> int:
+    """Handles installed on ``model`` now, in any thread."""
+    with _LOCK:
+        state = _STATES.get(model)
+        return state.count if state is not None else 0
 
 
 def uninstall(model: nn.Module) -> None:
