@@ -56,3 +56,27 @@ def test_trainable_own_budget_still_runs_with_its_own_weights():
     with vtcompress.apply(model, m), torch.no_grad():
         b = model(**inputs).logits
     assert a.shape == b.shape and not torch.allclose(a, b)
+
+
+# --------------------------------------------------------------------------- OneVision down-sized image in a batch
+@pytest.mark.parametrize("name", ["visionzip", "prumerge"])
+def test_onevision_downsized_image_does_not_move_the_other_images_out_of_the_vision_space(name, monkeypatch):
+    """Sample 0's 64x64 image is down-sized by anyres_max (no 1:1 map before the projector: compressed in its
+    projected features); sample 1's two small images map 1:1 and must be compressed before the projector as
+    they are alone. Before: the whole batch fell back to the projected features (differences ~5e-3)."""
+    import models_util
+
+    monkeypatch.setattr(models_util, "_SIZES", [(64, 64), (20, 30), (16, 16)])
+    model, make = models_util.tiny_onevision(pinpoints=[[16, 32], [32, 16], [32, 32], [64, 64]])
+    inputs = make(batch=2, images=[1, 2], seed=1)
+    method = get(name, budget=0.4)
+    assert method.acts_on == "vision"
+    with torch.no_grad():
+        batched = vtcompress.compress_inputs(model, method, **inputs)
+        alone = [vtcompress.compress_inputs(model, method, **s) for s in models_util.split_samples(inputs)]
+    got = batched.inputs["mm_encoder_outputs"]["image"].pooler_output
+    want = [f for a in alone for f in a.inputs["mm_encoder_outputs"]["image"].pooler_output]
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert torch.equal(batched.num_tokens, torch.cat([a.num_tokens for a in alone]))

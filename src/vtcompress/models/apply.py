@@ -53,13 +53,15 @@ projects every token once; the LLM never sees a dropped one):
 - LLaVA-NeXT / OneVision: the projector input per crop is packed the way the stock packer packs the
   projected features (the model's own ``pack_image_features`` on the vision features); the newlines are the
   model's ``image_newline``. This is 1:1 unless OneVision's anyres_max bilinear down-sizing (which the stock
-  model applies AFTER the projector) blends tokens: then that call falls back to the projected features for
-  every method (interpolating vision features before the projector would change the model);
+  model applies AFTER the projector) blends an image's tokens: then that image alone (the others of a batch
+  act as they do alone) is compressed in its projected features (interpolating vision features before the
+  projector would change the model);
 - Qwen2-VL / Qwen2.5-VL (the patch merger IS the projector, 2x2 patches into one token) and InternVL (pixel
   shuffle + ``mlp1``, 2x2 into one): no 1:1 map from the projector input to the LLM's tokens, so the methods
   act on the projected tokens (the signals are pooled over each token's patches);
 - a composition acts in one space: the vision features when every projector method acts there, else the
-  projected ones. With ``"vision"``, the ``tokens`` of :class:`CompressedInputs` carry vision features.
+  projected ones. With ``"vision"``, the ``tokens`` of :class:`CompressedInputs` carry vision features
+  (projected ones for an image down-sized as above).
 
 Budgets are per image: a fraction applies to every view; an int is split over an image's views in proportion
 to their sizes (at least one each), and an image with fewer tokens than the int keeps them all.
@@ -619,7 +621,8 @@ def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, 
     layouts = adapter.layouts(model, inputs, feats)
     views = _views(layouts, proj_methods)
     work = feats if vision is None else vision.feats  # the features the methods act on
-    results, orders = _compress_views(model, views, layouts, work, signals, enc_rows, proj_methods)
+    results, orders = _compress_views(model, views, layouts, work, signals, enc_rows, proj_methods,
+                                      space=None if vision is None else vision.ok)
     new_feats, kept_slots, tokens = _kept_features(layouts, views, results, work,
                                                    orders if positions == "compact" else None)
     if vision is not None:
@@ -707,12 +710,17 @@ def _projector(model, adapter: Adapter) -> nn.Module | None:
 @dataclass
 class _VisionSpace:
     """The projector's input laid out like the projected features: ``feats`` per image ``[L_i, C_v]`` (zeros
-    at the newlines), ``newline`` per image ``[L_i]`` bool, and the model's projector / ``image_newline``."""
+    at the newlines), ``newline`` per image ``[L_i]`` bool, and the model's projector / ``image_newline``.
+
+    ``ok`` per image: its tokens map 1:1 onto the projector input. An image that does not (OneVision's
+    anyres_max down-sizing) keeps its projected features ``[L_i, D]`` in ``feats`` and is compressed there, so
+    each image gets what it gets alone, whatever the other images of the batch."""
 
     feats: list[Tensor]
     newline: list[Tensor]
     projector: nn.Module
     image_newline: Tensor | None
+    ok: list[bool]
 
     @classmethod
     def build(cls, model, adapter: Adapter, inputs, projector, captured: list[Tensor], feats: list[Tensor]):
@@ -725,6 +733,7 @@ class _VisionSpace:
                 return None  # features of several images in one row (image_sizes): not handled, act projected
             vis = list(x)
             newline = [torch.zeros(int(f.shape[0]), dtype=torch.bool, device=f.device) for f in feats]
+            ok = [True] * len(feats)
             image_newline = None
         else:  # anyres: pack the projector input as the stock packer packs the projected crops
             crops = adapter.crops(model, inputs)
@@ -734,17 +743,21 @@ class _VisionSpace:
             ids = torch.arange(x.shape[0] * t, device=x.device, dtype=torch.float32).reshape(-1, t, 1)
             packed_ids = adapter.pack(model, inputs, list(torch.split(ids, crops)), torch.full((1,), -1.0,
                                                                                                   device=x.device))
-            vis, newline = [], []
+            vis, newline, ok = [], [], []
             flat = x.reshape(-1, x.shape[-1])
             for p, f in zip(packed_ids, feats, strict=True):
                 v = p[:, 0]
                 nl = v < -0.5
                 idx = v[~nl]
                 # 1:1 only if every packed token is one projector-input token, each at most once (OneVision's
-                # anyres_max interpolation blends them: act on the projected features for this call)
+                # anyres_max interpolation blends them: act on this image's projected features)
                 if p.shape[0] != f.shape[0] or not bool((idx == idx.round()).all()) or \
                         idx.unique().numel() != idx.numel():
-                    return None
+                    vis.append(f)
+                    newline.append(nl)
+                    ok.append(False)
+                    continue
+                ok.append(True)
                 out = flat.new_zeros(p.shape[0], flat.shape[-1])
                 out[~nl] = flat[idx.long()]
                 vis.append(out)
@@ -753,12 +766,17 @@ class _VisionSpace:
         for v, f in zip(vis, feats, strict=True):
             if v.shape[0] != f.shape[0]:
                 return None
-        return cls(feats=vis, newline=newline, projector=projector, image_newline=image_newline)
+        if not any(ok):
+            return None
+        return cls(feats=vis, newline=newline, projector=projector, image_newline=image_newline, ok=ok)
 
     def project(self, new_feats: list[Tensor], kept_slots: list[Tensor], feats: list[Tensor]) -> list[Tensor]:
         """The model's projector on the surviving vision features; newlines become ``image_newline``."""
         out = []
-        for x, kept, nl, f in zip(new_feats, kept_slots, self.newline, feats, strict=True):
+        for x, kept, nl, f, ok in zip(new_feats, kept_slots, self.newline, feats, self.ok, strict=True):
+            if not ok:  # compressed in the projected space already
+                out.append(x)
+                continue
             y = self.projector(x[None])[0].to(f.dtype) if x.shape[0] else f.new_zeros(0, f.shape[-1])
             sep = nl[kept]
             if bool(sep.any()):
@@ -789,14 +807,17 @@ def _views(layouts: list[ImageLayout], proj_methods: list[Compressor]) -> list[_
     return views
 
 
-def _compress_views(model, views: list[_View], layouts, feats, signals: _Signals, enc_rows, proj_methods):
-    """Run the projector-stage methods; views with the same grid and budgets go through as one batch."""
+def _compress_views(model, views: list[_View], layouts, feats, signals: _Signals, enc_rows, proj_methods,
+                    space: list[bool] | None = None):
+    """Run the projector-stage methods; views with the same grid, budgets and feature space (``space``: per
+    image, True for vision features; ``None``: all one space) go through as one batch."""
     groups: dict[tuple, list[int]] = {}
     for u, view in enumerate(views):
-        groups.setdefault((layouts[view.image].grids[view.view], view.budgets), []).append(u)
+        where = space[view.image] if space is not None else None
+        groups.setdefault((layouts[view.image].grids[view.view], view.budgets, where), []).append(u)
     results: dict[int, VisualTokens] = {}
     orders: dict[int, Tensor] = {}
-    for (grid, budgets), members in groups.items():
+    for (grid, budgets, _where), members in groups.items():
         tok = _start_tokens([views[u] for u in members], feats, grid, signals, enc_rows)
         d = tok.x.shape[-1]
         order = None
