@@ -80,3 +80,28 @@ def test_onevision_downsized_image_does_not_move_the_other_images_out_of_the_vis
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert torch.equal(batched.num_tokens, torch.cat([a.num_tokens for a in alone]))
+
+
+# --------------------------------------------------------------------------- guards (held on review; cheap)
+def test_next_feature_layer_list_acts_before_projector_batched_equals_alone():
+    """LLaVA-NeXT reading a list of vision layers (projector input 2C wide), batch with 0 / 1 / 2 images of
+    different sizes: VisionZip before the projector gives each image what it gets alone."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from models_util import _anyres_inputs, split_samples
+
+    base, _ = tiny_llava_next()
+    cfg = base.config
+    cfg.vision_feature_layer = [-3, -1]
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    inputs = _anyres_inputs(model, torch.Generator().manual_seed(1), 3, [0, 1, 2], "left")
+    method = get("visionzip", budget=0.4)
+    with torch.no_grad():
+        batched = vtcompress.compress_inputs(model, method, **inputs)
+        alone = [vtcompress.compress_inputs(model, method, **s) for s in split_samples(inputs)[1:]]
+    got = batched.inputs["mm_encoder_outputs"]["image"].pooler_output
+    want = [f for a in alone for f in a.inputs["mm_encoder_outputs"]["image"].pooler_output]
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
