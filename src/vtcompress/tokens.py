@@ -188,7 +188,8 @@ class VisualTokens:
         Checked (each a few vectorised reductions, no Python loop over tokens): every field a tensor of its shape
         and dtype; ``grid`` / ``layout`` pairs of positive ints, ``layout`` fitting in ``grid`` with ``h * w == N``;
         ``mask`` valid tokens first in each row (right padding: no holes, the order every kernel relies on); for
-        valid tokens ``0 <= pos < N0``, finite ``size > 0``, finite floating ``cls_attn``; ``assign`` in
+        valid tokens ``0 <= pos < N0``, finite ``size > 0``, finite floating ``cls_attn``; finite ``keys`` / ``attn``
+        (valid prompt rows of ``text_mask``) / ``text``; ``assign`` in
         ``[-1, N)`` pointing only at valid tokens; features without NaN/inf.
         """
         x = self.x
@@ -278,6 +279,20 @@ class VisualTokens:
                                  "or be -1")
         if self.cls_attn is not None and not bool(torch.isfinite(self.cls_attn)[m].all()):
             raise ValueError("cls_attn contains NaN/inf for valid tokens; attention weights must be finite")
+        # the other signals methods rank or match by: finite where they are read (valid tokens; valid prompt rows)
+        if self.keys is not None and not bool(torch.isfinite(self.keys[m]).all()):
+            raise ValueError("keys contain NaN/inf for valid tokens; attention keys must be finite")
+        if self.attn is not None:
+            read = m[:, :, None]  # [B, N, 1]; padded prompt rows (text_mask) are never read either
+            if self.text_mask is not None and self.text_mask.shape[1] == self.attn.shape[2]:
+                read = read & self.text_mask[:, None, :]
+            if bool((read & ~torch.isfinite(self.attn)).any()):
+                raise ValueError("attn contains NaN/inf for valid tokens; attention weights must be finite")
+        if self.text is not None:
+            tm = self.text_mask if self.text_mask is not None and self.text_mask.shape == self.text.shape[:2] else None
+            tv = self.text[tm] if tm is not None else self.text
+            if not bool(torch.isfinite(tv).all()):
+                raise ValueError("text contains NaN/inf for valid prompt tokens; embeddings must be finite")
         # one fast reduction first (NaN/inf propagate into the sum); the exact per-element check only if it is not
         # finite, which also tells a finite sum that overflowed (huge but finite features) from real NaN/inf
         if not bool(torch.isfinite(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):

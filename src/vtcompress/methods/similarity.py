@@ -467,6 +467,10 @@ class DART(DecoderCompressor):
                                       or (isinstance(self.budget, int) and self.budget >= n)):
             return tokens  # a budget of every token keeps every token
         img_idx, img_ok, txt_idx, txt_ok = self.pivots(tokens, context)
+        if txt_idx.shape[1] and tokens.text.shape[-1] != d:  # text pivots are compared with the visual tokens
+            raise ValueError(f"{self.name}: text pivots need prompt embeddings of the tokens' width; got text "
+                             f"[B, T, {tokens.text.shape[-1]}] for tokens [B, N, {d}] (pivot_text=0 uses image "
+                             "pivots only)")
         kept = torch.zeros(b, n + 1, dtype=torch.bool, device=dev)
         kept.scatter_(1, torch.where(img_ok, img_idx, torch.full_like(img_idx, n)), True)
         kept = kept[:, :n]

@@ -317,6 +317,9 @@ class DecoderHandle:
             raise ValueError("compact positions need the decoder's rotary_emb module (to recompute the position "
                              "embeddings of the renumbered tokens); pass positions='original'")
         self.stages = stages
+        # what the hooks were planned from: a method's stage layers / signal layer assigned inside the block would
+        # otherwise be silently ignored (the plan is fixed here); _top_hook refuses a changed plan
+        self._plan = self._plan_of()
         self._stage_at = {s.layer: i for i, s in enumerate(stages)}
         # the layer whose attention / keys a stage reads: K - 1 (FastV, SparseVLM, DART) or K itself (PyramidDrop)
         self._own_signal = {i for i, s in enumerate(stages) if getattr(s.method, "signal_layer", "previous") == "own"}
@@ -329,6 +332,10 @@ class DecoderHandle:
         for j, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(j), with_kwargs=True))
         activate(self)  # the hooks act for calls made in this context only (vtcompress.models.context)
+
+    def _plan_of(self) -> tuple:
+        num = len(self.layers)
+        return tuple((tuple(m.schedule(num)), getattr(m, "signal_layer", "previous")) for m in self.methods)
 
     @property
     def run(self) -> _Run | None:
@@ -385,6 +392,13 @@ class DecoderHandle:
             return None
         if not is_active(self):  # a call from another thread / task, or outside the block
             return None
+        plan = self._plan_of()
+        if plan != self._plan:
+            changed = [f"{m.name} {old[0]} -> {new[0]}" + (f" (signal_layer {old[1]!r} -> {new[1]!r})"
+                                                              if old[1] != new[1] else "")
+                       for m, old, new in zip(self.methods, self._plan, plan, strict=True) if old != new]
+            raise ValueError(f"decoder-stage layers changed inside the apply block ({'; '.join(changed)}): the "
+                             "hooks were planned for the old ones; leave the block and apply the method again")
         ids = kwargs.get("input_ids", args[0] if args else None)
         past = kwargs.get("past_key_values")
         if past is not None and getattr(past, "is_compileable", False):
