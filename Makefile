@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test test-oldest lint install clean bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,23 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
+# The suite on the OLDEST transformers the pyproject range admits, in its own venv (`make test` runs the newest
+# release the range admits). Same torch; the package installed without resolving its pin again.
+OLDEST_TRANSFORMERS ?= 5.20.0
+OLD := .venv-transformers-$(OLDEST_TRANSFORMERS)
+$(OLD)/.installed: pyproject.toml
+	$(PY) -m venv $(OLD)
+	$(OLD)/bin/python -m pip install -q --upgrade pip
+	$(OLD)/bin/python -c "import torch" 2>/dev/null || $(OLD)/bin/python -m pip install -q torch==2.13.0
+	$(OLD)/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)" -e ".[dev]"
+	touch $@
+
+test-oldest: $(OLD)/.installed
+	$(OLD)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
+	$(OLD)/bin/python -m pytest -q
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prefill.py
 
 clean:
-	rm -rf $(VENV) results .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-transformers-* results .pytest_cache .ruff_cache

@@ -212,6 +212,13 @@ def test_cli_writes_everything(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} >= {"bench.md", "bench.csv", "bench.json", "bench.png", "gallery.png"}
     printed = capsys.readouterr().out
     assert "| full |" in printed and "| uniform |" in printed
+    import transformers
+
+    import vtcompress
+
+    meta = json.loads((out / "bench.json").read_text())["meta"]
+    assert (meta["torch"], meta["transformers"], meta["vtcompress"]) == (
+        torch.__version__, transformers.__version__, vtcompress.__version__)
 
 
 @pytest.mark.parametrize(

@@ -654,6 +654,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         "methods": methods,
         "batch_size": args.batch_size, "latency_batch": args.latency_batch, "repeats": args.repeats,
         "threads": args.threads, "workers": args.workers, "torch": torch.__version__,
+        "transformers": _transformers_version(), "vtcompress": _vtcompress_version(),
         "seconds": round(time.perf_counter() - t0, 1),
         "flops": "analytic prefill FLOPs per sample, lm_head on the last position (vtcompress.bench.flops)",
     }
@@ -671,3 +672,15 @@ def bench_main(argv: list[str] | None = None) -> int:
             print(f"gallery.png not written: {g}", file=sys.stderr)
     print("wrote " + ", ".join(str(v) for v in paths.values() if v is not None), file=sys.stderr)
     return 0
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _vtcompress_version() -> str:
+    from .. import __version__
+
+    return __version__
