@@ -40,7 +40,7 @@ $(OLD)/.installed: pyproject.toml
 
 test-oldest: $(OLD)/.installed
 	$(OLD)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
-	$(OLD)/bin/python -m pytest -q
+	$(OLD)/bin/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prefill.py
