@@ -269,3 +269,14 @@ def test_gallery_seam(testbed, sweep, tmp_path, monkeypatch):
     assert write_gallery(model, tok, test[0], sweep, 0.5, tmp_path / "g3.png") == \
         "vtcompress.viz.gallery is not available"
     assert not (tmp_path / "g3.png").exists()
+
+
+def test_cli_model_that_is_not_testbed_style_is_refused(capsys, tmp_path):
+    """A real LLaVA directory (other image geometry) gets one clear message, not a traceback from the vision tower."""
+    from models_util import BUILDERS
+
+    model, _ = BUILDERS["llava"]()
+    model.save_pretrained(tmp_path / "llava")
+    assert bench_main(["--model", str(tmp_path / "llava"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not a testbed-style model" in err and "('llava', 96, 8)" in err and "Traceback" not in err

@@ -554,6 +554,7 @@ def load_model(path=None):
     if path is not None:
         if not (Path(path) / "config.json").is_file():
             raise ValueError(f"--model {path!r}: no config.json there (expected a directory saved by save_pretrained)")
+        _check_testbed_geometry(path)
         model, tok = load_testbed(path)
         return model, tok, str(path)
     if (WEIGHTS_DIR / "config.json").is_file():
@@ -563,6 +564,23 @@ def load_model(path=None):
           "weights): accuracies are chance level", file=sys.stderr)
     tok = build_tokenizer()
     return build_model(tok).eval(), tok, "untrained testbed (random weights)"
+
+
+def _check_testbed_geometry(path) -> None:
+    """``--model`` must be a testbed-style LLaVA: the bench asks the testbed's questions about its 96 px scenes."""
+    import json
+
+    from ..testbed import IMAGE_SIZE, PATCH
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    vision = cfg.get("vision_config") or {}
+    got = (cfg.get("model_type"), vision.get("image_size"), vision.get("patch_size"))
+    if got != ("llava", IMAGE_SIZE, PATCH):
+        raise ValueError(
+            f"--model {str(path)!r} is not a testbed-style model (model_type, image_size, patch_size = {got}; the "
+            f"bench asks the testbed's questions about {IMAGE_SIZE} px scenes, so it needs ('llava', {IMAGE_SIZE}, "
+            f"{PATCH}), e.g. a directory written by `vtcompress testbed train`); measuring fidelity on any model "
+            "is not built yet -- see `handle.summary()` for the tokens and FLOPs a method saves on yours")
 
 
 def _parse_budgets(text: str) -> list[int | float]:
