@@ -321,24 +321,9 @@ def ref_dart(loop: _Loop, ids, n_prompt, K, token_topk, pivot_image, pivot_text)
             last_layer_state = loop.lm.norm(h)
             keys = loop.cache.layers[K - 1].keys  # [1, kvh, L, hd], after RoPE
             keys = keys.permute(0, 2, 1, 3).reshape(1, keys.shape[2], -1)
-            k_img = keys[0][start:start + length]
-            k_query = keys[0][start + length:n_prompt]
-            image_indices = (torch.norm(k_img, p=1, dim=-1).topk(pivot_image).indices + start).tolist()
-            query_indices = (torch.norm(k_query, p=1, dim=-1).topk(pivot_text).indices + start + length).tolist()
-            indices_set = set(image_indices + query_indices)
-            tmp_set = indices_set.copy()
-            valid_indices = set(range(start, start + length))
-            valid_indices.difference_update(image_indices)
-            for item in list(tmp_set):
-                valid_indices_list = list(valid_indices)
-                valid_vectors = last_layer_state[0][valid_indices_list, :]
-                cos_sim = -F.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
-                top_k_indices = cos_sim.topk(token_topk).indices
-                top_k_real_indices = [valid_indices_list[i] for i in top_k_indices.tolist()]
-                indices_set.update(top_k_real_indices)
-                valid_indices.difference_update(top_k_real_indices)
-            indices_set.difference_update(query_indices)
-            retained = torch.tensor(list(indices_set))
+            # the rule itself is ref_get_retained_image_token below (the prompt's keys end at n_prompt)
+            retained = ref_get_retained_image_token(last_layer_state, keys[:, :n_prompt], start, length,
+                                                    token_topk * (pivot_image + pivot_text), pivot_image, pivot_text)
             keep_indexs = torch.cat((torch.arange(start), retained, torch.arange(start + length, h.shape[1])))
             keep_indexs = keep_indexs.sort().values
             h = h[:, keep_indexs]
