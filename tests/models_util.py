@@ -28,6 +28,8 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 
@@ -38,6 +40,7 @@ __all__ = [
     "tiny_qwen2_vl",
     "tiny_qwen2_5_vl",
     "tiny_internvl",
+    "tiny_qwen3_vl",
     "BUILDERS",
 ]
 
@@ -287,6 +290,34 @@ def tiny_qwen2_5_vl(seed: int = 0, attn: str = "sdpa"):
     return model, make_inputs
 
 
+# ----------------------------------------------------------------------------------------- Qwen3-VL
+def tiny_qwen3_vl(seed: int = 0, attn: str = "sdpa", text_layers: int = 3, deepstack=(0, 1)):
+    """Qwen3-VL: vision tower (2 px patches, 2x2 merger, 3 blocks, dim 32, learned 4x4 position grid) with
+    DeepStack levels from blocks ``deepstack`` (added after LLM layers 0, 1, ...), interleaved M-RoPE text
+    (Qwen3 attention with q/k norms, hidden 32, ``text_layers`` layers: 3, so that a level injected after layer 1
+    still reaches the last token through layer 2's attention)."""
+    torch.manual_seed(seed)
+    vis = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, num_heads=4, patch_size=2,
+               temporal_patch_size=2, spatial_merge_size=2, in_channels=3, num_position_embeddings=16,
+               deepstack_visual_indexes=list(deepstack))
+    text = dict(
+        vocab_size=VOCAB, hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=PAD,
+        bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                         "rope_theta": 10000.0},
+    )
+    cfg = Qwen3VLConfig(vision_config=vis, text_config=text, image_token_id=IMAGE, video_token_id=121,
+                        vision_start_token_id=122, vision_end_token_id=123)
+    model = _finish(Qwen3VLForConditionalGeneration(cfg), seed, attn)
+
+    def make_inputs(batch: int = 2, images=None, padding: str = "left", seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        return _qwen_inputs(model, gen, batch, images, padding, model.config.vision_config)
+
+    return model, make_inputs
+
+
 # ----------------------------------------------------------------------------------------- InternVL
 def tiny_internvl(seed: int = 0, attn: str = "sdpa"):
     """InternVL: InternViT (16x16 px tiles, 4x4 patches + CLS, 3 layers), pixel shuffle -> 2x2 tokens per tile,
@@ -320,6 +351,7 @@ BUILDERS = {
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "internvl": tiny_internvl,
+    "qwen3_vl": tiny_qwen3_vl,
 }
 
 

@@ -300,11 +300,23 @@ class Adapter:
         """Per-image features ``[L_i, D]`` from ``get_image_features``' output, in placeholder order."""
         return list(out.pooler_output)
 
-    def wrap(self, out, feats: list[Tensor]):
-        """``mm_encoder_outputs["image"]`` carrying the compressed per-image features."""
+    def wrap(self, out, feats: list[Tensor], extra: list[list[Tensor]] | None = None):
+        """``mm_encoder_outputs["image"]`` carrying the compressed per-image features (and, for a family whose
+        :meth:`extra_features` returns some, those features compressed alike: ``extra[level][image]``)."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         return BaseModelOutputWithPooling(pooler_output=list(feats))
+
+    def extra_features(self, model: nn.Module, out) -> list[list[Tensor]]:
+        """Features that follow the image features token for token into the LLM, from ``get_image_features``'
+        output: ``[level][image]`` tensors ``[L_i, D]`` (Qwen3-VL's DeepStack levels); ``[]`` for most families.
+        Each level goes through the same compression as the image features (:func:`_follow`)."""
+        return []
+
+    def decoder_hooks(self, model: nn.Module, decoder) -> list:
+        """Extra hooks a decoder-stage handle installs on this family's model (removable handles); the decoder
+        handle removes them with its own. ``[]`` for most families."""
+        return []
 
     def layouts(self, model: nn.Module, inputs: dict, feats: list[Tensor]) -> list[ImageLayout]:
         raise NotImplementedError
@@ -328,7 +340,7 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def _load_adapters() -> None:
-    from . import internvl, llava, llava_next, onevision, qwen2_vl  # noqa: F401  (each registers its adapter)
+    from . import internvl, llava, llava_next, onevision, qwen2_vl, qwen3_vl  # noqa: F401  (each registers its adapter)
 
 
 def supported_families() -> list[str]:
@@ -632,7 +644,15 @@ def _compress(model, adapter: Adapter, methods: list[Compressor], inputs: dict, 
     if kept_slots:
         keep.view(-1)[flat] = torch.cat(kept_slots).to(ids.device)
     new_inputs = _shortened_inputs(model, adapter, inputs, ids, mask, keep, positions, for_generate)
-    mm = {"image": adapter.wrap(out, new_feats)}
+    extra = adapter.extra_features(model, out)
+    if extra:
+        if vision is not None or enc_rows is not None:
+            raise ValueError(f"{adapter.family} features carry extra per-token levels, which follow the projected "
+                             "features only: use projector-stage methods that act on the projected features")
+        mm = {"image": adapter.wrap(out, new_feats, _follow(model, views, layouts, work, signals, proj_methods,
+                                                            extra, new_feats, positions == "compact"))}
+    else:
+        mm = {"image": adapter.wrap(out, new_feats)}
     # the stock forward takes either raw pixels or encoder outputs: videos (not compressed) are encoded here too
     video_fn = getattr(adapter.base(model), "get_video_features", None)
     video_keys = []
@@ -901,6 +921,53 @@ def _kept_features(layouts: list[ImageLayout], views: list[_View], results: list
         new_feats.append(sel)
         kept_slots.append(kept)
     return new_feats, kept_slots, tokens
+
+
+def _follow(model, views: list[_View], layouts: list[ImageLayout], feats: list[Tensor], signals: _Signals,
+            proj_methods: list[Compressor], extra: list[list[Tensor]], new_feats: list[Tensor],
+            compact: bool) -> list[list[Tensor]]:
+    """``extra[level][image]`` (``[L_i, D]``, token for token with ``feats``) through the compression the image
+    features just went through: the same operation with the same decisions (kept indices, merge groups and
+    weights, pooling cells), per level.
+
+    Computed as the forward-mode derivative of the methods along each level (``torch.autograd.forward_ad``: the
+    chain runs again on ``feats`` carrying that level as tangent; the decisions come from the primal ``feats``,
+    signals and grid, as in the first run). This is the methods' own operation applied to the level wherever
+    their output is linear in the features once decided -- selection, size-weighted means, sums, pooling,
+    bilinear resize, VisionZip's and PruMerge's merges -- and that is checked on every call: the chain's
+    derivative along ``feats`` itself must give back its output (``J(x) x = f(x)``, which a learned non-linear
+    map breaks: ``ValueError``). The rerun must reproduce ``new_feats`` exactly (deterministic methods).
+
+    Returns ``[level][image]`` tensors ``[K_i, D]``, row for row with ``new_feats``."""
+    import torch.autograd.forward_ad as fwad
+
+    def rerun(tangents: list[Tensor]) -> list[Tensor]:
+        dual = [fwad.make_dual(f, t.to(device=f.device, dtype=f.dtype)) for f, t in zip(feats, tangents, strict=True)]
+        results, orders = _compress_views(model, views, layouts, dual, signals, None, proj_methods)
+        kept = _kept_features(layouts, views, results, dual, orders if compact else None)[0]
+        out = []
+        for k, ref in zip(kept, new_feats, strict=True):
+            primal, tangent = fwad.unpack_dual(k)
+            if not torch.equal(primal, ref):
+                raise ValueError("the projector-stage methods gave a different result on a second run of the same "
+                                 "inputs; features that follow the image features (DeepStack levels) need "
+                                 "deterministic methods")
+            out.append(torch.zeros_like(primal) if tangent is None else tangent)
+        return out
+
+    names = ", ".join(m.name or type(m).__name__ for m in proj_methods)
+    # inference mode switches forward-mode AD off (tangents come back None): the rerun leaves it
+    with torch.inference_mode(False), fwad.dual_level():
+        check = rerun(feats)
+        for c, ref in zip(check, new_feats, strict=True):
+            tol = 1e-5 if ref.dtype in (torch.float32, torch.float64) else 1e-2
+            scale = float(ref.abs().max().clamp(min=1)) if ref.numel() else 1.0
+            if not torch.allclose(c.float(), ref.float(), rtol=tol, atol=tol * scale):
+                raise ValueError(f"the projector-stage method(s) {names} are not linear in the image features once "
+                                 "their decisions are made (a learned or non-linear map), so the features that "
+                                 "follow them token for token (Qwen3-VL's DeepStack levels) cannot be compressed "
+                                 "alike: use a selection, merging or pooling method")
+        return [rerun(level) for level in extra]
 
 
 def _shortened_inputs(model, adapter, inputs, ids, mask, keep, positions, for_generate) -> dict:

@@ -331,6 +331,7 @@ class DecoderHandle:
         self._hooks = [model.register_forward_pre_hook(self._top_hook, with_kwargs=True)]
         for j, layer in enumerate(self.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(j), with_kwargs=True))
+        self._hooks += _family_hooks(model, self)  # e.g. Qwen3-VL: DeepStack injections into the kept rows
         activate(self)  # the hooks act for calls made in this context only (vtcompress.models.context)
 
     def _plan_of(self) -> tuple:
@@ -375,6 +376,23 @@ class DecoderHandle:
             raise ValueError(f"stage {stage} did not run in the last prefill")
         d = self.run.decisions[i]
         return d.keep, d.ok
+
+    def rows_at(self, layer: int) -> tuple[Tensor, Tensor, bool] | None:
+        """In the running prefill (or uncached continuation): the rows of the hidden states that decoder layer
+        ``layer`` receives and returns, as ``(positions [B, Ls] into the call's input_ids, real [B, Ls], merged)``
+        (``merged``: some row holds tokens a method merged); the rows after ``Ls`` (an uncached continuation's
+        generated tokens) follow in order. ``None`` when nothing is pruned at that layer (all rows)."""
+        run = self.run
+        if run is None or run.mode not in ("prefill", "continue") or not is_active(self):
+            return None
+        s = self._stage_of(layer)
+        if s < 0 or s not in run.decisions:
+            return None
+        if all(run.decisions[i].identity for i in range(s + 1) if i in run.decisions):
+            return None
+        d = run.decisions[s]
+        merged = any(run.decisions[i].slots is not None for i in range(s + 1) if i in run.decisions)
+        return d.keep, d.ok, merged
 
     def kept_visual(self, stage: int = -1) -> list[Tensor]:
         """Of the last prefill: per row, the sorted positions (into ``input_ids``) of the visual tokens kept."""
@@ -854,6 +872,17 @@ class DecoderHandle:
         if mask.dtype == torch.bool:
             return mask & allowed
         return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+def _family_hooks(model: nn.Module, handle: DecoderHandle) -> list:
+    """The hooks the model family's adapter adds to a decoder stage (none for a model of no known family)."""
+    from .apply import adapter_for
+
+    try:
+        adapter = adapter_for(model)
+    except ValueError:  # a plain causal LM, or a family without an adapter
+        return []
+    return list(adapter.decoder_hooks(model, handle))
 
 
 def attach_decoder(model: nn.Module, methods: list[Compressor] | Compressor,
