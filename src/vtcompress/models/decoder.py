@@ -251,6 +251,8 @@ class _Decision:
     shift: Tensor | None = None  # [B] decode positions are the stock ones minus this (compact positions)
     reordered: bool = False  # the new order is not the positional order (merged tokens appended): causal masks
     # are rebuilt in the new order
+    into: Tensor | None = None  # [B, Lprev] with merges: the new row each row entering the stage went into (-1:
+    # dropped), so that per-token features can follow a merge (DeepStack levels)
 
 
 @dataclass
@@ -377,22 +379,21 @@ class DecoderHandle:
         d = self.run.decisions[i]
         return d.keep, d.ok
 
-    def rows_at(self, layer: int) -> tuple[Tensor, Tensor, bool] | None:
-        """In the running prefill (or uncached continuation): the rows of the hidden states that decoder layer
-        ``layer`` receives and returns, as ``(positions [B, Ls] into the call's input_ids, real [B, Ls], merged)``
-        (``merged``: some row holds tokens a method merged); the rows after ``Ls`` (an uncached continuation's
-        generated tokens) follow in order. ``None`` when nothing is pruned at that layer (all rows)."""
+    def stage_maps(self, layer: int) -> list[tuple[Tensor, Tensor, Tensor | None]] | None:
+        """In the running prefill (or uncached continuation): how the rows of the hidden states that decoder layer
+        ``layer`` receives and returns came from the call's sequence, one ``(rel [B, Ls], real [B, Ls], into)`` per
+        stage decided at or before ``layer``, in order: stage ``s`` keeps rows ``rel`` of the rows entering it
+        (``real`` False: fillers and pads), and, when it merged tokens, ``into [B, Lprev]`` is the row each
+        entering row went into (``-1``: dropped). The rows after ``Ls`` (an uncached continuation's generated tokens)
+        follow in order. ``None`` when nothing is pruned at that layer (every row as in the stock model)."""
         run = self.run
         if run is None or run.mode not in ("prefill", "continue") or not is_active(self):
             return None
         s = self._stage_of(layer)
-        if s < 0 or s not in run.decisions:
+        done = [i for i in range(s + 1) if i in run.decisions]
+        if s < 0 or s not in run.decisions or all(run.decisions[i].identity for i in done):
             return None
-        if all(run.decisions[i].identity for i in range(s + 1) if i in run.decisions):
-            return None
-        d = run.decisions[s]
-        merged = any(run.decisions[i].slots is not None for i in range(s + 1) if i in run.decisions)
-        return d.keep, d.ok, merged
+        return [(run.decisions[i].rel, run.decisions[i].ok, run.decisions[i].into) for i in done]
 
     def kept_visual(self, stage: int = -1) -> list[Tensor]:
         """Of the last prefill: per row, the sorted positions (into ``input_ids``) of the visual tokens kept."""
@@ -629,6 +630,7 @@ class DecoderHandle:
         if stage.index == 0:
             run.n0[stage.method_id] = cnt
         pairs = (cnt > 0).nonzero()  # [P, 2] (row, image)
+        went = None  # [B, n] the current position of the output token each row went into (n: dropped)
         if pairs.shape[0] > 0 and sig is not None:
             bp, rp = pairs[:, 0], pairs[:, 1]
             flag = vis[bp] & (img[bp] == rp[:, None])  # [P, n]
@@ -679,6 +681,10 @@ class DecoderHandle:
             kept = torch.zeros(b * n + 1, dtype=torch.bool, device=dev).scatter_(0, flat_kept.reshape(-1), True)
             kept = kept[: b * n].view(b, n)
             prio = torch.where(vis & ~kept, torch.full_like(prio, 2), prio)
+            a = out.assign  # [P, Nmax] output token of each image token, -1: dropped
+            tgt = torch.where((a >= 0) & img_ok, kept_pos.gather(1, a.clamp(min=0)), torch.full_like(a, n))
+            went = ar[None].expand(b, -1).clone()
+            went.view(-1)[flat[img_ok]] = tgt[img_ok]
             merged = out.mask & (out.size != 1)
             if bool(merged.any()):
                 d = hidden.shape[2]
@@ -718,6 +724,9 @@ class DecoderHandle:
             slots = inv.gather(1, torch.where(slot_ok, slots, torch.full_like(slots, n)))
             slot_ok = slot_ok & (slots >= 0)
             slots = slots.clamp(min=0)
+            into = inv.gather(1, went) if went is not None else None
+        else:
+            into = None
         prev_pid = self._current_pid(si)
         pid = shift = None
         prev = run.decisions.get(si - 1)
@@ -732,7 +741,8 @@ class DecoderHandle:
             last_new = self._last(new_ok)
             shift = (run.pid0.gather(1, self._last(run.pad_ok)) - pid.gather(1, last_new)).squeeze(1)
             identity = False if prev is not None and prev.pid is not None else identity
-        run.decisions[si] = _Decision(rel, keep, new_ok, fix, identity, slots, values, slot_ok, pid, shift, reordered)
+        run.decisions[si] = _Decision(rel, keep, new_ok, fix, identity, slots, values, slot_ok, pid, shift, reordered,
+                                      into)
 
     def _prune(self, si: int, hidden: Tensor) -> Tensor:
         d = self.run.decisions[si]

@@ -20,9 +20,9 @@ e.g. FastV at ``K = 2`` with three DeepStack levels) shortens the hidden states 
 while a decoder stage is attached: a pre-hook on the language model takes ``visual_pos_masks`` /
 ``deepstack_visual_embeds`` out of its call, and a forward hook on each injection layer calls the model's own
 ``_deepstack_process`` on the rows that layer returns -- the kept visual tokens, each with its own level
-features (the rows before the first prune: the stock mask and levels unchanged, so a decoder budget of 1.0 is the
-stock model bit for bit). A decoder method that merges tokens (SparseVLM's recycling) before the last injection
-is refused: a merged token has no single level feature.
+features, and a token a decoder method merged (SparseVLM's recycling) with the mean of its members' (the merge
+the decoder applies to their hidden states) -- through :func:`follow_rows`. Before the first prune the stock mask
+and levels go in unchanged, so a decoder budget of 1.0 is the stock model bit for bit.
 
 Signals: the tower runs one attention call per image (no window attention, no [CLS]); the attention signal is
 the mean attention each patch receives within its image at the tower's last layer (the layer the merger reads),
@@ -172,27 +172,53 @@ class DeepStackInjection:
             if j >= len(levels):
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            rows = self.decoder.rows_at(j)
-            if rows is None:  # nothing pruned yet: the stock injection
+            maps = self.decoder.stage_maps(j)
+            if maps is None:  # nothing pruned yet: the stock injection
                 new = self.lm._deepstack_process(hidden, mask, levels[j])
             else:
-                keep, ok, merged = rows
-                if merged:
-                    raise ValueError(
-                        f"a decoder-stage method merged visual tokens before DeepStack injection layer {j} of this "
-                        f"{type(self.lm).__name__}: a merged token has no single DeepStack feature; prune after the "
-                        f"last injection layer (layer >= {len(levels)}) or use a method that only prunes (FastV, "
-                        "PyramidDrop, DART)")
-                mask = mask.to(keep.device)
-                rank = (mask.reshape(-1).long().cumsum(0) - 1).view_as(mask)  # row of each visual position
-                vis = mask.gather(1, keep) & ok  # [B, Ls] kept rows that are visual
+                rows, feats = follow_rows(mask.to(hidden.device), levels[j].to(hidden.device), maps)
                 rows_mask = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-                rows_mask[:, : keep.shape[1]] = vis.to(hidden.device)
-                feats = levels[j].to(hidden.device)[rank.gather(1, keep)[vis].to(hidden.device)]
+                rows_mask[:, : rows.shape[1]] = rows  # an uncached continuation's generated rows follow: not visual
                 new = self.lm._deepstack_process(hidden, rows_mask, feats)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
+
+
+def follow_rows(mask: Tensor, level: Tensor, maps: list[tuple[Tensor, Tensor, Tensor | None]]) -> tuple[Tensor, Tensor]:
+    """The visual rows of a pruned sequence and their DeepStack features.
+
+    Args:
+        mask: ``[B, L]`` bool visual positions of the call's sequence (``visual_pos_masks``).
+        level: ``[V, D]`` one DeepStack level, the rows of ``mask`` in row-major order.
+        maps: the decoder stages so far (:meth:`~vtcompress.models.decoder.DecoderHandle.stage_maps`): each keeps
+            rows ``rel [B, Ls]`` of the rows entering it (``real [B, Ls]``: not a filler / pad) and, when it merged
+            tokens, sends each entering row into row ``into [B, Lprev]`` (``-1``: dropped).
+
+    Returns:
+        ``rows [B, Ls]`` bool (the real rows that hold visual tokens) and their features ``[rows.sum(), D]`` in
+        row-major order: a kept token's own level row, a merged token the mean of its visual members' (the
+        decoder's merges are plain means of the hidden states: every token entering a stage weighs 1).
+    """
+    b, n = mask.shape
+    lv = level.new_zeros(b, n, level.shape[-1])
+    lv[mask] = level
+    vis = mask
+    for rel, real, into in maps:
+        if into is None:  # pruning only: the kept rows' own features, exactly
+            lv = lv.gather(1, rel[..., None].expand(-1, -1, lv.shape[-1]))
+            vis = vis.gather(1, rel) & real
+            continue
+        ls = rel.shape[1]
+        lv, vis = lv[:, : into.shape[1]], vis[:, : into.shape[1]]  # rows after the prompt's are generated text
+        slot = torch.where((into >= 0) & vis, into, torch.full_like(into, ls))
+        w = vis.to(torch.float32)
+        acc = torch.zeros(b, ls + 1, lv.shape[-1], dtype=torch.float32, device=lv.device)
+        acc.scatter_add_(1, slot[..., None].expand(-1, -1, lv.shape[-1]), lv.to(torch.float32) * w[..., None])
+        cnt = torch.zeros(b, ls + 1, dtype=torch.float32, device=lv.device).scatter_add_(1, slot, w)
+        lv = (acc[:, :ls] / cnt[:, :ls, None].clamp(min=1)).to(level.dtype)
+        vis = (cnt[:, :ls] > 0) & real
+    return vis, lv[vis]
 
 
 def _detach_forward_hook(module: nn.Module, hook, owner: nn.Module) -> None:
