@@ -291,11 +291,11 @@ def tiny_qwen2_5_vl(seed: int = 0, attn: str = "sdpa"):
 
 
 # ----------------------------------------------------------------------------------------- Qwen3-VL
-def tiny_qwen3_vl(seed: int = 0, attn: str = "sdpa", text_layers: int = 3, deepstack=(0, 1)):
+def tiny_qwen3_vl(seed: int = 0, attn: str = "sdpa", text_layers: int = 3, deepstack=(0, 1), moe: bool = False):
     """Qwen3-VL: vision tower (2 px patches, 2x2 merger, 3 blocks, dim 32, learned 4x4 position grid) with
     DeepStack levels from blocks ``deepstack`` (added after LLM layers 0, 1, ...), interleaved M-RoPE text
     (Qwen3 attention with q/k norms, hidden 32, ``text_layers`` layers: 3, so that a level injected after layer 1
-    still reaches the last token through layer 2's attention)."""
+    still reaches the last token through layer 2's attention). ``moe=True``: Qwen3-VL-MoE (4 experts, top 2)."""
     torch.manual_seed(seed)
     vis = dict(depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=TEXT_HIDDEN, num_heads=4, patch_size=2,
                temporal_patch_size=2, spatial_merge_size=2, in_channels=3, num_position_embeddings=16,
@@ -307,9 +307,15 @@ def tiny_qwen3_vl(seed: int = 0, attn: str = "sdpa", text_layers: int = 3, deeps
         rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
                          "rope_theta": 10000.0},
     )
-    cfg = Qwen3VLConfig(vision_config=vis, text_config=text, image_token_id=IMAGE, video_token_id=121,
-                        vision_start_token_id=122, vision_end_token_id=123)
-    model = _finish(Qwen3VLForConditionalGeneration(cfg), seed, attn)
+    config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    if moe:
+        from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+        config_cls, model_cls = Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1)
+    cfg = config_cls(vision_config=vis, text_config=text, image_token_id=IMAGE, video_token_id=121,
+                     vision_start_token_id=122, vision_end_token_id=123)
+    model = _finish(model_cls(cfg), seed, attn)
 
     def make_inputs(batch: int = 2, images=None, padding: str = "left", seed: int = 0):
         gen = torch.Generator().manual_seed(seed)

@@ -681,12 +681,12 @@ class DecoderHandle:
             kept = torch.zeros(b * n + 1, dtype=torch.bool, device=dev).scatter_(0, flat_kept.reshape(-1), True)
             kept = kept[: b * n].view(b, n)
             prio = torch.where(vis & ~kept, torch.full_like(prio, 2), prio)
-            a = out.assign  # [P, Nmax] output token of each image token, -1: dropped
-            tgt = torch.where((a >= 0) & img_ok, kept_pos.gather(1, a.clamp(min=0)), torch.full_like(a, n))
-            went = ar[None].expand(b, -1).clone()
-            went.view(-1)[flat[img_ok]] = tgt[img_ok]
             merged = out.mask & (out.size != 1)
             if bool(merged.any()):
+                a = out.assign  # [P, Nmax] output token of each image token, -1: dropped
+                tgt = torch.where((a >= 0) & img_ok, kept_pos.gather(1, a.clamp(min=0)), torch.full_like(a, n))
+                went = ar[None].expand(b, -1).clone()
+                went.view(-1)[flat[img_ok]] = tgt[img_ok]
                 d = hidden.shape[2]
                 flat_m = torch.where(merged, flat_kept, torch.full_like(flat_kept, b * n)).reshape(-1)
                 is_slot = torch.zeros(b * n + 1, dtype=torch.bool, device=dev).scatter_(0, flat_m, True)[: b * n]
