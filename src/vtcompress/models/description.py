@@ -49,6 +49,7 @@ __all__ = [
     "Adapter",
     "TextModelDescription",
     "locate",
+    "visual_token_ids",
     "IMAGE",
 ]
 
@@ -150,6 +151,22 @@ def locate(root: Any, path: str | None, what: str = "module") -> Any:
                              f"{type(root).__name__})")
         obj = nxt
     return obj
+
+
+def visual_token_ids(config) -> list[int]:
+    """Placeholder ids of visual tokens (image and video) from a VLM config alone (the family's description, when
+    the model is at hand, says the same: :meth:`ModelDescription.visual_token_ids`)."""
+    ids: list[int] = []
+    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v >= 0 and v not in ids:
+            ids.append(v)
+    if not ids:
+        raise ValueError(
+            f"{type(config).__name__} has no image_token_id / image_token_index: decoder-stage pruning needs it to "
+            "find the visual tokens in input_ids"
+        )
+    return ids
 
 
 def _first(root: Any, paths: tuple[str, ...]) -> Any:
@@ -262,8 +279,11 @@ class ModelDescription:
 
     def vision_key_proj(self, layer: nn.Module) -> nn.Module | None:
         """The keys projection of one vision layer's attention, ``None`` if it has none (a fused qkv)."""
-        attn = getattr(layer, self.vision_attention_path, None) if "." not in self.vision_attention_path else None
-        mod = getattr(attn, self.vision_key_proj_path, None) if attn is not None else None
+        try:
+            attn = self.attention_module(layer)
+        except ValueError:
+            return None
+        mod = getattr(attn, self.vision_key_proj_path, None)
         return mod if isinstance(mod, nn.Module) else None
 
     def vision_embeddings(self, model: nn.Module) -> nn.Module | None:
@@ -464,11 +484,15 @@ class TextModelDescription(ModelDescription):
     vision_tower_path = None
     projector_path = None
     language_model_path = ""
-    modalities = ()
+    #: a text model that was given placeholder ids (``config.image_token_id``) is pruned at them
+    modalities = (IMAGE, Modality(name="video", token_id_keys=("video_token_id", "video_token_index"),
+                                  input_keys=("pixel_values_videos",), encode_fn="get_video_features"))
 
     def matches(self, model: nn.Module) -> bool:
-        base = getattr(model, "model", None)
-        return isinstance(getattr(base, "layers", None), nn.ModuleList)
+        try:
+            return isinstance(locate(model, f"{self.base_path}.{self.llm_layers_path}"), nn.ModuleList)
+        except ValueError:
+            return False
 
     def feature_layer(self, model: nn.Module):
         raise ValueError(f"{type(model).__name__} has no vision tower")

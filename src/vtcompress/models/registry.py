@@ -181,4 +181,5 @@ def description_for_config(config) -> ModelDescription:
         if d.matches_config(config):
             return d
     types = ", ".join(t for d in _FAMILIES for t in d.model_types)
-    raise ValueError(f"no model family has model_type {getattr(config, 'model_type', None)!r}; known: {types}")
+    raise ValueError(f"no model family has model_type {getattr(config, 'model_type', type(config).__name__)!r}; "
+                     f"known model types: {types}")
