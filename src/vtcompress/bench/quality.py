@@ -1,7 +1,8 @@
 """Quality side of the benchmark: accuracy on the testbed, and what the model really computed.
 
 :class:`TokenProbe` watches a stock VLM through forward (pre-)hooks on its own modules — the multimodal
-base model (``model.model``), the vision tower's layers and the LLM's decoder layers — and records, per
+base model, the vision tower's layers and the LLM's decoder layers, where its family's description says —
+and records, per
 forward call, how many tokens each part really processed. It is registered AFTER ``vtcompress.apply`` has
 installed its hooks, so it sees the shortened inputs; it changes nothing (every hook returns ``None``).
 From one record:

@@ -93,8 +93,8 @@ KEY_CHUNK = 1024
 
 # ------------------------------------------------------------------------------------ locating things
 def language_model_of(model: nn.Module) -> nn.Module:
-    """The decoder stack (the module with the LLM's layers) of a stock VLM, or of a plain causal LM: what the
-    model's description says (:meth:`~vtcompress.models.description.ModelDescription.language_model`)."""
+    """The decoder stack (the module with the LLM's layers) of a stock VLM, or of a plain causal LM: where the
+    model's family description says it is."""
     return description_for(model, text_only=True).language_model(model)
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "TextModelDescription",
     "locate",
     "visual_token_ids",
+    "modeling_function",
     "IMAGE",
 ]
 
@@ -151,6 +152,12 @@ def locate(root: Any, path: str | None, what: str = "module") -> Any:
                              f"{type(root).__name__})")
         obj = nxt
     return obj
+
+
+def modeling_function(module: nn.Module, name: str):
+    """The function ``name`` of the modeling file that defines ``module``'s class (``None`` if it has none): the
+    model's own ``apply_rotary_pos_emb`` / ``eager_attention_forward``, reused rather than re-written."""
+    return getattr(sys.modules.get(type(module).__module__), name, None)
 
 
 def visual_token_ids(config) -> list[int]:
@@ -338,7 +345,7 @@ class ModelDescription:
 
     def rotary_fn(self, attn: nn.Module):
         """The ``apply_rotary_pos_emb(q, k, cos, sin)`` of the attention module's own modeling file (reused)."""
-        fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
+        fn = modeling_function(attn, "apply_rotary_pos_emb")
         if fn is None:
             raise ValueError(
                 f"{type(attn).__module__} has no apply_rotary_pos_emb; decoder-stage scoring supports rotary-embedding "

@@ -40,7 +40,7 @@ class ApplyHandle:
     """Returned by :func:`apply`: a context manager and a handle with :meth:`remove`.
 
     While installed, ``model(**inputs)`` and ``model.generate(**inputs)`` run with the methods applied (the
-    top-level model: calls to ``model.model`` directly are not compressed) -- for the calls made in the context
+    top-level model: calls to the inner base model directly are not compressed) -- for the calls made in the context
     (thread / asyncio task) that created or entered the handle; calls from other threads, and calls on a
     ``copy.deepcopy`` of the model, run stock. Concurrent blocks on one model (even with different methods) each
     get their own result. :attr:`last` holds the :class:`CompressedInputs` of the latest call (its ``tokens`` show

@@ -429,7 +429,8 @@ def _projector(model, desc: ModelDescription) -> nn.Module | None:
 @dataclass
 class _VisionSpace:
     """The projector's input laid out like the projected features: ``feats`` per image ``[L_i, C_v]`` (zeros
-    at the newlines), ``newline`` per image ``[L_i]`` bool, and the model's projector / ``image_newline``.
+    at the newlines), ``newline`` per image ``[L_i]`` bool, the model's projector and its row separator
+    (``image_newline``).
 
     ``ok`` per image: its tokens map 1:1 onto the projector input. An image that does not (OneVision's
     anyres_max down-sizing) keeps its projected features ``[L_i, D]`` in ``feats`` and is compressed there, so
@@ -438,7 +439,7 @@ class _VisionSpace:
     feats: list[Tensor]
     newline: list[Tensor]
     projector: nn.Module
-    image_newline: Tensor | None
+    separator: Tensor | None
     ok: list[bool]
 
     @classmethod
@@ -489,7 +490,7 @@ class _VisionSpace:
                 return None
         if not any(ok):
             return None
-        return cls(feats=vis, newline=newline, projector=projector, image_newline=image_newline, ok=ok)
+        return cls(feats=vis, newline=newline, projector=projector, separator=image_newline, ok=ok)
 
     def project(self, new_feats: list[Tensor], kept_slots: list[Tensor], feats: list[Tensor]) -> list[Tensor]:
         """The model's projector on the surviving vision features; newlines become ``image_newline``."""
@@ -501,7 +502,7 @@ class _VisionSpace:
             y = self.projector(x[None])[0].to(f.dtype) if x.shape[0] else f.new_zeros(0, f.shape[-1])
             sep = nl[kept]
             if bool(sep.any()):
-                y = torch.where(sep[:, None], self.image_newline.to(y.dtype)[None], y)
+                y = torch.where(sep[:, None], self.separator.to(y.dtype)[None], y)
             out.append(y)
         return out
 

@@ -123,7 +123,15 @@ def _load() -> None:
         if _LOADED:
             return
         for name in builtin_family_modules():
-            importlib.import_module(f"{__package__}.{name}")
+            module = importlib.import_module(f"{__package__}.{name}")
+            # a family file registers its description when first imported; one imported before (a registry
+            # loaded again) is registered from the descriptions it defines
+            known = {d.family for d in _FAMILIES}
+            for obj in vars(module).values():
+                if isinstance(obj, type) and issubclass(obj, ModelDescription) and obj.__module__ == module.__name__ \
+                        and obj.family and obj.model_classes and obj.family not in known:
+                    register_adapter(obj)
+                    known.add(obj.family)
         for d in _FAMILIES:
             _SOURCES[id(d)] = "builtin"
         _LOADED = True  # before the plugins: a plugin may import vtcompress.models and look families up
