@@ -17,11 +17,11 @@ import sys
 
 import pytest
 import torch
-from models_util import BUILDERS
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtcompress
+from models_util import BUILDERS
 from vtcompress.models import (
     ModelDescription,
     PositionScheme,
