@@ -258,7 +258,7 @@ class DecoderHandle:
         rotary = desc.rotary_emb(model)
         # M-RoPE (Qwen2-VL): 3-D grid positions; text after an image already continues from the grid's maximum
         # whatever the token count, so "compact" positions are the stock ones there (nothing is renumbered).
-        self._mrope = desc.position_scheme is PositionScheme.MROPE
+        self._mrope = desc.position_scheme == PositionScheme.MROPE
         self._rotary = rotary
         newline = desc.image_newline(model)
         self._newline = newline.detach() if newline is not None else None

@@ -416,7 +416,7 @@ class ModelDescription:
         out: list[str] = []
         for m in self.modalities:
             out += [k for k in (*m.input_keys, *m.encoder_only_keys) if k not in out]
-        return tuple(out)
+        return tuple(out) + tuple(k for k in self.encoder_only_keys if k not in out)
 
     def encode_fn(self, model: nn.Module, modality: str = "image"):
         """The base model's encoder function of ``modality`` (``None`` when the family has none)."""
@@ -440,11 +440,32 @@ class ModelDescription:
         """Per-image features ``[L_i, D]`` from ``get_image_features``' output, in placeholder order."""
         return list(out.pooler_output)
 
-    def wrap(self, out, feats: list[Tensor]):
-        """``mm_encoder_outputs["image"]`` carrying the compressed per-image features."""
+    def wrap(self, out, feats: list[Tensor], extra: list[list[Tensor]] | None = None):
+        """``mm_encoder_outputs["image"]`` carrying the compressed per-image features (and, for a family with
+        :attr:`extra_injections`, those features compressed alike: ``extra[level][image]``)."""
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         return BaseModelOutputWithPooling(pooler_output=list(feats))
+
+    def extra_features(self, model: nn.Module, out) -> list[list[Tensor]]:
+        """The features of :attr:`extra_injections` from ``get_image_features``' output, ``[level][image]`` tensors
+        ``[L_i, D]`` token for token with :meth:`features` (Qwen3-VL's DeepStack levels); ``[]`` without any.
+
+        The base reads each injection's ``output_field`` (one tensor per level holding every image's tokens, or one
+        list per level split per image) and splits it like the main features."""
+        levels: list[list[Tensor]] = []
+        for inj in self.extra_injections:
+            field = getattr(out, inj.output_field, None)
+            if field is None:
+                raise ValueError(f"{self.family}: get_image_features returned no {inj.output_field!r} ({inj.name})")
+            for level in field:
+                levels.append(list(level) if isinstance(level, (list, tuple)) else [level])
+        return levels
+
+    def decoder_hooks(self, model: nn.Module, decoder) -> list:
+        """Extra removable hooks a decoder-stage handle installs on this family's model (removed with its own):
+        e.g. keeping DeepStack injections aligned with the kept rows. ``[]`` for most families."""
+        return []
 
     def layouts(self, model: nn.Module, inputs: dict, feats: list[Tensor]) -> list[ImageLayout]:
         """Per image, where each feature of its placeholder run comes from (:class:`ImageLayout`)."""

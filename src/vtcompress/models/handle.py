@@ -234,7 +234,7 @@ class ApplyHandle:
         """
         pos = kwargs.get("position_ids")
         if kwargs.get("attention_mask") is not None or pos is None or \
-                self.adapter.position_scheme is PositionScheme.MROPE:
+                self.adapter.position_scheme == PositionScheme.MROPE:
             return None
         ref = kwargs.get("input_ids")
         if ref is None:

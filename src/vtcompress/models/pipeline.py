@@ -271,7 +271,7 @@ def _check_positions(positions: str | None, desc: ModelDescription) -> None:
     if positions not in (None, "original", "compact"):
         raise ValueError(f"positions={positions!r}; allowed: None (the methods' reference scheme), 'original', "
                          "'compact'")
-    if positions == "compact" and desc.position_scheme is PositionScheme.MROPE:
+    if positions == "compact" and desc.position_scheme == PositionScheme.MROPE:
         raise ValueError("positions='compact' is not available for M-RoPE models (Qwen2-VL / Qwen2.5-VL): "
                          "their 3-D positions come from the image grid; use positions='original'")
 
@@ -282,7 +282,7 @@ def resolve_positions(positions: str | None, methods: Sequence[Compressor], desc
     _check_positions(positions, desc)
     if positions is not None:
         return positions
-    if desc.position_scheme is PositionScheme.MROPE:
+    if desc.position_scheme == PositionScheme.MROPE:
         return "original"
     declared = {m.name or type(m).__name__: getattr(m, "positions", "compact") for m in methods
                 if m.stage in ("encoder", "projector")}

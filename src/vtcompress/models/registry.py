@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .description import ModelDescription, TextModelDescription
+from .description import ModelDescription, PositionScheme, TextModelDescription
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -83,6 +83,13 @@ def register_adapter(description: ModelDescription | type[ModelDescription], *, 
         raise ValueError(f"register_adapter takes a ModelDescription (or subclass); got {type(description).__name__}")
     if not description.family or not description.model_classes:
         raise ValueError(f"{type(description).__name__} must set family and model_classes")
+    for name in ("position_scheme", "vision_position_scheme"):  # a plain string ("mrope") becomes the enum
+        value = getattr(description, name)
+        try:
+            setattr(description, name, PositionScheme(value))
+        except ValueError:
+            raise ValueError(f"{type(description).__name__}.{name}={value!r}; allowed: "
+                             f"{', '.join(repr(p.value) for p in PositionScheme)}") from None
     with _LOCK:
         for i, d in enumerate(_FAMILIES):
             if d.family == description.family:
@@ -157,7 +164,7 @@ def list_families() -> list[FamilyInfo]:
     _load()
     return [FamilyInfo(family=d.family, model_classes=tuple(d.model_classes), status=d.status,
                        modalities=tuple(m.name for m in d.modalities), position_scheme=str(d.position_scheme.value),
-                       encoder_stage=bool(d.encoder_stage), source=_SOURCES.get(id(d), "register_adapter"))
+                       encoder_stage=bool(d.supports_encoder_stage()), source=_SOURCES.get(id(d), "register_adapter"))
             for d in _FAMILIES]
 
 

@@ -99,7 +99,7 @@ def shortened_inputs(model: nn.Module, desc: ModelDescription, inputs: dict, ids
         new_inputs.pop("position_ids", None)
         return new_inputs
     new_pos = move(pos, 0)
-    if desc.position_scheme is PositionScheme.MROPE and for_generate:
+    if desc.position_scheme == PositionScheme.MROPE and for_generate:
         # row 0: the compact text position generate() prepends; a non-compact row 0 would switch on
         # packed-sequence masking
         m = new_inputs["attention_mask"].long()
@@ -124,7 +124,7 @@ def full_positions(model: nn.Module, desc: ModelDescription, inputs: dict, ids: 
                    for_generate: bool) -> Tensor | None:
     """Position ids of the FULL sequence, as the stock model would build them (``None``: let it)."""
     given = inputs.get("position_ids")
-    if desc.position_scheme is PositionScheme.MROPE:
+    if desc.position_scheme == PositionScheme.MROPE:
         if given is not None:
             return given[-3:] if given.dim() == 3 else given[None].expand(3, -1, -1)
         tt = inputs.get("mm_token_type_ids")
