@@ -92,7 +92,11 @@ def test_the_probe_grep_catches_probing(tmp_path):
     assert [h.split(":")[1] for h in hits] == ["1", "2", "3", "4", "5", "6"]
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
+#: the families whose stock module paths this test spells out (a new family checks its own in its test file)
+RESOLVED = ("llava", "llava_next", "onevision", "qwen2_vl", "qwen2_5_vl", "internvl")
+
+
+@pytest.mark.parametrize("name", RESOLVED)
 def test_descriptions_resolve_to_the_stock_modules(name):
     model, _ = BUILDERS[name]()
     desc = adapter_for(model)
@@ -143,7 +147,8 @@ def test_list_families_reports_each_family_with_its_status():
         assert "image" in f.modalities
     assert infos["qwen2_vl"].position_scheme == "mrope" and infos["llava"].position_scheme == "1d"
     assert infos["qwen2_vl"].modalities == ("image", "video") and infos["llava"].modalities == ("image",)
-    assert [f.family for f in infos.values() if f.encoder_stage] == ["llava"]
+    assert infos["llava"].encoder_stage and not any(infos[n].encoder_stage for n in RESOLVED if n in infos and
+                                                    n != "llava")
 
 
 class _PluginModel(nn.Module):
