@@ -51,7 +51,8 @@ def _holes_reference(model, inputs, keep):
     and the full-grid M-RoPE positions: logits ``[B, S, V]``."""
     mask = inputs["attention_mask"] * keep.long()
     pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+                                        image_grid_thw=inputs["image_grid_thw"],
+                                        attention_mask=inputs["attention_mask"])
     with torch.no_grad():
         return model(**(inputs | {"attention_mask": mask, "position_ids": pos})).logits
 

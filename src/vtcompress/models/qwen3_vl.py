@@ -9,7 +9,7 @@ decoder layer ``j`` (DeepStack, Meng et al., arXiv 2406.04334).
 
 Projector stage: the methods act on the merged tokens, as on Qwen2-VL; every DeepStack level follows them token
 for token -- the kept tokens' levels are kept, a merged token gets its group's levels merged with the same
-weights, a pooled one its cell's -- through :func:`vtcompress.models.apply._follow` (the methods' own operation
+weights, a pooled one its cell's -- through :func:`vtcompress.models.pipeline._follow` (the methods' own operation
 with their decisions, applied to each level), so the injections land on the tokens they belong to. Positions:
 each kept token keeps its column of ``get_rope_index`` on the full sequence (text after an image continues from
 the grid's maximum, whatever the token count); the interleaving of the M-RoPE sections is the rotary module's.
@@ -36,26 +36,33 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor, nn
 
-from .apply import Adapter, ImageLayout, register_adapter
 from .context import detach_hook, is_active
+from .description import ExtraInjection, Modality, ModelDescription, PositionScheme, TokenLayout
+from .layout import ImageLayout
+from .registry import register_adapter
 
-__all__ = ["Qwen3VLAdapter", "DeepStackInjection"]
+__all__ = ["Qwen3VLAdapter", "DeepStackInjection", "follow_rows"]
 
 
-class Qwen3VLAdapter(Adapter):
+class Qwen3VLAdapter(ModelDescription):
     family = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
-    position_scheme = "mrope"
-    encoder_only_keys = ("mm_token_type_ids", "image_grid_thw")
-
-    def vision_tower(self, model):
-        return self.base(model).visual
-
-    def vision_layers(self, model):
-        return list(self.vision_tower(model).blocks)
-
-    def attention_module(self, layer):
-        return layer.attn
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    position_scheme = PositionScheme.MROPE
+    vision_position_scheme = PositionScheme.ROPE_2D
+    vision_tower_path = "visual"
+    vision_layers_path = "blocks"
+    vision_attention_path = "attn"
+    projector_path = "visual.merger"
+    runtime_state = ("rope_deltas",)
+    extra_injections = (ExtraInjection(name="deepstack", output_field="deepstack_features", first_layer=0),)
+    modalities = (
+        Modality(name="image", token_id_keys=("image_token_id",), input_keys=("pixel_values", "image_grid_thw"),
+                 encode_fn="get_image_features", layout=TokenLayout.NATIVE,
+                 encoder_only_keys=("mm_token_type_ids", "image_grid_thw")),
+        Modality(name="video", token_id_keys=("video_token_id",), input_keys=("pixel_values_videos", "video_grid_thw"),
+                 encode_fn="get_video_features", layout=TokenLayout.FRAMES),
+    )
 
     def num_prefix_tokens(self, model) -> int:
         return 0
@@ -110,8 +117,13 @@ class Qwen3VLAdapter(Adapter):
         sig = sig.sum(1) if reduce == "sum" else sig.mean(1)
         return list(torch.split(sig, [int(f.shape[0]) for f in feats], dim=0))
 
+    def rope_index(self, model, input_ids, mm_token_type_ids, *, attention_mask, **grids):
+        pos, _ = self.base(model).get_rope_index(input_ids, mm_token_type_ids, attention_mask=attention_mask,
+                                                 **grids)
+        return pos
+
     def decoder_hooks(self, model, decoder) -> list:
-        return DeepStackInjection(model, decoder).handles
+        return DeepStackInjection(model, decoder, self).handles
 
 
 register_adapter(Qwen3VLAdapter())
@@ -127,10 +139,10 @@ class DeepStackInjection:
     position (its rank among the visual positions of the call's sequence).
     """
 
-    def __init__(self, model: nn.Module, decoder):
+    def __init__(self, model: nn.Module, decoder, desc: ModelDescription):
         self.decoder = decoder
-        self.lm = model.model.language_model
-        self.layers = self.lm.layers
+        self.lm = desc.language_model(model)
+        self.layers = desc.llm_layers(model)
         self._state: ContextVar = ContextVar(f"vtcompress_deepstack_{id(self)}", default=None)
         self.handles = [self.lm.register_forward_pre_hook(self._take, with_kwargs=True)]
         levels = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
