@@ -207,6 +207,30 @@ def test_width_changing_and_non_linear_methods_are_refused(qwen3):
         vtcompress.compress_inputs(model, get("pixel_unshuffle", budget=0.25), **inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    """In bf16 / fp16 budget 1.0 is stock bit for bit, and the levels of merging and pooling methods follow (the
+    linearity check passes at half precision)."""
+    model, make = tiny_qwen3_vl(seed=2)
+    model.to(dtype)
+    inputs = make(batch=2, images=[1, 2], seed=14)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtcompress.apply(model, get("tome", budget=1.0)):
+            assert torch.equal(model(**inputs).logits, ref)
+        _, levels = _levels(model, inputs)
+        for name in ("tome", "avg_pool", "visionzip", "bilinear"):
+            res = vtcompress.compress_inputs(model, get(name, budget=0.5), **inputs)
+            out = res.inputs["mm_encoder_outputs"]["image"].deepstack_features
+            assert out[0][0].dtype == dtype
+            if name in ("tome", "avg_pool"):
+                for i in range(3):
+                    tok = res.tokens_of(i, 0)
+                    want = _cells_mean(levels[1][i].float(), tok.assign[0], tok.num_tokens)
+                    torch.testing.assert_close(out[1][i].float(), want, rtol=2e-2, atol=2e-2)
+
+
 # ------------------------------------------------------------------------------------------ decoder stage
 def _perturb_level(model, level: int, rows: torch.Tensor, scale: float = 3.0):
     """Forward hook on the tower's DeepStack merger ``level`` that rewrites its output rows ``rows`` (flat
@@ -250,9 +274,10 @@ def test_fastv_inside_the_injection_layers_injects_the_kept_rows():
             h.remove()
 
 
-def test_fastv_after_the_last_injection_and_budget_one_are_stock_injections(qwen3):
-    """A decoder budget of 1.0 is the stock model bit for bit (injections included), inside and after the
-    injection layers; FastV at K = 2 (after both injections) prunes the same way with or without the takeover."""
+def test_decoder_budget_one_is_stock_inside_and_after_the_injection_layers(qwen3):
+    """A decoder budget of 1.0 is the stock model bit for bit, injections included: the takeover of the
+    injections (pre-hook on the language model, forward hooks on layers 0 and 1) calls the stock
+    ``_deepstack_process`` with the stock mask and levels until something is pruned."""
     model, make = qwen3
     inputs = make(batch=3, images=[1, 0, 2], seed=9)
     with torch.no_grad():
