@@ -3,7 +3,8 @@
 On a DeepStack model (Qwen3-VL) every level of the vision features follows the image features through the
 compression: ``vtcompress.models.pipeline._follow`` runs the method chain once more per level with the features
 carrying that level as a forward-mode tangent, plus one run whose tangent is the features themselves (the check
-that the methods are linear once decided). This script times, interleaved in one run, the projector-stage work
+that the methods are linear once decided); a pure selection (the output is the input at the kept slots) gathers
+the levels at those slots instead. This script times, interleaved in one run, the projector-stage work
 of one image without levels (``_compress_views`` + ``_kept_features``: what every family pays) and the extra
 ``_follow`` work for ``--levels`` levels, and prints their ratio per method.
 
@@ -56,12 +57,12 @@ def main() -> None:
 
         def main_pass(views=views, methods=methods):
             results, _ = _compress_views(None, views, layouts, feats, signals, None, methods)
-            return _kept_features(layouts, views, results, feats)[0]
+            return _kept_features(layouts, views, results, feats)[:2]
 
-        new_feats = main_pass()
+        new_feats, kept = main_pass()
 
-        def follow_pass(views=views, methods=methods, new_feats=new_feats):
-            return _follow(None, views, layouts, feats, signals, methods, levels, new_feats, False)
+        def follow_pass(views=views, methods=methods, new_feats=new_feats, kept=kept):
+            return _follow(None, views, layouts, feats, signals, methods, levels, new_feats, False, kept)
 
         times = {"main": [], "follow": []}
         with torch.no_grad():

@@ -358,7 +358,7 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
             raise ValueError(f"{desc.family} features carry extra per-token levels, which follow the projected "
                              "features only: use projector-stage methods that act on the projected features")
         mm = {"image": desc.wrap(out, new_feats, _follow(model, views, layouts, work, signals, proj_methods,
-                                                         extra, new_feats, positions == "compact"))}
+                                                         extra, new_feats, positions == "compact", kept_slots))}
     else:
         mm = {"image": desc.wrap(out, new_feats)}
     # the stock forward takes either raw pixels or encoder outputs: videos (not compressed) are encoded here too
@@ -636,7 +636,7 @@ def _kept_features(layouts: list[ImageLayout], views: list[_View], results: list
 # ============================================================================== encoder stage seam
 def _follow(model, views: list[_View], layouts: list[ImageLayout], feats: list[Tensor], signals: _Signals,
             proj_methods: list[Compressor], extra: list[list[Tensor]], new_feats: list[Tensor],
-            compact: bool) -> list[list[Tensor]]:
+            compact: bool, kept_slots: list[Tensor]) -> list[list[Tensor]]:
     """``extra[level][image]`` (``[L_i, D]``, token for token with ``feats``) through the compression the image
     features just went through: the same operation with the same decisions (kept indices, merge groups and
     weights, pooling cells), per level.
@@ -649,8 +649,16 @@ def _follow(model, views: list[_View], layouts: list[ImageLayout], feats: list[T
     derivative along ``feats`` itself must give back its output (``J(x) x = f(x)``, which a learned non-linear
     map breaks: ``ValueError``). The rerun must reproduce ``new_feats`` exactly (deterministic methods).
 
+    When every image's output IS its input features at the kept slots (``kept_slots[i]``, ``[L_i]`` bool: pure
+    selection, in slot order), the levels are gathered at those slots with no rerun -- the same result, and most
+    of the cost saved for FasterVLM, DivPrune, random or uniform pruning (``benchmarks/deepstack_follow.py``).
+
     Returns ``[level][image]`` tensors ``[K_i, D]``, row for row with ``new_feats``."""
     import torch.autograd.forward_ad as fwad
+
+    if all(nf.shape[0] == int(k.sum()) and torch.equal(nf, f[k.to(f.device)])
+           for nf, f, k in zip(new_feats, feats, kept_slots, strict=True)):
+        return [[t[k.to(t.device)] for t, k in zip(level, kept_slots, strict=True)] for level in extra]
 
     def rerun(tangents: list[Tensor]) -> list[Tensor]:
         dual = [fwad.make_dual(f, t.to(device=f.device, dtype=f.dtype)) for f, t in zip(feats, tangents, strict=True)]
