@@ -259,3 +259,33 @@ def test_runtime_state_is_put_back():
     with torch.no_grad(), vtcompress.apply(model, vtcompress.get("random", budget=0.5)):
         model.generate(**make(batch=1), max_new_tokens=2, do_sample=False)
     assert base.rope_deltas is marker
+
+
+def test_one_file_family_for_a_subclass_runs_end_to_end(monkeypatch, fresh_registry):
+    """A third-party family (one class, through the entry point group) for a subclass of a stock model is chosen
+    over the stock family, and the shared machinery runs it: budget 1.0 is the stock model, a budget compresses."""
+    from transformers import LlavaForConditionalGeneration
+
+    from vtcompress.models.llava import LlavaAdapter
+
+    class PluginLlava(LlavaForConditionalGeneration):
+        pass
+
+    class PluginLlavaDescription(LlavaAdapter):
+        family = "plugin_llava"
+        model_classes = ("PluginLlava",)
+
+    monkeypatch.setattr(reg, "_entry_points", lambda: [_EntryPoint(PluginLlavaDescription)])
+    stock, make = BUILDERS["llava"]()
+    model = PluginLlava(stock.config).eval()
+    model.load_state_dict(stock.state_dict())
+    assert isinstance(adapter_for(model), PluginLlavaDescription) and adapter_for(stock).family == "llava"
+    inputs = make(batch=2)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtcompress.apply(model, vtcompress.get("random", budget=1.0)):
+            same = model(**inputs).logits
+        with vtcompress.apply(model, vtcompress.get("fastervlm", budget=4)) as handle:
+            model(**inputs)
+    assert torch.equal(same, ref)
+    assert handle.last.num_tokens[:, 1].tolist() == [4, 4]

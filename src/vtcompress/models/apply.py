@@ -27,6 +27,7 @@ from .handle import ApplyHandle, apply
 from .layout import ImageLayout
 from .pipeline import CompressedInputs, compress_inputs, feature_signal_layer, resolve_methods
 from .registry import (
+    FamilyInfo,
     adapter_for,
     description_for,
     list_families,
@@ -56,4 +57,5 @@ __all__ = [
     "register_family",
     "supported_families",
     "list_families",
+    "FamilyInfo",
 ]

@@ -249,7 +249,11 @@ class ModelDescription:
     # ============================================================================ matching
     def matches(self, model: nn.Module) -> bool:
         # by class name (no transformers import at module load), subclasses included
-        return any(c.__name__ in self.model_classes for c in type(model).__mro__)
+        return self.match_depth(model) is not None
+
+    def match_depth(self, model: nn.Module) -> int | None:
+        """How far up ``model``'s MRO the first class this family serves is (0: its own class); ``None``: none."""
+        return next((i for i, c in enumerate(type(model).__mro__) if c.__name__ in self.model_classes), None)
 
     def matches_config(self, config) -> bool:
         return getattr(config, "model_type", None) in self.model_types

@@ -9,7 +9,8 @@ such as CLIP's [CLS]):
 1. forward pre-hook (``with_kwargs``): once tokens have been merged, add the proportional-attention bias
    ``log(size) [B, 1, 1, T]`` to the layer's additive 4-D ``attention_mask`` (created if ``None``), so the
    stock attention (SDPA or eager) weighs a token standing for ``s`` patches ``s`` times;
-2. forward hook on ``self_attn.k_proj``: keep the head-mean keys ``[B, T, Dh]`` (ToMe's similarity metric);
+2. forward hook on the layer attention's keys projection (the description's ``vision_key_proj``, ``k_proj``):
+   keep the head-mean keys ``[B, T, Dh]`` (ToMe's similarity metric);
 3. forward hook on the layer (prepended, so the model's own ``hidden_states`` recorder sees the merged
    states): bipartite soft matching merges ``r_l`` patch tokens (size-weighted mean); the prefix tokens
    never merge. The schedule ``r_l`` comes from the method (:meth:`ToMeEncoder.schedule`).
@@ -398,7 +399,7 @@ def encoder_merging(
 
     Returns an :class:`EncoderMerging` handle, usable as a context manager; hooks are in place from this call
     until the context exits (or ``.remove()``). Where things are comes from the explicit keyword arguments,
-    else the ``adapter``, else the model's config (see :func:`resolve_encoder_spec`).
+    else the ``adapter`` (the model family's description when ``None``; see :func:`resolve_encoder_spec`).
 
     With ``budget`` ``K`` (or a fraction of the ``N0`` patches), the feature layer holds exactly ``K`` patch
     tokens per image. A schedule that merges nothing only records (``tokens`` is then the identity), so the model

@@ -169,11 +169,20 @@ def list_families() -> list[FamilyInfo]:
 
 
 def adapter_for(model: nn.Module) -> ModelDescription:
-    """The description of ``model``'s family; ``ValueError`` listing the supported families otherwise."""
+    """The description of ``model``'s family; ``ValueError`` listing the supported families otherwise.
+
+    The family serving the most specific class of the model wins (a third-party family for a subclass of a stock
+    model is chosen over the stock model's family); among equals, the first registered."""
     _load()
+    best, depth = None, None
     for d in _FAMILIES:
-        if d.matches(model):
-            return d
+        k = d.match_depth(model)
+        if k is None and d.matches(model):  # a family with its own matching rule: after the class matches
+            k = len(type(model).__mro__)
+        if k is not None and (depth is None or k < depth):
+            best, depth = d, k
+    if best is not None:
+        return best
     names = "; ".join(f"{d.family} ({', '.join(d.model_classes)})" for d in _FAMILIES)
     raise ValueError(f"unsupported model {type(model).__name__}; supported families: {names}")
 
