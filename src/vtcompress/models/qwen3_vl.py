@@ -145,9 +145,10 @@ class DeepStackInjection:
         self.layers = desc.llm_layers(model)
         self._state: ContextVar = ContextVar(f"vtcompress_deepstack_{id(self)}", default=None)
         self.handles = [self.lm.register_forward_pre_hook(self._take, with_kwargs=True)]
-        levels = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
-        for j in range(min(levels, len(self.layers))):
-            self.handles.append(self.layers[j].register_forward_hook(self._make_inject(j)))
+        levels = len(getattr(desc.vision_config(model), "deepstack_visual_indexes", None) or ())
+        self.first = desc.extra_injections[0].first_layer  # level j goes in after layer first + j
+        for j in range(min(levels, len(self.layers) - self.first)):
+            self.handles.append(self.layers[self.first + j].register_forward_hook(self._make_inject(j)))
 
     def __deepcopy__(self, memo) -> DeepStackInjection:
         # hooks copied onto a deep copy of the model still point here; they see another module and detach there
@@ -173,9 +174,11 @@ class DeepStackInjection:
         return args, kwargs
 
     def _make_inject(self, j: int):
+        layer = self.first + j
+
         def hook(module, args, output):
-            if module is not self.layers[j]:  # a deep copy of the model
-                _detach_forward_hook(module, hook, self.layers[j])
+            if module is not self.layers[layer]:  # a deep copy of the model
+                _detach_forward_hook(module, hook, self.layers[layer])
                 return None
             state = self._state.get()
             if state is None or not is_active(self.decoder):
@@ -184,7 +187,7 @@ class DeepStackInjection:
             if j >= len(levels):
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            maps = self.decoder.stage_maps(j)
+            maps = self.decoder.stage_maps(layer)
             if maps is None:  # nothing pruned yet: the stock injection
                 new = self.lm._deepstack_process(hidden, mask, levels[j])
             else:
