@@ -633,7 +633,7 @@ def _kept_features(layouts: list[ImageLayout], views: list[_View], results: list
     return new_feats, kept_slots, tokens
 
 
-# ============================================================================== encoder stage seam
+# ============================================================================== features that follow (DeepStack)
 def _follow(model, views: list[_View], layouts: list[ImageLayout], feats: list[Tensor], signals: _Signals,
             proj_methods: list[Compressor], extra: list[list[Tensor]], new_feats: list[Tensor],
             compact: bool, kept_slots: list[Tensor]) -> list[list[Tensor]]:
@@ -689,6 +689,7 @@ def _follow(model, views: list[_View], layouts: list[ImageLayout], feats: list[T
         return [rerun(level) for level in extra]
 
 
+# ============================================================================== encoder stage seam
 def _encoder_merging(model, desc: ModelDescription, methods: list[Compressor]):
     if len(methods) > 1:
         raise ValueError(f"only one encoder-stage method can run at a time; got {[m.name for m in methods]}")
