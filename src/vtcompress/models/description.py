@@ -263,9 +263,6 @@ class ModelDescription:
         """The ``...Model`` holding ``get_image_features`` and the language model."""
         return locate(model, self.base_path, "base model")
 
-    def config(self, model: nn.Module):
-        return model.config
-
     def vision_config(self, model: nn.Module):
         return model.config.vision_config
 
