@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import vtcompress as vc
 from vtcompress import VisualTokens
+from vtcompress.checkpoints import from_pretrained
+from vtcompress.grid import grid_for_budget
 from vtcompress.testbed import data as D
 from vtcompress.testbed import model as M
 from vtcompress.testbed.train_compressor import (
@@ -16,7 +18,7 @@ from vtcompress.testbed.train_compressor import (
     train_compressor,
     train_compressor_main,
 )
-from vtcompress.trainable import TrainableCompressor, from_pretrained, grid_for_budget
+from vtcompress.trainable import TrainableCompressor
 
 TRAINABLE = ["unshuffle_mlp", "ldpv2", "qformer", "perceiver"]
 GRID = (12, 12)

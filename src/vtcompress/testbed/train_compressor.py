@@ -195,8 +195,8 @@ def _parse_params(items: list[str]) -> dict:
 
 def train_compressor_main(argv: list[str] | None = None) -> int:
     """Entry point of ``vtcompress testbed train-compressor METHOD --budget B``."""
+    from ..checkpoints import TRAINED_DIR
     from ..compressor import get, list_methods, method_info
-    from ..trainable import TRAINED_DIR
 
     trainable = [r["name"] for r in method_info() if r["trainable"]]
     parser = argparse.ArgumentParser(prog="vtcompress testbed train-compressor",
