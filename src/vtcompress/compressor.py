@@ -242,6 +242,9 @@ class Compressor:
     #: ``"full"`` (one full-width head: ``q . k`` over all channels scaled by ``C^-1/2``, keys of all heads
     #: concatenated, as PruMerge's reference). Methods with a ``signal_heads`` field let the user choose.
     signal_heads: ClassVar[str] = "mean"
+    #: the output features are wider than the input (pixel unshuffle: ``f * f * D``): the LLM of a stock model
+    #: cannot read them without a projector trained after the method (``vtcompress.apply`` refuses, saying so).
+    widens: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

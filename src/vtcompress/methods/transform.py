@@ -107,6 +107,7 @@ class PixelUnshuffle(_GridTransform):
 
     name: ClassVar[str] = "pixel_unshuffle"
     paper: ClassVar[str] = "InternVL 1.5 pixel unshuffle (arXiv 2404.16821)"
+    widens: ClassVar[bool] = True
     matches_reference: ClassVar[str] = "exact (transformers InternVLModel.pixel_shuffle)"
 
     def __post_init__(self) -> None:
