@@ -441,9 +441,9 @@ def run_stage(name, st: Stage, step_fn, curve: list, log_every: int = 20):
 class TrainConfig:
     """The testbed recipe (``vtcompress testbed train``'s options; the defaults are the shipped run).
 
-    Stage ``i`` runs ``steps_s{i}`` steps when > 0, else ``minutes_s{i}`` minutes, at learning rate ``lr_s{i}``;
-    ``stages`` names the stages to run (``"1234"``); ``s2_objects_only`` is the share of stage 2 trained without
-    background patches (:func:`drop_background`); ``init`` starts from a saved testbed directory.
+    Stage ``i`` (1-4) runs ``steps[i - 1]`` steps when > 0, else ``minutes[i - 1]`` minutes, at learning rate
+    ``lr[i - 1]``; ``stages`` names the stages to run (``"1234"``); ``s2_objects_only`` is the share of stage 2
+    trained without background patches (:func:`drop_background`); ``init`` starts from a saved testbed directory.
     """
 
     out: str = str(M.WEIGHTS_DIR)
@@ -453,18 +453,9 @@ class TrainConfig:
     workers: int = 0  # background processes generating batches (0: in-process, the reproducible CPU default)
     batch: int = 32
     max_qa: int = 4  # question/answer pairs packed per training image
-    minutes_s1: float = 25.0
-    steps_s1: int = 0
-    lr_s1: float = 2e-3
-    minutes_s2: float = 22.0
-    steps_s2: int = 0
-    lr_s2: float = 1e-3
-    minutes_s3: float = 3.0
-    steps_s3: int = 0
-    lr_s3: float = 2e-3
-    minutes_s4: float = 35.0
-    steps_s4: int = 0
-    lr_s4: float = 3e-4
+    minutes: tuple[float, float, float, float] = (25.0, 22.0, 3.0, 35.0)
+    steps: tuple[int, int, int, int] = (0, 0, 0, 0)
+    lr: tuple[float, float, float, float] = (2e-3, 1e-3, 2e-3, 3e-4)
     s2_objects_only: float = 0.75
     init: str | None = None
     stages: str = "1234"
@@ -534,8 +525,8 @@ def train_testbed(cfg: TrainConfig) -> dict:
     if "1" in cfg.stages:
         vt.set_attn_implementation("eager")  # [CLS] attention is supervised in this stage
         set_trainable([vt])
-        st = Stage("s1_vision", list(vt.parameters()) + list(heads.parameters()), cfg.lr_s1, cfg.steps_s1,
-                   cfg.minutes_s1, curve)
+        st = Stage("s1_vision", list(vt.parameters()) + list(heads.parameters()), cfg.lr[0], cfg.steps[0],
+                   cfg.minutes[0], curve)
 
         it = batches(packed=False)
 
@@ -551,7 +542,7 @@ def train_testbed(cfg: TrainConfig) -> dict:
     if "2" in cfg.stages:
         set_trainable([lm, model.lm_head])
         st = Stage("s2_symbolic", list(lm.parameters()) + list(model.lm_head.parameters()) + list(symbols.parameters()),
-                   cfg.lr_s2, cfg.steps_s2, cfg.minutes_s2, curve)
+                   cfg.lr[1], cfg.steps[1], cfg.minutes[1], curve)
 
         it = batches(packed=True, need_images=False)
 
@@ -570,7 +561,7 @@ def train_testbed(cfg: TrainConfig) -> dict:
 
     if "3" in cfg.stages:
         set_trainable([proj])
-        st = Stage("s3_align", list(proj.parameters()), cfg.lr_s3, cfg.steps_s3, cfg.minutes_s3, curve)
+        st = Stage("s3_align", list(proj.parameters()), cfg.lr[2], cfg.steps[2], cfg.minutes[2], curve)
 
         it = batches(packed=False)
 
@@ -593,11 +584,11 @@ def train_testbed(cfg: TrainConfig) -> dict:
         set_trainable([model])
         vt.set_attn_implementation("eager")
         groups = [
-            {"params": list(vt.parameters()) + list(heads.parameters()), "lr": cfg.lr_s4},
-            {"params": list(proj.parameters()), "lr": cfg.lr_s4},
-            {"params": list(lm.parameters()) + list(model.lm_head.parameters()), "lr": cfg.lr_s4},
+            {"params": list(vt.parameters()) + list(heads.parameters()), "lr": cfg.lr[3]},
+            {"params": list(proj.parameters()), "lr": cfg.lr[3]},
+            {"params": list(lm.parameters()) + list(model.lm_head.parameters()), "lr": cfg.lr[3]},
         ]
-        st = Stage("s4_e2e", groups, cfg.lr_s4, cfg.steps_s4, cfg.minutes_s4, curve)
+        st = Stage("s4_e2e", groups, cfg.lr[3], cfg.steps[3], cfg.minutes[3], curve)
         last_eval = [time.time()]
 
         it = batches(packed=True)

@@ -29,16 +29,17 @@ def train_main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=d.batch)
     ap.add_argument("--max-qa", type=int, default=d.max_qa, help="question/answer pairs packed per training image")
     for i in range(1, 5):
-        ap.add_argument(f"--minutes-s{i}", type=float, default=getattr(d, f"minutes_s{i}"))
-        ap.add_argument(f"--steps-s{i}", type=int, default=0, help=f"overrides --minutes-s{i} when > 0")
-        ap.add_argument(f"--lr-s{i}", type=float, default=getattr(d, f"lr_s{i}"))
+        ap.add_argument(f"--minutes-s{i}", type=float, default=d.minutes[i - 1])
+        ap.add_argument(f"--steps-s{i}", type=int, default=d.steps[i - 1], help=f"overrides --minutes-s{i} when > 0")
+        ap.add_argument(f"--lr-s{i}", type=float, default=d.lr[i - 1])
     ap.add_argument("--s2-objects-only", type=float, default=d.s2_objects_only,
                     help="share of stage 2 trained on sequences without background patches (see drop_background)")
     ap.add_argument("--init", default=None, help="start from a saved testbed directory (skips no stage)")
     ap.add_argument("--stages", default=d.stages)
     ap.add_argument("--eval-n", type=int, default=d.eval_n)
-    args = ap.parse_args(argv)
-    return train_testbed(TrainConfig(**vars(args)))
+    opts = vars(ap.parse_args(argv))
+    per_stage = {k: tuple(opts.pop(f"{k}_s{i}") for i in range(1, 5)) for k in ("minutes", "steps", "lr")}
+    return train_testbed(TrainConfig(**opts, **per_stage))
 
 
 def card_main(argv: list[str] | None = None) -> int:
