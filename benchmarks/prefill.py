@@ -51,7 +51,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vtcompress
-from vtcompress import ScoreCompressor, VisualTokens
+from vtcompress import ScoreCompressor, Stage, VisualTokens
 from vtcompress.bench.flops import VLMArch, prefill_flops
 
 IMAGE_TOKEN = 32000
@@ -64,7 +64,7 @@ class UniformStride(ScoreCompressor):
 
     name = "uniform_stride"
     family = "baseline"
-    stage = "projector"
+    stage = Stage.PROJECTOR
 
     def score(self, tokens: VisualTokens) -> torch.Tensor:
         n = tokens.num_tokens
@@ -94,7 +94,7 @@ def build_model(args) -> LlavaForConditionalGeneration:
 def pick_method(name: str | None, budget: int):
     if name:
         return vtcompress.get(name, budget=budget)
-    names = set(vtcompress.list_methods(stage="projector"))
+    names = set(vtcompress.list_methods(stage=Stage.PROJECTOR))
     for n in PREFERRED_METHODS:
         if n in names:
             return vtcompress.get(n, budget=budget)

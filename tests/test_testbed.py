@@ -142,7 +142,7 @@ def test_batch_streams_disjoint_and_reproducible():
 
 def test_train_cli_runs_every_stage_and_writes_a_loadable_card(tmp_path):
     from vtcompress.cli import main
-    from vtcompress.testbed import train_cli
+    from vtcompress.testbed import cli as train_cli
 
     out = tmp_path / "tb"
     steps = [a for i in range(1, 5) for a in (f"--steps-s{i}", "2")]

@@ -20,7 +20,7 @@ _TESTBED = {
     "sample": ("vtcompress.testbed", "sample_main", "write a grid of testbed samples to a PNG"),
     "train-compressor": ("vtcompress.testbed.train_compressor_cli", "train_compressor_main",
                          "fine-tune a trainable compressor on the testbed"),
-    "card": ("vtcompress.testbed.train_cli", "card_main", "evaluate a trained testbed and write its card.json"),
+    "card": ("vtcompress.testbed.cli", "card_main", "evaluate a trained testbed and write its card.json"),
 }
 #: columns of ``vtcompress list`` (keys of :func:`vtcompress.method_info`) and their headers.
 _LIST_COLUMNS = {"name": "method", "family": "family", "stage": "stage", "trainable": "trainable", "needs": "needs",

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..compressor import Compressor, register
+from ..compressor import Compressor, Stage, register
 from ..grid import cell_merge, cell_partition, grid_for_budget, require_full_grid
 from ..tokens import VisualTokens
 from ..trainable import FeedForward, TrainableCompressor, zero_
@@ -244,7 +244,7 @@ class UnshuffleMLP(TrainableCompressor):
 
     name = "unshuffle_mlp"
     family = "transformation"
-    stage = "projector"
+    stage = Stage.PROJECTOR
     paper = "InternVL 1.5 pixel unshuffle + MLP projector (arXiv 2404.16821), trainable"
 
     def check_fields(self) -> None:
@@ -305,7 +305,7 @@ class LDPv2(TrainableCompressor):
 
     name = "ldpv2"
     family = "transformation"
-    stage = "projector"
+    stage = Stage.PROJECTOR
     paper = "MobileVLM V2 LDPv2 (arXiv 2402.03766), trainable"
 
     def build(self, d: int) -> None:

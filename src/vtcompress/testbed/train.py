@@ -18,7 +18,7 @@ Stages (each bounded by ``--minutes-sN`` or ``--steps-sN``):
    auxiliary vision losses at a small weight so the patch features and [CLS] attention stay meaningful.
 
 The recipe is :class:`TrainConfig` run by :func:`train_testbed`; the command lines (``vtcompress testbed train``,
-``vtcompress testbed card``) are in :mod:`vtcompress.testbed.train_cli`.
+``vtcompress testbed card``) are in :mod:`vtcompress.testbed.cli`.
 
 The auxiliary heads and symbol tables are training-only; the shipped model is a stock
 ``LlavaForConditionalGeneration`` whose answers come from the LLM reading the image tokens.

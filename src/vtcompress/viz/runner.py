@@ -169,7 +169,7 @@ def model_view(
 def _compress_with_model(model, method, inputs: dict[str, torch.Tensor]) -> Any:
     """Encoder / projector stage: ``compress_inputs`` and the image's ``VisualTokens`` (one per view: anyres
     models have a base view and a high-resolution view). Decoder stage: one kept mask per pruning layer."""
-    if method.stage == "decoder":
+    if method.stage == Stage.DECODER:
         return _decoder_stages(model, method, inputs)
     from ..models.apply import compress_inputs
 
@@ -178,7 +178,7 @@ def _compress_with_model(model, method, inputs: dict[str, torch.Tensor]) -> Any:
     except ValueError:
         # e.g. pixel_unshuffle widens the features beyond what this model's LLM takes: the model cannot run
         # it, but which patches go where is still the method's decision on the model's features; draw that
-        if method.stage != "projector" or method.needs:
+        if method.stage != Stage.PROJECTOR or method.needs:
             raise
         tokens = _features_only(model, method, inputs)
         if tokens is None:
