@@ -615,7 +615,7 @@ def train_testbed(cfg: TrainConfig) -> dict:
     torch.save({"heads": heads.state_dict(), "symbols": symbols.state_dict()}, out / "aux_state.pt")
     n_params = sum(p.numel() for p in model.parameters())
     recipe = {
-        "args": dataclasses.asdict(cfg),
+        "args": json.loads(json.dumps(dataclasses.asdict(cfg))),  # as training_log.json stores it (lists)
         "steps_done": steps_done,
         "train_minutes": round((time.time() - t_start) / 60, 2),
         "parameters": n_params,
