@@ -20,11 +20,15 @@ Rows, one per budget (image tokens kept out of 576):
 of ``--repeats`` runs; full and compressed are timed alternately in the same run, after a warm-up). Both the
 wall time and the process CPU time are measured: with one torch thread the CPU time is the compute time and
 stays meaningful when other jobs share the cores (the wall time then includes waiting for a core), so the
-``realized`` column and the first ``realized/ideal`` use the CPU time; the last column uses the wall time. FLOPs count
-every matrix product ``[m,k] @ [k,n]`` as ``2mnk``: the q/k/v/o projections, the gated MLP, attention as
-``QK^T`` and ``AV`` over the causal triangle (``n(n+1)/2`` query-key pairs, what a causal kernel computes;
-bidirectional in the vision tower), the ``lm_head`` on the last position, the patch-embedding convolution and
-the projector. Element-wise work (norms, activations, softmax, rotary) is not counted.
+``realized`` column and the first ``realized/ideal`` use the CPU time; the last column uses the wall time.
+
+FLOPs are the library's (:mod:`vtcompress.bench.flops`, the convention of ``handle.summary()`` and
+``vtcompress bench``, checked against torch's ``FlopCounterMode``): every matrix product ``[m,k] @ [k,n]`` is
+``2mnk`` — the q/k/v/o projections, the gated MLP, attention as ``QK^T`` and ``AV`` over the FULL ``n x n`` score
+matrix of each head (what eager attention and FlopCounterMode count; a causal kernel may skip up to half of it,
+so where attention dominates a realized speed-up can exceed the ideal one), the ``lm_head`` on the last
+position, the patch-embedding convolution, every tower layer and the projector. Element-wise work (norms,
+activations, softmax, rotary) is not counted.
 
 Usage::
 
@@ -47,7 +51,8 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vtcompress
-from vtcompress import ScoreCompressor, VisualTokens
+from vtcompress import ScoreCompressor, Stage, VisualTokens
+from vtcompress.bench.flops import VLMArch, prefill_flops
 
 IMAGE_TOKEN = 32000
 PREFERRED_METHODS = ("uniform", "random", "tome", "pool2d", "divprune")
@@ -59,7 +64,7 @@ class UniformStride(ScoreCompressor):
 
     name = "uniform_stride"
     family = "baseline"
-    stage = "projector"
+    stage = Stage.PROJECTOR
 
     def score(self, tokens: VisualTokens) -> torch.Tensor:
         n = tokens.num_tokens
@@ -89,7 +94,7 @@ def build_model(args) -> LlavaForConditionalGeneration:
 def pick_method(name: str | None, budget: int):
     if name:
         return vtcompress.get(name, budget=budget)
-    names = set(vtcompress.list_methods(stage="projector"))
+    names = set(vtcompress.list_methods(stage=Stage.PROJECTOR))
     for n in PREFERRED_METHODS:
         if n in names:
             return vtcompress.get(n, budget=budget)
@@ -97,33 +102,18 @@ def pick_method(name: str | None, budget: int):
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
-def llm_flops(cfg: LlamaConfig, n: int) -> int:
-    """Prefill FLOPs of the LLaMA decoder on ``n`` tokens (causal attention), ``lm_head`` on the last one."""
-    d, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    hd = d // cfg.num_attention_heads
-    kv = cfg.num_key_value_heads * hd
-    proj = 2 * n * d * (d + kv + kv + d)  # q, k, v, o
-    mlp = 2 * n * d * i * 3  # gate, up, down
-    attn = 2 * 2 * cfg.num_attention_heads * hd * (n * (n + 1) // 2)  # QK^T and AV over the causal triangle
-    return layers * (proj + mlp + attn) + 2 * d * cfg.vocab_size
+def llm_flops(arch: VLMArch, text: int, image_tokens: int) -> int:
+    """Prefill FLOPs of the LLM decoder (and its ``lm_head`` on the last position) on ``text`` text tokens and
+    ``image_tokens`` image tokens (:func:`vtcompress.bench.flops.prefill_flops`)."""
+    f = prefill_flops(arch, text_tokens=text, image_tokens=image_tokens)
+    return f.llm + f.lm_head
 
 
-def vit_layer_flops(cfg: CLIPVisionConfig, n: int) -> int:
-    d, i = cfg.hidden_size, cfg.intermediate_size
-    return 2 * n * d * 4 * d + 2 * n * d * i * 2 + 2 * 2 * d * n * n
-
-
-def tower_flops(cfg: LlavaConfig, tokens_per_layer: list[int] | None = None, projector: bool = True) -> int:
-    """Vision tower (patch conv + every layer) and the projector; ``tokens_per_layer`` = patch tokens entering
-    each layer (default: all 576 in every layer)."""
-    v = cfg.vision_config
-    patches = (v.image_size // v.patch_size) ** 2
-    tokens = tokens_per_layer or [patches] * v.num_hidden_layers
-    conv = 2 * patches * v.hidden_size * 3 * v.patch_size**2
-    layers = sum(vit_layer_flops(v, 1 + n) for n in tokens)
-    feats = tokens[-1] if tokens_per_layer else patches
-    d = cfg.text_config.hidden_size
-    return conv + layers + (2 * feats * (v.hidden_size * d + d * d) if projector else 0)
+def tower_flops(arch: VLMArch, tokens_per_layer: list[int] | None = None, projector: bool = True) -> int:
+    """Vision tower (patch conv + every layer) and, with ``projector``, the projector on every patch;
+    ``tokens_per_layer`` = patch tokens entering each layer (default: all 576 in every layer)."""
+    f = prefill_flops(arch, text_tokens=0, image_tokens=0, vision_tokens=tokens_per_layer)
+    return f.vision + (f.projector if projector else 0)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -199,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
           f"projector-stage method: {method0.name or type(method0).__name__}\n")
     table = Table()
 
-    f_full = llm_flops(cfg.text_config, n_full)
+    arch = VLMArch.from_config(cfg)
+    f_full = llm_flops(arch, args.text, 576)
     for k in args.budgets:
         n = args.text + k
         full, comp = median_pair(llm(n_full), llm(n), args.repeats)
-        table.add("LLM", k, n, f_full, llm_flops(cfg.text_config, n), full, comp)
+        table.add("LLM", k, n, f_full, llm_flops(arch, args.text, k), full, comp)
 
     if not args.no_e2e:
         apply = getattr(vtcompress, "apply", None)
@@ -212,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ids, am = prompt(args.text)
             pix = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
-            e_full = tower_flops(cfg) + llm_flops(cfg.text_config, n_full)
+            e_full = tower_flops(arch) + llm_flops(arch, args.text, 576)
 
             def stock():
                 with torch.no_grad():
@@ -226,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                         model(input_ids=ids, attention_mask=am, pixel_values=pix, logits_to_keep=1)
 
                 full, comp = median_pair(stock, compressed, args.repeats)
-                e = tower_flops(cfg) + llm_flops(cfg.text_config, args.text + k)
+                e = tower_flops(arch) + llm_flops(arch, args.text, k)
                 table.add("e2e", k, args.text + k, e_full, e, full, comp)
 
     notes = tower_rows(args, table) if args.tower else []
@@ -276,7 +267,8 @@ def tower_rows(args, table: Table) -> list[str]:
         with torch.no_grad():
             tower(pix, output_hidden_states=-2)
 
-    full_f = tower_flops(cfg, projector=False)
+    arch = VLMArch.from_config(cfg)
+    full_f = tower_flops(arch, projector=False)
     notes = [f"\n`tower`: CLIP tower alone, hidden {args.tower_hidden}, {args.tower_layers} layers, 336 px / 14 px "
              "patches (577 tokens), features at hidden_states[-2]; `sequence` = patch tokens at the feature layer; "
              "tome_encoder merges in the layers before it (r per layer below; the matching itself is not counted "
@@ -290,7 +282,7 @@ def tower_rows(args, table: Table) -> list[str]:
         for r in sched + [0] * (args.tower_layers - len(sched)):
             tokens.append(n)
             n -= r
-        f = tower_flops(cfg, tokens, projector=False)
+        f = tower_flops(arch, tokens, projector=False)
 
         def merged(method=method):
             with encoder_merging(model, None, method):

@@ -79,7 +79,7 @@ def test_show_on_an_own_image_uses_a_neutral_prompt(tmp_path, monkeypatch, capsy
     to text-guided methods; with ``--sample N`` the sample's own question is asked."""
     from PIL import Image
 
-    import vtcompress.viz as viz
+    import vtcompress.viz.cli as viz  # the module whose method_panels `vtcompress show` calls
 
     asked = []
     real = viz.method_panels
@@ -118,7 +118,7 @@ def test_show_refuses_untrained_weights_unless_asked(tmp_path, capsys):
 
 
 def test_show_on_the_testbed_loads_the_shipped_checkpoint(tmp_path, monkeypatch):
-    import vtcompress.viz as viz
+    import vtcompress.viz.cli as viz  # the module whose method_panels `vtcompress show` calls
 
     seen = []
     real = viz.method_panels

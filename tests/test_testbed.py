@@ -142,11 +142,11 @@ def test_batch_streams_disjoint_and_reproducible():
 
 def test_train_cli_runs_every_stage_and_writes_a_loadable_card(tmp_path):
     from vtcompress.cli import main
-    from vtcompress.testbed import train as T
+    from vtcompress.testbed import cli as train_cli
 
     out = tmp_path / "tb"
     steps = [a for i in range(1, 5) for a in (f"--steps-s{i}", "2")]
-    recipe = T.train_main(["--out", str(out), "--batch", "4", "--threads", "1", "--eval-n", "10", *steps])
+    recipe = train_cli.train_main(["--out", str(out), "--batch", "4", "--threads", "1", "--eval-n", "10", *steps])
     assert recipe["steps_done"] == {"s1": 2, "s2": 2, "s3": 2, "s4": 2}
     log = json.loads((out / "training_log.json").read_text())
     assert {r["stage"] for r in log["curve"]} >= {"after_s3", "final_val"}

@@ -8,15 +8,13 @@ import torch.nn.functional as F
 
 import vtcompress as vc
 from vtcompress import VisualTokens
+from vtcompress.checkpoints import from_pretrained
+from vtcompress.grid import grid_for_budget
 from vtcompress.testbed import data as D
 from vtcompress.testbed import model as M
-from vtcompress.testbed.train_compressor import (
-    compressed_logits,
-    evaluate_compressor,
-    train_compressor,
-    train_compressor_main,
-)
-from vtcompress.trainable import TrainableCompressor, from_pretrained, grid_for_budget
+from vtcompress.testbed.train_compressor import compressed_logits, evaluate_compressor, train_compressor
+from vtcompress.testbed.train_compressor_cli import train_compressor_main
+from vtcompress.trainable import TrainableCompressor
 
 TRAINABLE = ["unshuffle_mlp", "ldpv2", "qformer", "perceiver"]
 GRID = (12, 12)

@@ -9,7 +9,8 @@ import torch
 import vtcompress as vc
 from methods_util import make_tokens
 from vtcompress import VisualTokens
-from vtcompress.trainable import TrainableCompressor, load_trained
+from vtcompress.checkpoints import load_trained
+from vtcompress.trainable import TrainableCompressor
 
 
 def _good(b=2, grid=(4, 4), counts=(16, 11)) -> VisualTokens:

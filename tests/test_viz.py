@@ -484,11 +484,11 @@ def test_model_view_picks_the_crop_of_each_view():
 def test_gallery_uses_compressor_instances_as_given():
     """The bench passes built (possibly trained) methods: same budget -> the very instance runs."""
     from vtcompress import get
-    from vtcompress.viz import _build_all, gallery
+    from vtcompress.viz import build_methods, gallery
 
     inst = get("uniform", budget=5)
-    assert _build_all([inst], 5, None)[0] is inst
-    other = _build_all([inst], 7, None)[0]
+    assert build_methods([inst], 5, None)[0] is inst
+    other = build_methods([inst], 7, None)[0]
     assert other is not inst and other.budget == 7 and inst.budget == 5
     out = gallery(None, None, _image(9), [inst], 5)  # no model: pixel features on the default 12 x 12 grid
     assert out.size[0] == 12 * 32 + 2 * PAD

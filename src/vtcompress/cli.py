@@ -18,9 +18,9 @@ _COMMANDS = {
 _TESTBED = {
     "train": ("vtcompress.testbed", "train_cli", "train the embedded testbed VLM from scratch"),
     "sample": ("vtcompress.testbed", "sample_main", "write a grid of testbed samples to a PNG"),
-    "train-compressor": ("vtcompress.testbed.train_compressor", "train_compressor_main",
+    "train-compressor": ("vtcompress.testbed.train_compressor_cli", "train_compressor_main",
                          "fine-tune a trainable compressor on the testbed"),
-    "card": ("vtcompress.testbed.train", "card_main", "evaluate a trained testbed and write its card.json"),
+    "card": ("vtcompress.testbed.cli", "card_main", "evaluate a trained testbed and write its card.json"),
 }
 #: columns of ``vtcompress list`` (keys of :func:`vtcompress.method_info`) and their headers.
 _LIST_COLUMNS = {"name": "method", "family": "family", "stage": "stage", "trainable": "trainable", "needs": "needs",
@@ -39,27 +39,32 @@ def version() -> str:
         return __version__
 
 
-def _table(rows: list[dict[str, object]], cols: dict[str, str]) -> str:
-    """A markdown table of ``rows`` with ``cols`` (key -> header), columns padded for the terminal."""
-    widths = {c: max(len(h), *(len(str(r[c])) for r in rows)) for c, h in cols.items()}
-    line = "| " + " | ".join(h.ljust(widths[c]) for c, h in cols.items()) + " |"
-    rule = "|" + "|".join("-" * (widths[c] + 2) for c in cols) + "|"
-    body = ["| " + " | ".join(str(r[c]).ljust(widths[c]) for c in cols) + " |" for r in rows]
-    return "\n".join([line, rule, *body])
-
-
 def list_main(argv: list[str] | None = None) -> int:
     """Print the registered methods as a markdown table: name, family, stage, trainable, needs, matches reference,
-    paper. An unknown ``--stage`` / ``--family`` is an error listing the valid values."""
+    paper; with ``--models`` the support table (model family x stage x kind of method, :mod:`vtcompress.support`).
+    An unknown ``--stage`` / ``--family`` is an error listing the valid values."""
     from .compressor import FAMILIES, STAGES, list_methods, method_info
+    from .support import markdown_table
 
-    parser = argparse.ArgumentParser(prog="vtcompress list", description="List the registered methods.")
+    parser = argparse.ArgumentParser(prog="vtcompress list", description="List the registered methods, or with "
+                                     "--models the model families and what runs on each.")
     parser.add_argument("--stage", help=f"only this stage: {', '.join(STAGES)}")
     parser.add_argument("--family", help=f"only this family: {', '.join(FAMILIES)}")
+    parser.add_argument("--models", action="store_true", help="the model families: status, model classes and the "
+                        "kinds of method each stage runs on them")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return _exit_code(exc)
+    if args.models:
+        from .support import COLUMNS, support_rows
+
+        if args.stage or args.family:
+            print("vtcompress list: error: --models lists every model family; --stage / --family filter methods",
+                  file=sys.stderr)
+            return 2
+        print(markdown_table(support_rows(), COLUMNS))
+        return 0
     try:
         names = set(list_methods(stage=args.stage, family=args.family))
     except ValueError as exc:
@@ -72,7 +77,7 @@ def list_main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["trainable"] = "yes" if r["trainable"] else ""
         r["name"] = f"`{r['name']}`"
-    print(_table(rows, _LIST_COLUMNS))
+    print(markdown_table(rows, _LIST_COLUMNS))
     return 0
 
 
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     usage = "usage: vtcompress {list,show,bench,testbed} [options]   (vtcompress COMMAND -h for each; --version)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
-        print("  list      the registered methods (name, family, stage, trainable, matches reference, paper)")
+        print("  list      the registered methods (name, family, stage, trainable, matches reference, paper); "
+              "--models: the model families and what runs on each")
         for name, (_, _, help_) in _COMMANDS.items():
             print(f"  {name:<9} {help_}")
         print("  testbed   " + "; ".join(f"{k}: {v[2]}" for k, v in _TESTBED.items()))

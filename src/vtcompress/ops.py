@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["topk_sorted", "bipartite_soft_matching", "maxmin_diversity"]
+__all__ = ["topk_sorted", "flag_indices", "bipartite_soft_matching", "maxmin_diversity"]
 
 
 def topk_sorted(scores: Tensor, k: Tensor | int, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -39,6 +39,22 @@ def topk_sorted(scores: Tensor, k: Tensor | int, mask: Tensor | None = None) -> 
     key = torch.where(valid, top, top + n)
     order = key.argsort(dim=1)
     return top.gather(1, order), valid.gather(1, order)
+
+
+def flag_indices(flag: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices of the True entries of ``flag [B, N]`` bool, ascending and left-aligned.
+
+    Returns:
+        ``idx [B, K]`` long with ``K`` the largest count of a row (entries past a row's count are 0) and
+        ``valid [B, K]`` bool (rows with fewer True entries are right-padded).
+    """
+    b, n = flag.shape
+    counts = flag.sum(1)
+    k = int(counts.max()) if b else 0
+    ar = torch.arange(n, device=flag.device)
+    idx = torch.where(flag, ar, ar + n).argsort(dim=1)[:, :k]
+    valid = torch.arange(k, device=flag.device)[None] < counts[:, None]
+    return torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
 # ---------------------------------------------------------------------------------- ToMe matching with protected prefix

@@ -75,13 +75,14 @@ def build_method(name: str, budget: int | float, **params):
     Trainable methods load the shipped testbed checkpoint for exactly that budget
     (:func:`vtcompress.trainable.load_trained`); the others are built with :func:`vtcompress.get`.
     """
-    from ..compressor import _REGISTRY, get
+    from ..compressor import METHODS as _REGISTRY
+    from ..compressor import get
 
     if name not in _REGISTRY:
         get(name)  # raises ValueError with the valid names
     cls = _REGISTRY[name]
     if getattr(cls, "trainable", False):
-        from ..trainable import load_trained
+        from ..checkpoints import load_trained
 
         _check_params(name, params)
         try:
@@ -100,7 +101,7 @@ def build_method(name: str, budget: int | float, **params):
 
 def _check_params(name: str, params: dict) -> None:
     """A misspelt hyper-parameter is the caller's error (raise), not a budget the method cannot meet."""
-    from ..compressor import _REGISTRY
+    from ..compressor import METHODS as _REGISTRY
 
     cls = _REGISTRY[name]
     if params and getattr(cls, "trainable", False):
@@ -192,7 +193,8 @@ def run_sweep(
     """
     from tqdm.auto import tqdm
 
-    from ..compressor import _REGISTRY, _load_builtin_methods
+    from ..compressor import METHODS as _REGISTRY
+    from ..compressor import load_builtin_methods as _load_builtin_methods
     from ..testbed import encode
     from .flops import VLMArch
     from .latency import threads, time_prefill

@@ -17,8 +17,16 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..compressor import Compressor, ScoreCompressor, check_budget, register
-from ..ops import topk_sorted
+from ..compressor import (
+    Compressor,
+    DecoderCompressor,
+    ScoreCompressor,
+    Signal,
+    SignalLayer,
+    StageContext,
+    register,
+)
+from ..ops import flag_indices, topk_sorted
 from ..tokens import VisualTokens
 
 _ACTS_ON = ("vision", "projected")
@@ -33,17 +41,6 @@ def _unit(t: Tensor) -> Tensor:
 def _metric(tokens: VisualTokens) -> Tensor:
     """``[B, N, C]``: the keys when the tokens carry them (what the references compare), else ``x``."""
     return tokens.keys if tokens.keys is not None else tokens.x
-
-
-def _ascending(flag: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of the True entries of ``flag [B, N]`` in ascending order: ``idx [B, K]``, ``valid [B, K]``."""
-    n = flag.shape[1]
-    ar = torch.arange(n, device=flag.device)
-    cnt = flag.sum(1)
-    k = int(cnt.max()) if flag.shape[0] else 0
-    idx = torch.where(flag, ar, ar + n).argsort(dim=1)[:, :k]
-    valid = torch.arange(k, device=flag.device)[None] < cnt[:, None]
-    return torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
 def _flag(idx: Tensor, valid: Tensor, n: int) -> Tensor:
@@ -105,7 +102,7 @@ class FasterVLM(ScoreCompressor):
     name: ClassVar[str] = "fastervlm"
     family: ClassVar[str] = "attention"
     paper: ClassVar[str] = "FasterVLM (arXiv 2412.01818)"
-    needs: ClassVar[tuple[str, ...]] = ("cls_attn",)
+    needs: ClassVar[tuple[Signal, ...]] = (Signal.CLS_ATTN,)
     matches_reference: ClassVar[str] = "exact"
 
     def __post_init__(self) -> None:
@@ -155,7 +152,7 @@ class VisionZip(Compressor):
     name: ClassVar[str] = "visionzip"
     family: ClassVar[str] = "attention"
     paper: ClassVar[str] = "VisionZip (arXiv 2412.04467)"
-    needs: ClassVar[tuple[str, ...]] = ("cls_attn", "keys")
+    needs: ClassVar[tuple[Signal, ...]] = (Signal.CLS_ATTN, Signal.KEYS)
     matches_reference: ClassVar[str] = ("exact with vision_feature_select_strategy='full', budget=63, "
                                         "dominant_ratio=53/63 (the reference's [CLS] slot)")
 
@@ -190,13 +187,13 @@ class VisionZip(Compressor):
         kept = dominant | target
         slot = kept.long().cumsum(1) - 1
         dest = torch.where(kept, slot, torch.full_like(slot, -1))
-        t_idx, t_valid = _ascending(target)
+        t_idx, t_valid = flag_indices(target)
         if t_idx.shape[1]:  # rows without contextual tokens (c = 0) drop their remaining tokens
             m = _unit(_metric(tokens))
             sim = m @ m.gather(1, t_idx[..., None].expand(-1, -1, m.shape[-1])).transpose(1, 2)  # [B, N, C]
             best = sim.masked_fill(~t_valid[:, None, :], float("-inf")).argmax(dim=-1)  # first on ties
             dest = torch.where(others & (c[:, None] > 0), slot.gather(1, t_idx.gather(1, best)), dest)
-        anchor, a_valid = _ascending(kept)
+        anchor, a_valid = flag_indices(kept)
         anchor = torch.where(a_valid, anchor, torch.full_like(anchor, -1))
         out = tokens.merge(dest, anchor)
         # x: each kept token itself, plus (contextual) the size-weighted mean of the others assigned to it
@@ -276,7 +273,7 @@ def knn_absorb(tokens: VisualTokens, kept: Tensor, rank: Tensor, k_neighbors: in
     summary = pruned & (pruned.long().cumsum(1) == 1) if summary_token else torch.zeros_like(pruned)
     anchor_flag = kept | summary
     slot = anchor_flag.long().cumsum(1) - 1
-    anchor, a_valid = _ascending(anchor_flag)
+    anchor, a_valid = flag_indices(anchor_flag)
     anchor = torch.where(a_valid, anchor, torch.full_like(anchor, -1))
     first = torch.where(summary, slot, torch.zeros_like(slot)).sum(1, keepdim=True)  # the summary's slot
     dest = torch.where(kept, slot, torch.full_like(slot, -1))
@@ -288,7 +285,7 @@ def knn_absorb(tokens: VisualTokens, kept: Tensor, rank: Tensor, k_neighbors: in
     attn = tokens.cls_attn.to(torch.float32).masked_fill(~tokens.mask, 0.0)
     m = _unit(_metric(tokens))
     ar = torch.arange(n, device=dev)
-    k_idx, k_valid = _ascending(kept)
+    k_idx, k_valid = flag_indices(kept)
     sim = m.gather(1, k_idx[..., None].expand(-1, -1, m.shape[-1])) @ m.transpose(1, 2)  # [B, K, N]
     cand = tokens.mask[:, None, :] & (ar[None, None, :] != k_idx[:, :, None]) & k_valid[:, :, None]
     kk = min(k_neighbors, n)
@@ -347,7 +344,7 @@ class PruMerge(Compressor):
     name: ClassVar[str] = "prumerge"
     family: ClassVar[str] = "attention"
     paper: ClassVar[str] = "LLaVA-PruMerge (arXiv 2403.15388)"
-    needs: ClassVar[tuple[str, ...]] = ("cls_attn", "keys")
+    needs: ClassVar[tuple[Signal, ...]] = (Signal.CLS_ATTN, Signal.KEYS)
     matches_reference: ClassVar[str] = "exact (where the reference runs)"
 
     def __post_init__(self) -> None:
@@ -445,8 +442,8 @@ class PruMergePlus(PruMerge):
 
 
 # ==================================================================================================
-# Decoder stage: FastV, PyramidDrop, and the shared DecoderCompressor base (also used by
-# SparseVLM in query.py and DART in similarity.py). Mechanics in vtcompress.models.decoder.
+# Decoder stage: FastV, PyramidDrop (their base DecoderCompressor, shared with SparseVLM in query.py and
+# DART in similarity.py, lives in vtcompress.compressor). Mechanics in vtcompress.models.decoder.
 # Each follows its reference by default (tests/reference/test_ref_decoder.py re-types them).
 # ==================================================================================================
 
@@ -462,104 +459,6 @@ def scale_layers(layers: tuple[int, ...] | list[int], ref_depth: int, num_layers
         raise ValueError(f"decoder-stage pruning needs a decoder of at least 2 layers; got num_layers={num_layers}")
     out = {min(max(int(round(layer * num_layers / ref_depth)), 1), num_layers - 1) for layer in layers}
     return tuple(sorted(out))
-
-
-def decoder_keep_counts(budget: int | float, counts: Tensor) -> Tensor:
-    """``[B]`` visual tokens kept per image inside the LLM: an int budget keeps ``min(budget, count)`` (images
-    with fewer tokens keep them all, never an error: images differ in token counts), a fraction keeps
-    ``round(fraction * count)``, at least one when the image has any."""
-    check_budget(budget)
-    counts = counts.to(torch.long)
-    if isinstance(budget, int):
-        return counts.clamp(max=budget)
-    k = torch.round(counts.to(torch.float64) * budget).to(torch.long)
-    return torch.minimum(k.clamp(min=1), counts)
-
-
-@dataclass
-class StageContext:
-    """What the mechanics know about one decoder-stage call beyond :class:`VisualTokens` (one row per image).
-
-    Attributes:
-        text_keys: ``[B, T, Dk]`` the prompt tokens' keys (same layer and form as ``tokens.keys``), or ``None``.
-        vis_seq: ``[B, N]`` long, each visual token's index in its sample's unpadded sequence (the reference's
-            absolute token indices; DART's pivot order depends on them).
-        text_seq: ``[B, T]`` long, the same for the prompt tokens, or ``None``.
-        initial: ``[B]`` long, the image's visual tokens when the method's first stage ran (multi-stage budgets).
-        rated: the mechanics already restricted the prompt query rows to the method's raters (SparseVLM).
-        merge_rank: set by a merging method: ``[B, N_out]`` long, the order of each merged output token among its
-            image's merged tokens (-1 for kept ones), in the method's output order; the mechanics append merged
-            tokens after their image's kept tokens in that order when positions are compact.
-    """
-
-    text_keys: Tensor | None = None
-    vis_seq: Tensor | None = None
-    text_seq: Tensor | None = None
-    initial: Tensor | None = None
-    rated: bool = False
-    merge_rank: Tensor | None = None
-
-
-@dataclass
-class DecoderCompressor(ScoreCompressor):
-    """Base of decoder-stage methods: they prune visual tokens between LLM layers.
-
-    The mechanics (:func:`vtcompress.models.decoder.attach_decoder`) call :meth:`schedule` once for the
-    model's depth and, before each stage layer ``K``, :meth:`compress_stage` on the visual tokens of each
-    image (one row per image; budgets count per image, as at the projector stage): ``x [B, N, D]`` their
-    hidden states entering layer ``K`` (through the LLM's final norm if the class sets ``normed``), plus the
-    signals named in ``needs`` computed at layer ``K - 1`` (``signal_layer = "previous"``) or at layer ``K``
-    itself (``"own"``) on the sequence entering it: ``attn [B, N, Q]``: attention received from the query rows
-    chosen by ``query`` — ``"last"``: the last token, ``"text"``: the prompt tokens after the first image,
-    valid ones in ``text_mask``; ``keys [B, N, Dk]``: the keys that layer caches (``k_proj`` output rotated by
-    RoPE, all KV heads concatenated); ``text [B, Q, D]``: the prompt tokens' hidden states entering ``K``.
-    ``image_newline`` tokens (LLaVA-NeXT / OneVision) are never pruned and not counted. The rule is a pure
-    function of those tensors, so it is tested on synthesized signals as well. Budgets follow
-    :func:`decoder_keep_counts` unless a method says otherwise; multi-stage methods get ``num_stages``.
-    ``positions`` is the position scheme of the layers after a prune (``"original"`` or ``"compact"``, see
-    :data:`vtcompress.models.decoder.POSITIONS`); ``matches_reference`` says how the default matches the
-    authors' code.
-    """
-
-    stage: ClassVar[str] = "decoder"
-    query: ClassVar[str] = "last"
-    signal_layer: ClassVar[str] = "previous"
-    normed: ClassVar[bool] = False
-    uses_context: ClassVar[bool] = False
-    positions: ClassVar[str] = "original"
-
-    def schedule(self, num_layers: int) -> tuple[int, ...]:  # pragma: no cover - abstract
-        """Stage layers for a decoder of ``num_layers`` layers (each in ``[1, num_layers - 1]``)."""
-        raise NotImplementedError
-
-    def compress_stage(self, tokens: VisualTokens, stage: int, num_stages: int = 1) -> VisualTokens:
-        """Decision of stage ``stage`` (0-based) out of ``num_stages``; single-stage methods compress."""
-        return self.compress(tokens)
-
-    def keep_counts(self, tokens: VisualTokens) -> Tensor:
-        return decoder_keep_counts(self.budget, tokens.counts)
-
-    @staticmethod
-    def _check_layer(name: str, value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1 (a decoder layer after the first); got {value!r}")
-
-    def _check_stage_layers(self, minimum: int = 1) -> None:
-        """Validate and normalise the ``layers`` / ``ref_depth`` fields of multi-stage methods."""
-        self.layers = tuple(self.layers)
-        if not self.layers:
-            raise ValueError("layers must name at least one stage layer; got ()")
-        for v in self.layers:
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"every entry of layers must be an int >= {minimum}; got {v!r}")
-        self._check_layer("ref_depth", self.ref_depth)
-
-    @staticmethod
-    def _check_single(layer: int, num_layers: int, name: str) -> tuple[int, ...]:
-        if layer >= num_layers:
-            raise ValueError(f"{name}: layer={layer} is out of range for a decoder of {num_layers} layers "
-                             f"(allowed: 1 .. {num_layers - 1})")
-        return (layer,)
 
 
 @register
@@ -580,7 +479,7 @@ class FastV(DecoderCompressor):
     name: ClassVar[str] = "fastv"
     family: ClassVar[str] = "attention"
     paper: ClassVar[str] = "FastV (arXiv 2403.06764)"
-    needs: ClassVar[tuple[str, ...]] = ("attn",)
+    needs: ClassVar[tuple[Signal, ...]] = (Signal.ATTN,)
     positions: ClassVar[str] = "original"
     matches_reference: ClassVar[str] = "exact"
 
@@ -625,8 +524,8 @@ class PyramidDrop(DecoderCompressor):
     name: ClassVar[str] = "pyramiddrop"
     family: ClassVar[str] = "attention"
     paper: ClassVar[str] = "PyramidDrop (arXiv 2410.17247)"
-    needs: ClassVar[tuple[str, ...]] = ("attn",)
-    signal_layer: ClassVar[str] = "own"
+    needs: ClassVar[tuple[Signal, ...]] = (Signal.ATTN,)
+    signal_layer: ClassVar[SignalLayer] = SignalLayer.OWN
     uses_context: ClassVar[bool] = True
     positions: ClassVar[str] = "compact"
     matches_reference: ClassVar[str] = "exact (lambda defaults to the budget: 0.5 gives the paper's 0.5/0.25/0.125)"

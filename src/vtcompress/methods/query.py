@@ -5,11 +5,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..compressor import register
+from ..compressor import DecoderCompressor, QueryKind, Signal, Stage, StageContext, keep_counts, register
 from ..ops import topk_sorted
 from ..tokens import VisualTokens
 from ..trainable import Attention, FeedForward, TrainableCompressor
-from .attention import DecoderCompressor, StageContext, decoder_keep_counts
 
 # ==================================================================================================
 # Trainable resamplers: qformer, perceiver.
@@ -21,7 +20,7 @@ from .attention import DecoderCompressor, StageContext, decoder_keep_counts
 class _Resampler(TrainableCompressor):
     """Shared fields and query set-up of the learned-query resamplers.
 
-    ``M = h * w`` output tokens (``(h, w)`` from the budget, :func:`~vtcompress.trainable.grid_for_budget`).
+    ``M = h * w`` output tokens (``(h, w)`` from the budget, :func:`~vtcompress.grid.grid_for_budget`).
     With ``seed_queries`` (default) query ``i`` starts as the mean of cell ``i`` of the grid plus a learned
     embedding (zero at start; TokenPacker-style coarse queries), so an untrained resampler is exactly
     average pooling and training refines it; with ``seed_queries=False`` the queries are learned embeddings
@@ -39,7 +38,7 @@ class _Resampler(TrainableCompressor):
     seed_queries: bool = True
 
     family = "query"
-    stage = "projector"
+    stage = Stage.PROJECTOR
     spatial = False
     grid_bound = True
 
@@ -240,8 +239,8 @@ class SparseVLM(DecoderCompressor):
     name: ClassVar[str] = "sparsevlm"
     family: ClassVar[str] = "query"
     paper: ClassVar[str] = "SparseVLM (arXiv 2410.04417)"
-    needs: ClassVar[tuple[str, ...]] = ("attn", "text")
-    query: ClassVar[str] = "text"
+    needs: ClassVar[tuple[Signal, ...]] = (Signal.ATTN, Signal.TEXT)
+    query: ClassVar[QueryKind] = QueryKind.TEXT
     uses_context: ClassVar[bool] = True
     positions: ClassVar[str] = "compact"
     matches_reference: ClassVar[str] = ("exact with stage_tokens (the reference's hand-set lists, e.g. 300/200/110); "
@@ -309,7 +308,7 @@ class SparseVLM(DecoderCompressor):
             pruned = counts - k_sel
         else:
             k = self.stage_counts(counts, stage, num_stages) if num_stages > 1 or isinstance(self.budget, int) \
-                else decoder_keep_counts(self.budget, counts)
+                else keep_counts(self.budget, counts)
             pruned = counts - k
         m = torch.where(pruned > 0, torch.floor(pruned.to(torch.float64) * self.recycle).to(torch.long) + 1, zero)
         m = torch.minimum(m, pruned)

@@ -8,10 +8,18 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..compressor import Compressor, keep_counts, register
+from ..compressor import (
+    Compressor,
+    DecoderCompressor,
+    EncoderCompressor,
+    QueryKind,
+    Signal,
+    StageContext,
+    budget_tokens,
+    register,
+)
 from ..ops import bipartite_soft_matching, maxmin_diversity, topk_sorted
 from ..tokens import VisualTokens
-from .attention import DecoderCompressor, StageContext
 
 
 def _metric(tokens: VisualTokens) -> Tensor:
@@ -130,7 +138,7 @@ class DivPrune(Compressor):
 # =====================================================================================================
 @register
 @dataclass
-class ToMeEncoder(Compressor):
+class ToMeEncoder(EncoderCompressor):
     """ToMe inside the vision encoder (Bolya et al., "Token Merging: Your ViT But Faster", arXiv 2210.09461).
 
     After each vision encoder layer up to the feature layer, bipartite soft matching on the layer's head-mean
@@ -161,12 +169,9 @@ class ToMeEncoder(Compressor):
     """
 
     r: int | tuple[int, ...] | None = None
-    prop_attn: bool = True
-    metric: str = "keys"
 
     name: ClassVar[str] = "tome_encoder"
     family: ClassVar[str] = "similarity"
-    stage: ClassVar[str] = "encoder"
     paper: ClassVar[str] = "ToMe in the vision encoder (arXiv 2210.09461)"
     matches_reference: ClassVar[str] = "deviation: merges after the whole block (reference: between attention and MLP)"
 
@@ -177,10 +182,6 @@ class ToMeEncoder(Compressor):
             not isinstance(rs, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in rs)
         ):
             raise ValueError(f"r must be None, an int >= 0 or a tuple of ints >= 0 (one per layer); got {self.r!r}")
-        if self.metric not in ("keys", "features"):
-            raise ValueError(f"metric must be 'keys' or 'features'; got {self.metric!r}")
-        if not isinstance(self.prop_attn, bool):
-            raise ValueError(f"prop_attn must be a bool; got {self.prop_attn!r}")
 
     def schedule(self, num_patches: int, num_layers: int) -> list[int]:
         """Tokens merged after each of ``num_layers`` layers, for ``num_patches`` patches per image."""
@@ -197,7 +198,7 @@ class ToMeEncoder(Compressor):
                 out.append(min(r, n // 2))
                 n -= out[-1]
             return out
-        k = int(keep_counts(self.budget, torch.tensor([num_patches]), num_patches)[0])
+        k = budget_tokens(self.budget, num_patches)
         total = num_patches - k
         if total == 0:
             return [0] * num_layers
@@ -244,8 +245,7 @@ class ToMeEncoder(Compressor):
         The metric is ``tokens.keys`` when ``metric == "keys"`` and the tokens carry keys, else ``tokens.x``.
         Output tokens stay in spatial order (kept tokens keep their anchor ``pos``).
         """
-        metric = tokens.keys if self.metric == "keys" and tokens.keys is not None else tokens.x
-        dest, anchor = bipartite_soft_matching(metric, r, tokens.mask)
+        dest, anchor = bipartite_soft_matching(self.metric_of(tokens), r, tokens.mask)
         return tokens.merge(dest, anchor)
 
     def compress(self, tokens: VisualTokens) -> VisualTokens:
@@ -266,7 +266,7 @@ class ToMeEncoder(Compressor):
 
 @register
 @dataclass
-class Folder(Compressor):
+class Folder(EncoderCompressor):
     """FOLDER: token merging folded into the last vision block(s) (Wang et al., ICCV 2025, arXiv 2501.02430).
 
     FOLDER's analysis finds that reduction early in the vision encoder loses the most information and that
@@ -291,12 +291,9 @@ class Folder(Compressor):
     """
 
     layers: int = 1
-    prop_attn: bool = True
-    metric: str = "keys"
 
     name = "folder"
     family = "similarity"
-    stage = "encoder"
     paper = "FOLDER (arXiv 2501.02430)"
     matches_reference = "deviation: merges after the block; no [CLS]-attention penalty (reference alpha)"
 
@@ -304,15 +301,11 @@ class Folder(Compressor):
         super().__post_init__()
         if isinstance(self.layers, bool) or not isinstance(self.layers, int) or self.layers < 1:
             raise ValueError(f"layers={self.layers!r}: the number of final merge layers must be an int >= 1")
-        if self.metric not in ("keys", "features"):
-            raise ValueError(f"metric={self.metric!r}; allowed: 'keys', 'features'")
-        if not isinstance(self.prop_attn, bool):
-            raise ValueError(f"prop_attn must be a bool; got {self.prop_attn!r}")
 
     def schedule(self, num_patches: int, num_layers: int) -> list[int]:
         """Tokens merged after each of the ``num_layers`` layers before the feature layer: ``N0 - k`` split
         evenly over the last ``min(layers, num_layers)`` of them (earlier ones get the remainder), 0 before."""
-        k = int(keep_counts(self.budget, torch.tensor([num_patches]), num_patches)[0])
+        k = budget_tokens(self.budget, num_patches)
         total = num_patches - k
         out = [0] * num_layers
         if total == 0:
@@ -331,8 +324,7 @@ class Folder(Compressor):
         left = torch.minimum(left, (tokens.counts - 1).clamp(min=0))
         while bool((left > 0).any()):  # a few rounds (log2 of the reduction), each a vectorised merge
             step = torch.minimum(left, tokens.counts // 2)
-            metric = tokens.keys if (self.metric == "keys" and tokens.keys is not None) else tokens.x
-            dest, anchor = bipartite_soft_matching(metric, step, tokens.mask)
+            dest, anchor = bipartite_soft_matching(self.metric_of(tokens), step, tokens.mask)
             tokens = tokens.merge(dest, anchor)
             left = left - step
         return tokens
@@ -384,8 +376,8 @@ class DART(DecoderCompressor):
     name: ClassVar[str] = "dart"
     family: ClassVar[str] = "similarity"
     paper: ClassVar[str] = "DART (arXiv 2502.11494)"
-    needs: ClassVar[tuple[str, ...]] = ("keys",)
-    query: ClassVar[str] = "text"  # the mechanics pass the prompt tokens as ``text`` (text pivots; optional)
+    needs: ClassVar[tuple[Signal, ...]] = (Signal.KEYS,)
+    query: ClassVar[QueryKind] = QueryKind.TEXT  # the prompt tokens come as ``text`` (text pivots; optional)
     normed: ClassVar[bool] = True
     uses_context: ClassVar[bool] = True
     positions: ClassVar[str] = "original"

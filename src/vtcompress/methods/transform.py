@@ -3,13 +3,13 @@
 # ==================================================================================================
 # Training-free grid transforms: pixel_unshuffle, avg_pool, max_pool, bilinear.
 #
-# Budget -> output grid: one rule for the whole family, :func:`vtcompress.trainable.grid_for_budget`: the
+# Budget -> output grid: one rule for the whole family, :func:`vtcompress.grid.grid_for_budget`: the
 # grid ``(h, w)`` (``h <= H``, ``w <= W``) whose ``h * w`` is closest to the budget's ``k`` tokens, ties
 # towards the input's aspect ratio (24x24 at 0.25 -> 12x12 = 144; 27x27 at 196 -> 14x14). The count
 # produced is ``h * w`` (it can differ from ``k`` when no grid has exactly ``k`` cells); pixel unshuffle's
 # count is fixed by its factor and a budget that disagrees raises.
 # Bookkeeping: output cell ``(i, j)`` stands for the contiguous block of input rows
-# ``floor(r * h / H) == i`` (and columns likewise; :func:`vtcompress.trainable.cell_partition`):
+# ``floor(r * h / H) == i`` (and columns likewise; :func:`vtcompress.grid.cell_partition`):
 # ``size`` = patches in the block, ``pos`` = its top-left patch, ``assign`` = the cell, via the shared
 # :meth:`VisualTokens.merge`. These methods need a full grid (``tokens.layout`` set, every token valid).
 # ==================================================================================================
@@ -21,17 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..compressor import Compressor, register
+from ..compressor import Compressor, Stage, register
+from ..grid import cell_merge, cell_partition, grid_for_budget, require_full_grid
 from ..tokens import VisualTokens
-from ..trainable import (
-    FeedForward,
-    TrainableCompressor,
-    cell_merge,
-    cell_partition,
-    grid_for_budget,
-    require_full_grid,
-    zero_,
-)
+from ..trainable import FeedForward, TrainableCompressor, zero_
 
 
 def pixel_unshuffle_tokens(x: Tensor, layout: tuple[int, int], factor: int) -> Tensor:
@@ -114,6 +107,7 @@ class PixelUnshuffle(_GridTransform):
 
     name: ClassVar[str] = "pixel_unshuffle"
     paper: ClassVar[str] = "InternVL 1.5 pixel unshuffle (arXiv 2404.16821)"
+    widens: ClassVar[bool] = True
     matches_reference: ClassVar[str] = "exact (transformers InternVLModel.pixel_shuffle)"
 
     def __post_init__(self) -> None:
@@ -250,7 +244,7 @@ class UnshuffleMLP(TrainableCompressor):
 
     name = "unshuffle_mlp"
     family = "transformation"
-    stage = "projector"
+    stage = Stage.PROJECTOR
     paper = "InternVL 1.5 pixel unshuffle + MLP projector (arXiv 2404.16821), trainable"
 
     def check_fields(self) -> None:
@@ -301,17 +295,17 @@ class LDPv2(TrainableCompressor):
 
     ``x [B, H*W, D]`` -> feature transform ``x + (Linear -> GELU -> Linear)(x)`` (MobileVLM maps the vision
     width to the LLM width; here both are ``D``, so we keep a residual) -> 2-D average pooling to the
-    budget's ``(h, w)`` grid (:func:`~vtcompress.trainable.grid_for_budget`; MobileVLM: 24x24 -> 12x12) ->
+    budget's ``(h, w)`` grid (:func:`~vtcompress.grid.grid_for_budget`; MobileVLM: 24x24 -> 12x12) ->
     positional encoding generator ``p + DWConv3x3(p)`` (depthwise, padding 1). The last Linear and the conv
     start at zero, so an untrained module is exactly average pooling. Output ``[B, h*w, D]``.
 
-    Pooling cells are the contiguous blocks of :func:`~vtcompress.trainable.cell_partition`; for
+    Pooling cells are the contiguous blocks of :func:`~vtcompress.grid.cell_partition`; for
     ``H % h == 0`` this equals ``adaptive_avg_pool2d``.
     """
 
     name = "ldpv2"
     family = "transformation"
-    stage = "projector"
+    stage = Stage.PROJECTOR
     paper = "MobileVLM V2 LDPv2 (arXiv 2402.03766), trainable"
 
     def build(self, d: int) -> None:

@@ -72,8 +72,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..compressor import Compressor
-from ..methods.attention import StageContext
+from ..compressor import Compressor, StageContext
+from ..ops import flag_indices as _compact  # positions of the True entries of a [B, L] flag, left-aligned
 from ..tokens import VisualTokens
 from .context import activate, deactivate, detach_hook, is_active
 from .description import ModelDescription, PositionScheme, visual_token_ids
@@ -111,17 +111,6 @@ def _gather_seq(t: Tensor, idx: Tensor, batch_dim: int, seq_dim: int) -> Tensor:
     t = t.expand(shape).movedim((batch_dim, seq_dim), (0, 1))
     index = idx.reshape(*idx.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
     return t.gather(1, index).movedim((0, 1), (batch_dim, seq_dim))
-
-
-def _compact(flag: Tensor) -> tuple[Tensor, Tensor]:
-    """Positions of the True entries of ``flag [B,L]``, left-aligned: ``idx [B,N]``, ``valid [B,N]``."""
-    b, n_all = flag.shape
-    counts = flag.sum(1)
-    n = int(counts.max()) if b else 0
-    ar = torch.arange(n_all, device=flag.device)
-    order = torch.where(flag, ar, ar + n_all).argsort(dim=1)[:, :n]
-    valid = torch.arange(n, device=flag.device)[None] < counts[:, None]
-    return torch.where(valid, order, torch.zeros_like(order)), valid
 
 
 # ------------------------------------------------------------------------------------ the signal

@@ -34,7 +34,7 @@ from .model import (
 def train_main(argv: list[str] | None = None) -> dict:
     """Train the testbed (see ``vtcompress.testbed.train``); returns the recipe (a dict). Imported lazily to keep
     ``import`` light."""
-    from .train import train_main as _train_main
+    from .cli import train_main as _train_main
 
     return _train_main(argv)
 

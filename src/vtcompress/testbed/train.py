@@ -17,6 +17,9 @@ Stages (each bounded by ``--minutes-sN`` or ``--steps-sN``):
 4. end to end: fine-tune everything on the real task (images through the stock LLaVA path), keeping the
    auxiliary vision losses at a small weight so the patch features and [CLS] attention stay meaningful.
 
+The recipe is :class:`TrainConfig` run by :func:`train_testbed`; the command lines (``vtcompress testbed train``,
+``vtcompress testbed card``) are in :mod:`vtcompress.testbed.cli`.
+
 The auxiliary heads and symbol tables are training-only; the shipped model is a stock
 ``LlavaForConditionalGeneration`` whose answers come from the LLM reading the image tokens.
 Several question/answer pairs are packed after one image in training sequences (the first is always a
@@ -25,10 +28,11 @@ single-question prompt identical to inference) to get more supervision per image
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -433,42 +437,49 @@ def run_stage(name, st: Stage, step_fn, curve: list, log_every: int = 20):
     return ema
 
 
-def train_main(argv: list[str] | None = None) -> dict:
-    """CLI: ``vtcompress testbed train [--out DIR] [--seed N] [--minutes-s1..4 M | --steps-s1..4 N]``."""
-    ap = argparse.ArgumentParser(prog="vtcompress testbed train", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(M.WEIGHTS_DIR))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda")
-    ap.add_argument("--workers", type=int, default=0,
-                    help="background processes generating batches (0: in-process, the reproducible CPU default)")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-qa", type=int, default=4, help="question/answer pairs packed per training image")
-    for i, (m, lr) in enumerate(((25.0, 2e-3), (22.0, 1e-3), (3.0, 2e-3), (35.0, 3e-4)), start=1):
-        ap.add_argument(f"--minutes-s{i}", type=float, default=m)
-        ap.add_argument(f"--steps-s{i}", type=int, default=0, help=f"overrides --minutes-s{i} when > 0")
-        ap.add_argument(f"--lr-s{i}", type=float, default=lr)
-    ap.add_argument("--s2-objects-only", type=float, default=0.75,
-                    help="share of stage 2 trained on sequences without background patches (see drop_background)")
-    ap.add_argument("--init", default=None, help="start from a saved testbed directory (skips no stage)")
-    ap.add_argument("--stages", default="1234")
-    ap.add_argument("--eval-n", type=int, default=500)
-    args = ap.parse_args(argv)
+@dataclass
+class TrainConfig:
+    """The testbed recipe (``vtcompress testbed train``'s options; the defaults are the shipped run).
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
+    Stage ``i`` (1-4) runs ``steps[i - 1]`` steps when > 0, else ``minutes[i - 1]`` minutes, at learning rate
+    ``lr[i - 1]``; ``stages`` names the stages to run (``"1234"``); ``s2_objects_only`` is the share of stage 2
+    trained without background patches (:func:`drop_background`); ``init`` starts from a saved testbed directory.
+    """
+
+    out: str = str(M.WEIGHTS_DIR)
+    seed: int = 0
+    threads: int = 2
+    device: str = "cpu"
+    workers: int = 0  # background processes generating batches (0: in-process, the reproducible CPU default)
+    batch: int = 32
+    max_qa: int = 4  # question/answer pairs packed per training image
+    minutes: tuple[float, float, float, float] = (25.0, 22.0, 3.0, 35.0)
+    steps: tuple[int, int, int, int] = (0, 0, 0, 0)
+    lr: tuple[float, float, float, float] = (2e-3, 1e-3, 2e-3, 3e-4)
+    s2_objects_only: float = 0.75
+    init: str | None = None
+    stages: str = "1234"
+    eval_n: int = 500
+
+
+def train_testbed(cfg: TrainConfig) -> dict:
+    """Train the testbed in stages (see the module docstring), save it to ``cfg.out`` (weights, tokenizer,
+    ``aux_state.pt``, ``training_log.json``) and return the recipe: options, steps done, minutes, final
+    validation accuracy."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
     tok = M.build_tokenizer()
-    if args.init:
-        model, tok = M.load_testbed(args.init)
+    if cfg.init:
+        model, tok = M.load_testbed(cfg.init)
         model.train()
-        aux_path = Path(args.init) / "aux_state.pt"
+        aux_path = Path(cfg.init) / "aux_state.pt"
         aux = torch.load(aux_path, map_location="cpu") if aux_path.exists() else None
     else:
-        model = M.build_model(tok, seed=args.seed)
+        model = M.build_model(tok, seed=cfg.seed)
         aux = None
     model.train()
     dv = model.config.vision_config.hidden_size
@@ -478,15 +489,15 @@ def train_main(argv: list[str] | None = None) -> dict:
     if aux is not None:
         heads.load_state_dict(aux["heads"])
         symbols.load_state_dict(aux["symbols"])
-    dev = torch.device(args.device)
+    dev = torch.device(cfg.device)
     model.to(dev)
     heads.to(dev)
     symbols.to(dev)
-    batcher = Batcher(tok, args.seed, args.max_qa)
+    batcher = Batcher(tok, cfg.seed, cfg.max_qa)
 
     def batches(packed: bool, need_images: bool = True):
-        return batch_iter(batcher, args.batch, packed, need_images, args.workers, dev)
-    val = D.samples("val", args.eval_n, seed=0)
+        return batch_iter(batcher, cfg.batch, packed, need_images, cfg.workers, dev)
+    val = D.samples("val", cfg.eval_n, seed=0)
     curve: list[dict] = []
     evals: dict[str, dict] = {}
     vt = model.model.vision_tower
@@ -511,11 +522,11 @@ def train_main(argv: list[str] | None = None) -> dict:
                 p.requires_grad_(True)
 
     steps_done = {}
-    if "1" in args.stages:
+    if "1" in cfg.stages:
         vt.set_attn_implementation("eager")  # [CLS] attention is supervised in this stage
         set_trainable([vt])
-        st = Stage("s1_vision", list(vt.parameters()) + list(heads.parameters()), args.lr_s1, args.steps_s1,
-                   args.minutes_s1, curve)
+        st = Stage("s1_vision", list(vt.parameters()) + list(heads.parameters()), cfg.lr[0], cfg.steps[0],
+                   cfg.minutes[0], curve)
 
         it = batches(packed=False)
 
@@ -528,17 +539,17 @@ def train_main(argv: list[str] | None = None) -> dict:
         steps_done["s1"] = st.step
         vt.set_attn_implementation("sdpa")
 
-    if "2" in args.stages:
+    if "2" in cfg.stages:
         set_trainable([lm, model.lm_head])
         st = Stage("s2_symbolic", list(lm.parameters()) + list(model.lm_head.parameters()) + list(symbols.parameters()),
-                   args.lr_s2, args.steps_s2, args.minutes_s2, curve)
+                   cfg.lr[1], cfg.steps[1], cfg.minutes[1], curve)
 
         it = batches(packed=True, need_images=False)
 
         def s2():
             b = next(it)
             emb = image_embeds(model, b, symbols(b["patch"]))
-            if st.progress() < args.s2_objects_only:
+            if st.progress() < cfg.s2_objects_only:
                 emb, b, pos = drop_background(b, emb, model.config.image_token_id)
                 loss, acc = lm_answer_loss(model, emb, b, pos)
             else:  # then the full layout, background patches included, as at inference
@@ -548,9 +559,9 @@ def train_main(argv: list[str] | None = None) -> dict:
         run_stage("s2_symbolic", st, s2, curve)
         steps_done["s2"] = st.step
 
-    if "3" in args.stages:
+    if "3" in cfg.stages:
         set_trainable([proj])
-        st = Stage("s3_align", list(proj.parameters()), args.lr_s3, args.steps_s3, args.minutes_s3, curve)
+        st = Stage("s3_align", list(proj.parameters()), cfg.lr[2], cfg.steps[2], cfg.minutes[2], curve)
 
         it = batches(packed=False)
 
@@ -569,15 +580,15 @@ def train_main(argv: list[str] | None = None) -> dict:
         steps_done["s3"] = st.step
         evaluate_now("after_s3")
 
-    if "4" in args.stages:
+    if "4" in cfg.stages:
         set_trainable([model])
         vt.set_attn_implementation("eager")
         groups = [
-            {"params": list(vt.parameters()) + list(heads.parameters()), "lr": args.lr_s4},
-            {"params": list(proj.parameters()), "lr": args.lr_s4},
-            {"params": list(lm.parameters()) + list(model.lm_head.parameters()), "lr": args.lr_s4},
+            {"params": list(vt.parameters()) + list(heads.parameters()), "lr": cfg.lr[3]},
+            {"params": list(proj.parameters()), "lr": cfg.lr[3]},
+            {"params": list(lm.parameters()) + list(model.lm_head.parameters()), "lr": cfg.lr[3]},
         ]
-        st = Stage("s4_e2e", groups, args.lr_s4, args.steps_s4, args.minutes_s4, curve)
+        st = Stage("s4_e2e", groups, cfg.lr[3], cfg.steps[3], cfg.minutes[3], curve)
         last_eval = [time.time()]
 
         it = batches(packed=True)
@@ -604,7 +615,7 @@ def train_main(argv: list[str] | None = None) -> dict:
     torch.save({"heads": heads.state_dict(), "symbols": symbols.state_dict()}, out / "aux_state.pt")
     n_params = sum(p.numel() for p in model.parameters())
     recipe = {
-        "args": vars(args),
+        "args": json.loads(json.dumps(dataclasses.asdict(cfg))),  # as training_log.json stores it (lists)
         "steps_done": steps_done,
         "train_minutes": round((time.time() - t_start) / 60, 2),
         "parameters": n_params,
@@ -613,6 +624,8 @@ def train_main(argv: list[str] | None = None) -> dict:
     }
     (out / "training_log.json").write_text(json.dumps({"recipe": recipe, "curve": curve}, indent=1))
     return recipe
+
+
 
 
 
@@ -645,22 +658,3 @@ def write_card(path: str | Path, n_test: int = 2000, n_slice: int = 128, command
     }
     old.write_text(json.dumps(card, indent=1))
     return card
-
-
-def card_main(argv: list[str] | None = None) -> int:
-    """CLI: ``vtcompress testbed card [--model DIR] [--n 2000]``: evaluate a trained testbed, write card.json."""
-    ap = argparse.ArgumentParser(prog="vtcompress testbed card", description=write_card.__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(M.WEIGHTS_DIR), help="testbed directory (default: the shipped one)")
-    ap.add_argument("--n", type=int, default=2000, help="test questions")
-    ap.add_argument("--slice", type=int, default=128, help="size of the test slice the test suite re-checks")
-    ap.add_argument("--command", default=None, help="the training command to record (default: keep the card's)")
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    card = write_card(args.model, args.n, args.slice, args.command)
-    print(json.dumps({k: card[k] for k in ("parameters", "test", f"test_slice_{args.slice}")}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    train_main()
