@@ -88,10 +88,14 @@ def _check_testbed_geometry(path) -> None:
 
 
 def load_processor(spec: str):
-    """``AutoProcessor.from_pretrained(spec)`` (a directory or a Hub id)."""
-    from transformers import AutoProcessor
+    """``AutoProcessor.from_pretrained(spec)`` (a directory or a Hub id); its tokenizer alone where no processor
+    is saved (a testbed-style model)."""
+    from transformers import AutoProcessor, AutoTokenizer
 
-    return AutoProcessor.from_pretrained(spec)
+    try:
+        return AutoProcessor.from_pretrained(spec)
+    except (OSError, ValueError):  # no image processor saved: the tokenizer, if there is one, says the rest
+        return AutoTokenizer.from_pretrained(spec)
 
 
 def load_hf_model(spec: str, device: str = "cpu", dtype: str = "auto"):
@@ -112,7 +116,12 @@ def load_hf_model(spec: str, device: str = "cpu", dtype: str = "auto"):
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"--model {spec!r}: no config.json there (expected a directory saved by save_pretrained, "
                          "or a Hugging Face Hub id)")
-    model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtypes[dtype]).to(device).eval()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtypes[dtype])
+    except OSError as e:  # neither a local directory nor a reachable Hub id
+        raise ValueError(f"--model {spec!r} is not a local directory and could not be loaded as a Hub id: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    model = model.to(device).eval()
     adapter_for(model)  # an unsupported family: one message with the supported ones
     processor = load_processor(spec)
     if not has_image_processing(processor) and not (path.is_dir() and is_testbed_style(path)):

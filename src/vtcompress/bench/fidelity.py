@@ -403,7 +403,8 @@ def run(
         full_costs = _costs(ref, model, arch, kv_per_token)
         counts = [r.image[b] / max(r.images[b], 1) for r in ref.records for b in range(len(r.image))]
         full = {**base_row(FULL, None, None, full_costs["tokens_in"]), "status": "ok", **full_costs,
-                "answer_match": 1.0, "top1_match": 1.0, "kl": 0.0, "eval_s": time.perf_counter() - t0}
+                "answer_match": 1.0, "top1_match": 1.0, "kl": 0.0, "latency_ms": None, "latency_ratio": None,
+                "eval_s": time.perf_counter() - t0}
         rows.append(full)
         for name, budget in jobs:
             cls = method_class(name)
@@ -424,7 +425,7 @@ def run(
                 continue
             built[len(rows)] = method
             rows.append({**row, "status": "ok", **_costs(got, model, arch, kv_per_token), **_fidelity(ref, got),
-                         "eval_s": time.perf_counter() - t0})
+                         "latency_ms": None, "latency_ratio": None, "eval_s": time.perf_counter() - t0})
 
         full_times: list[float] = []
         if time_latency:

@@ -300,7 +300,8 @@ class BenchTable:
         """The rows as CSV (sorted as the table); also written to ``path`` if given."""
         text = _csv_text(sort_rows(self.rows, self.kind), self.kind)
         if path is not None:
-            Path(path).write_text(text)
+            with Path(path).open("w", newline="") as f:  # the csv module's own line endings, as written
+                f.write(text)
         return text
 
     def to_json(self, path=None) -> str:
