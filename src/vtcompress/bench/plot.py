@@ -66,7 +66,7 @@ def _lines(ax, ok: list[dict], styles: dict, x_key: str, y_of) -> bool:
 
 
 def _not_available(ax, what: str) -> None:
-    ax.text(0.5, 0.5, f"{what}:\nn/a", ha="center", va="center", transform=ax.transAxes, fontsize=11, color="0.4")
+    ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes, fontsize=11, color="0.4")
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -83,17 +83,18 @@ def _panels(rows: list[dict], path, quality: list[tuple[str, object, float]], ti
     full = next((r for r in ok if r["method"] == FULL), None)
     styles = method_styles(ok)
     fig, axes = plt.subplots(len(quality), 3, figsize=(16, 5 * len(quality)), squeeze=False)
-    cols = [("tokens_avg", "image tokens kept per image (mean over LLM layers)"),
-            ("flops_ratio", "analytic prefill FLOPs / full"),
-            ("latency_ratio", "measured prefill latency / full")]
+    cols = [("tokens_avg", "image tokens kept per image (mean over LLM layers)", "no row ran"),
+            ("flops_ratio", "analytic prefill FLOPs / full",
+             "analytic prefill FLOPs: n/a\n(not modelled for this model family)"),
+            ("latency_ratio", "measured prefill latency / full", "prefill latency: n/a\n(not timed)")]
     for (label, y_of, y_full), ax_row in zip(quality, axes, strict=True):
-        for (x_key, x_label), ax in zip(cols, ax_row, strict=True):
+        for (x_key, x_label, missing), ax in zip(cols, ax_row, strict=True):
             drawn = _lines(ax, ok, styles, x_key, y_of)
             if full is not None and full.get(x_key) is not None:
                 ax.axhline(y_full, color="k", lw=1, ls=":", label="full (no compression)")
                 ax.plot([full[x_key]], [y_full], "k*", ms=11)
             if not drawn:
-                _not_available(ax, x_label.split(" (")[0].split(" / ")[0])
+                _not_available(ax, missing)
             ax.set_xlabel(x_label)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
