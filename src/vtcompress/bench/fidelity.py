@@ -198,18 +198,24 @@ class _Outputs:
     """What one configuration produced on every sample, in sample order."""
 
     answers: list[str]
-    logprobs: list[torch.Tensor]  # [V] float32 log-softmax of the first answer token, per sample
+    logprobs: list[torch.Tensor]  # uncompressed model: [V] float32 log-softmax of the first answer token, per sample
+    kl: list[float]  # under a method: KL(full || method) of the first-token distribution, per sample
+    top1: list[bool]  # under a method: same first-token argmax as the uncompressed model, per sample
     records: list  # one TokenProbe CallRecord per batch (the prefill)
     savings: list  # one handle.summary() per batch under a method (empty for the uncompressed model)
 
 
-def _generate_all(model, processor, batches: list[dict], max_new_tokens: int, bar, handle=None) -> _Outputs:
+def _generate_all(model, processor, batches: list[dict], max_new_tokens: int, bar, handle=None,
+                  ref: _Outputs | None = None) -> _Outputs:
+    """Greedy answers, first-token distributions and token records of every batch; with ``ref`` (the uncompressed
+    model's outputs) the first-token KL / top-1 agreement per sample instead of the distributions (so that only
+    the reference's ``[samples, V]`` distributions are ever held)."""
     from .quality import TokenProbe
 
     tok = tokenizer_of(processor)
     pad = getattr(tok, "pad_token_id", None)
     pad = getattr(tok, "eos_token_id", None) if pad is None else pad
-    answers, logprobs, records, savings = [], [], [], []
+    out_ = _Outputs([], [], [], [], [], [])
     with torch.no_grad(), TokenProbe(model) as probe:
         for inputs in batches:
             start = len(probe.records)
@@ -217,14 +223,22 @@ def _generate_all(model, processor, batches: list[dict], max_new_tokens: int, ba
                                  return_dict_in_generate=True, output_logits=True, pad_token_id=pad)
             if len(probe.records) == start:
                 raise RuntimeError("the token probe saw no prefill of the base model: is this a stock VLM?")
-            records.append(probe.records[start])  # the prefill; later records are decode steps
+            out_.records.append(probe.records[start])  # the prefill; later records are decode steps
             if handle is not None:
-                savings.append(handle.summary())
+                out_.savings.append(handle.summary())
             new = out.sequences[:, inputs["input_ids"].shape[1]:]
-            answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-            logprobs += list(torch.log_softmax(out.logits[0].float(), dim=-1).cpu())
+            out_.answers += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()
+            if ref is None:
+                out_.logprobs += list(logprobs)
+            else:
+                for q in logprobs:
+                    p = ref.logprobs[len(out_.kl)]
+                    out_.top1.append(bool(p.argmax() == q.argmax()))
+                    # KL(p_full || p_method); terms where p_full is 0 contribute nothing (0 * -inf would be nan)
+                    out_.kl.append(float(torch.where(p > -torch.inf, p.exp() * (p - q), torch.zeros_like(p)).sum()))
             bar.update()
-    return _Outputs(answers, logprobs, records, savings)
+    return out_
 
 
 def _kv_bytes_per_token(model, bytes_per_value: int = 2) -> int:
@@ -293,12 +307,8 @@ def _costs(out: _Outputs, model, arch, kv_per_token: int) -> dict:
 
 def _fidelity(ref: _Outputs, got: _Outputs) -> dict:
     match = [a == b for a, b in zip(ref.answers, got.answers, strict=True)]
-    top1, kl = [], []
-    for p, q in zip(ref.logprobs, got.logprobs, strict=True):
-        top1.append(bool(p.argmax() == q.argmax()))
-        # KL(p_full || p_method); terms where p_full is 0 contribute nothing (and would read 0 * -inf = nan)
-        kl.append(float(torch.where(p > -torch.inf, p.exp() * (p - q), torch.zeros_like(p)).sum()))
-    return {"answer_match": float(np.mean(match)), "top1_match": float(np.mean(top1)), "kl": float(np.mean(kl))}
+    return {"answer_match": float(np.mean(match)), "top1_match": float(np.mean(got.top1)),
+            "kl": float(np.mean(got.kl))}
 
 
 def _expected_tokens(budget, counts: list[float]) -> float:
@@ -419,7 +429,7 @@ def run(
             t0 = time.perf_counter()
             try:
                 with apply(model, method) as handle:
-                    got = _generate_all(model, processor, batches, max_new_tokens, bar, handle)
+                    got = _generate_all(model, processor, batches, max_new_tokens, bar, handle, ref)
             except Exception as e:  # a method that fails on this model is reported, never dropped
                 rows.append({**row, "status": f"skipped: error {type(e).__name__}: {' '.join(str(e).split())[:300]}"})
                 continue
