@@ -343,3 +343,28 @@ def test_packaged_testbed_with_images(tmp_path, image_dir, capsys):
     one, quarter = by(rows, "uniform", 1.0), by(rows, "uniform", 0.25)
     assert (one["answer_match"], one["kl"], one["tokens_in"]) == (1.0, 0.0, 144)
     assert quarter["tokens_in"] == 36 and quarter["flops_ratio"] < 1
+
+
+def test_llava_next_api(image_dir):
+    """An anyres family (base crop + high-resolution grid with newline tokens) through its stock LlavaNextProcessor."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from models_util import tiny_llava_next
+
+    model, _ = tiny_llava_next()
+    images = LlavaNextImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                     image_grid_pinpoints=model.config.image_grid_pinpoints)
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tiny_tokenizer({"<image>": IMAGE}), patch_size=4,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   image_token="<image>", chat_template=TEMPLATE.replace("IMG", "'<image> '"))
+    samples = load_samples(image_dir, prompt="what is it ?")
+    table = run(model, processor, ["random", "fastv"], [1.0, 0.5], samples, params=PARAMS, max_new_tokens=3,
+                time_latency=False, progress=False)
+    full = table.row("full")
+    assert [r["status"] for r in table] == ["ok"] * 5 and full["tokens_in"] > 16 and full["gflops"] is None
+    for m in ("random", "fastv"):
+        r = table.row(m, 1.0)
+        assert (r["answer_match"], r["top1_match"], r["kl"], r["tokens_after"]) == (1.0, 1.0, 0.0, full["tokens_in"])
+    assert table.row("random", 0.5)["tokens_in"] < full["tokens_in"]
+    fv = table.row("fastv", 0.5)
+    assert fv["tokens_in"] == full["tokens_in"] > fv["tokens_after"] and fv["kv_ratio"] < 1
