@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from .plot import write_gallery
-from .sweep import DEFAULT_BUDGETS, DEFAULT_SAMPLES, check_params, method_class, run_sweep
+from .sweep import DEFAULT_BUDGETS, DEFAULT_SAMPLES, check_params, geometry, is_testbed_style, method_class, run_sweep
 from .table import write_outputs
 
-__all__ = ["bench_main", "is_testbed_style", "load_hf_model", "load_model", "load_processor"]
+__all__ = ["bench_main", "load_hf_model", "load_model", "load_processor"]
 
 
 def load_model(path=None):
@@ -55,22 +55,6 @@ def load_model(path=None):
     return build_model(tok).eval(), tok, "untrained testbed (random weights)"
 
 
-def _geometry(config: dict) -> tuple:
-    vision = config.get("vision_config") or {}
-    return (config.get("model_type"), vision.get("image_size"), vision.get("patch_size"))
-
-
-def is_testbed_style(path) -> bool:
-    """Whether directory ``path`` holds a testbed-style LLaVA (96 px scenes, 8 px patches): one the testbed's
-    labelled questions can be asked of."""
-    import json
-
-    from ..testbed import IMAGE_SIZE, PATCH
-
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and _geometry(json.loads(cfg.read_text())) == ("llava", IMAGE_SIZE, PATCH)
-
-
 def _check_testbed_geometry(path) -> None:
     """Without ``--images``, ``--model`` must be testbed-style: the bench asks the testbed's questions about its
     96 px scenes."""
@@ -78,7 +62,7 @@ def _check_testbed_geometry(path) -> None:
 
     from ..testbed import IMAGE_SIZE, PATCH
 
-    got = _geometry(json.loads((Path(path) / "config.json").read_text()))
+    got = geometry(json.loads((Path(path) / "config.json").read_text()))
     if got != ("llava", IMAGE_SIZE, PATCH):
         raise ValueError(
             f"--model {str(path)!r} is not a testbed-style model (model_type, image_size, patch_size = {got}; the "
@@ -124,7 +108,7 @@ def load_hf_model(spec: str, device: str = "cpu", dtype: str = "auto"):
     model = model.to(device).eval()
     adapter_for(model)  # an unsupported family: one message with the supported ones
     processor = load_processor(spec)
-    if not has_image_processing(processor) and not (path.is_dir() and is_testbed_style(path)):
+    if not has_image_processing(processor) and not is_testbed_style(model.config):
         raise ValueError(
             f"--model {spec!r}: AutoProcessor gave a {type(processor).__name__} with no image processor; save the "
             "model's processor next to it (processor.save_pretrained(DIR)); the Qwen2-VL / Qwen2.5-VL processors "

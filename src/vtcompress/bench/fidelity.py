@@ -320,14 +320,6 @@ def _expected_tokens(budget, counts: list[float]) -> float:
     return float(np.mean([min(max(1, round(budget * c)), c) for c in counts]))
 
 
-def _is_testbed(model) -> bool:
-    from ..testbed import IMAGE_SIZE, PATCH
-
-    vc = getattr(model.config, "vision_config", None)
-    return (getattr(model.config, "model_type", None), getattr(vc, "image_size", None),
-            getattr(vc, "patch_size", None)) == ("llava", IMAGE_SIZE, PATCH)
-
-
 def run(
     model,
     processor,
@@ -372,7 +364,7 @@ def run(
     from ..models import adapter_for, apply
     from .flops import VLMArch
     from .latency import threads, time_interleaved, time_prefill
-    from .sweep import FULL, base_row, build_method, check_sweep, method_class
+    from .sweep import FULL, base_row, build_method, check_sweep, is_testbed_style, method_class
     from .table import BenchTable
 
     adapter_for(model)  # an unsupported family fails here, with the supported list
@@ -394,7 +386,7 @@ def run(
         arch, flops_note = None, f"n/a: {e}"
     else:
         flops_note = "analytic prefill FLOPs per sample, lm_head on the last position (vtcompress.bench.flops)"
-    trained = _is_testbed(model)
+    trained = is_testbed_style(model.config)
     kv_per_token = _kv_bytes_per_token(model)
 
     t_start = time.perf_counter()

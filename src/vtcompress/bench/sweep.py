@@ -18,11 +18,27 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_BUDGETS", "DEFAULT_SAMPLES", "FULL", "build_method", "check_params", "method_class", "run_sweep"]
+__all__ = ["DEFAULT_BUDGETS", "DEFAULT_SAMPLES", "FULL", "build_method", "check_params", "geometry", "is_testbed_style",
+           "method_class", "run_sweep"]
 
 DEFAULT_BUDGETS: tuple[float, ...] = (0.5, 0.33, 0.22, 0.11, 0.05)
 DEFAULT_SAMPLES = 300
 FULL = "full"
+
+
+def geometry(config) -> tuple:
+    """``(model_type, vision image_size, vision patch_size)`` of a config object or a ``config.json`` dict."""
+    get = (lambda c, k: c.get(k)) if isinstance(config, dict) else (lambda c, k: getattr(c, k, None))
+    vision = get(config, "vision_config") or {}
+    return (get(config, "model_type"), get(vision, "image_size"), get(vision, "patch_size"))
+
+
+def is_testbed_style(config) -> bool:
+    """Whether a config (object or dict) is a testbed-style LLaVA (96 px scenes, 8 px patches): a model the
+    testbed's labelled questions can be asked of, and whose shipped trainable checkpoints fit."""
+    from ..testbed import IMAGE_SIZE, PATCH
+
+    return geometry(config) == ("llava", IMAGE_SIZE, PATCH)
 
 
 # ----------------------------------------------------------------------------------------------- methods
