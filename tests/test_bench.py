@@ -272,7 +272,8 @@ def test_gallery_seam(testbed, sweep, tmp_path, monkeypatch):
 
 
 def test_cli_model_that_is_not_testbed_style_is_refused(capsys, tmp_path):
-    """A real LLaVA directory (other image geometry) gets one clear message, not a traceback from the vision tower."""
+    """Without --images, a real LLaVA directory (other image geometry) gets one clear message pointing at --images,
+    not a traceback from the vision tower (with --images it is measured: tests/test_bench_models.py)."""
     from models_util import BUILDERS
 
     model, _ = BUILDERS["llava"]()
@@ -280,3 +281,4 @@ def test_cli_model_that_is_not_testbed_style_is_refused(capsys, tmp_path):
     assert bench_main(["--model", str(tmp_path / "llava"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "not a testbed-style model" in err and "('llava', 96, 8)" in err and "Traceback" not in err
+    assert "pass --images DIR" in err

@@ -13,7 +13,8 @@ import sys
 # sub-command -> (module, function taking argv and returning an exit code, one-line help)
 _COMMANDS = {
     "show": ("vtcompress.viz", "show_main", "draw which tokens a method keeps, merges and drops"),
-    "bench": ("vtcompress.bench.report", "bench_main", "accuracy vs tokens vs time for every method (main job)"),
+    "bench": ("vtcompress.bench.cli", "bench_main",
+              "quality vs tokens vs FLOPs vs time for every method: testbed accuracy, or fidelity on any model"),
 }
 _TESTBED = {
     "train": ("vtcompress.testbed", "train_cli", "train the embedded testbed VLM from scratch"),

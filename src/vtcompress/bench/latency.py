@@ -14,7 +14,7 @@ import time
 
 import torch
 
-__all__ = ["threads", "time_prefill"]
+__all__ = ["threads", "time_interleaved", "time_prefill"]
 
 
 @contextlib.contextmanager
@@ -65,3 +65,26 @@ def time_prefill(model, inputs: dict, method=None, repeats: int = 5, warmup: int
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "times_s": times}
+
+
+def time_interleaved(model, inputs: dict, method, repeats: int = 5, warmup: int = 1,
+                     num_threads: int | None = 1) -> dict:
+    """Time the uncompressed prefill and ``method``'s prefill of ``inputs`` in turns: full, method, full, ...
+
+    Interleaving puts both under the same machine state (a neighbour's load, clock changes), so their ratio
+    holds even when the absolute times drift. Each side gets ``warmup`` untimed runs first, then ``repeats``
+    timed runs alternating with the other side's. Returns ``{"full_s": median, "method_s": median,
+    "ratio": method_s / full_s, "full_times_s": [...], "method_times_s": [...]}``.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r}: a positive int is allowed")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r}: an int >= 0 is allowed")
+    full: list[float] = []
+    ours: list[float] = []
+    for i in range(repeats):
+        w = warmup if i == 0 else 0
+        full += time_prefill(model, inputs, None, repeats=1, warmup=w, num_threads=num_threads)["times_s"]
+        ours += time_prefill(model, inputs, method, repeats=1, warmup=w, num_threads=num_threads)["times_s"]
+    f, m = statistics.median(full), statistics.median(ours)
+    return {"full_s": f, "method_s": m, "ratio": m / f, "full_times_s": full, "method_times_s": ours}
