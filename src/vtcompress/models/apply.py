@@ -328,7 +328,15 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def _load_adapters() -> None:
-    from . import internvl, llava, llava_next, onevision, qwen2_vl  # noqa: F401  (each registers its adapter)
+    from . import (  # noqa: F401  (each registers its adapter)
+        gemma3,
+        internvl,
+        llava,
+        llava_next,
+        llava_next_video,
+        onevision,
+        qwen2_vl,
+    )
 
 
 def supported_families() -> list[str]:
@@ -702,7 +710,7 @@ def _acts_on(m: Compressor) -> str:
 def _projector(model, adapter: Adapter) -> nn.Module | None:
     """The model's own multimodal projector when the family maps its input 1:1 onto the LLM's image tokens
     (LLaVA-1.5, LLaVA-NeXT, OneVision); ``None`` (act on the projected features) otherwise."""
-    if adapter.family not in ("llava", "llava_next", "onevision"):
+    if adapter.family not in ("llava", "llava_next", "llava_next_video", "onevision"):
         return None
     return getattr(adapter.base(model), "multi_modal_projector", None)
 
