@@ -246,6 +246,9 @@ class Adapter:
     position_scheme: str = "1d"
     #: input keys only the vision encoder reads (dropped once features are passed as ``mm_encoder_outputs``)
     encoder_only_keys: tuple[str, ...] = ()
+    #: the decoder stage is verified on this family's sliding-window layers (it follows each layer's own mask and
+    #: cache: :mod:`vtcompress.models.decoder`); other sliding-window LLMs are refused
+    decoder_sliding_window: bool = False
 
     # --- where things are -----------------------------------------------------------------------
     def matches(self, model: nn.Module) -> bool:
@@ -1416,7 +1419,13 @@ def _continue_positions(pos: Tensor, prefix_mask: Tensor, suffix_mask: Tensor) -
 
 def _check_sliding_window(model: nn.Module, methods: list[Compressor]) -> None:
     """Decoder-stage pruning does not handle sliding-window attention layers (the window would count kept
-    tokens): refuse at apply time, from the text config's ``layer_types`` / ``sliding_window``."""
+    tokens): refuse at apply time, from the text config's ``layer_types`` / ``sliding_window``, unless the family's
+    adapter declares them handled (``Adapter.decoder_sliding_window``: Gemma 3)."""
+    try:
+        if adapter_for(model).decoder_sliding_window:
+            return
+    except ValueError:  # a plain causal LM (attach_decoder serves those too): no adapter
+        pass
     cfg = model.config
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config(decoder=True)

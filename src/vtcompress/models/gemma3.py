@@ -35,6 +35,7 @@ class Gemma3Adapter(Adapter):
     family = "gemma3"
     model_classes = ("Gemma3ForConditionalGeneration",)
     position_scheme = "1d"
+    decoder_sliding_window = True  # the decoder stage follows each layer's mask and cache (sliding / full, blocks)
 
     def feature_layer(self, model) -> int:
         return -1  # the projector pools the tower's last hidden state (after SigLIP's post-layernorm)
