@@ -12,12 +12,10 @@ import pytest
 import torch
 
 import vtcompress
-from models_util import GEMMA3_WINDOW, IMAGE, split_samples, tiny_gemma3
+from family_checks import GEN, every_projector_method_with_fastv
+from models_util import GEMMA3_WINDOW, IMAGE, tiny_gemma3
 from vtcompress import ScoreCompressor, VisualTokens, get
 from vtcompress.models.decoder import attach_decoder
-
-GEN = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
-
 
 SEEN: list[VisualTokens] = []
 
@@ -213,45 +211,9 @@ def test_fastv_equals_stock_model_without_the_dropped_keys(attn, layer):
 def test_every_projector_method_and_fastv_batch_cache_restore(gemma3):
     """Every training-free projector-stage method, composed with FastV: a left-padded batch (0/1/2 images, different
     lengths) gives each sample its one-by-one tokens, cached == uncached; budget 1.0 is the stock model; leaving the
-    block restores the model exactly."""
+    block restores the model exactly (``family_checks``)."""
     model, make = gemma3
-    inputs = make(batch=3, images=[2, 1, 0], seed=1)
-    with torch.no_grad():
-        ref_logits = model(**inputs).logits
-        ref_ids = model.generate(**inputs, **GEN)
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    names = [r["name"] for r in vtcompress.method_info() if r["stage"] == "projector" and not r["trainable"]]
-    ran = []
-    for name in names:
-        try:
-            method = get(name, budget=0.5)
-        except ValueError:  # a fixed-ratio method (pixel unshuffle) takes no other budget
-            continue
-        if name == "pixel_unshuffle":  # widens the features: refused on any model without a trained projector
-            continue
-        with torch.no_grad(), vtcompress.apply(model, [method, get("fastv", budget=0.5, layer=1)]) as handle:
-            batched = model.generate(**inputs, **GEN)
-            assert torch.equal(batched, model.generate(**inputs, use_cache=False, **GEN)), name
-            before, after = handle.last.num_tokens.unbind(1)
-            assert bool((after < before).all()), name
-            for b, one in enumerate(split_samples(inputs)):
-                alone = model.generate(**one, **GEN)
-                assert torch.equal(alone[0, -6:], batched[b, -6:]), (name, b)
-        ran.append(name)
-        with torch.no_grad(), vtcompress.apply(model, [get(name, budget=1.0), get("fastv", budget=1.0, layer=1)]) \
-                as handle:
-            full_logits = model(**inputs).logits
-            full_ids = model.generate(**inputs, **GEN)
-        if torch.equal(handle.last.num_tokens[:, 0], handle.last.num_tokens[:, 1]) and \
-                name not in ("prumerge", "prumerge_plus"):  # those add their neighbours to every kept token
-            valid = inputs["attention_mask"].bool()
-            assert torch.equal(full_logits[valid], ref_logits[valid]), name
-            assert torch.equal(full_ids, ref_ids), name
-    assert {"fastervlm", "visionzip", "divprune", "random", "avg_pool", "tome"} <= set(ran)
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
-    assert "generate" not in vars(model)
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, ref_logits)
+    every_projector_method_with_fastv(model, make(batch=3, images=[2, 1, 0], seed=1))
 
 
 def test_encoder_stage_is_refused_clearly(gemma3):
