@@ -1,4 +1,4 @@
-"""Gemma 3 adapter (``Gemma3ForConditionalGeneration``): SigLIP tower, avg-pool projector, bidirectional image blocks.
+"""Gemma 3 description (``Gemma3ForConditionalGeneration``): SigLIP tower, avg-pool projector, bidirectional image blocks.
 
 ``get_image_features`` returns a Tensor ``[images, T, D]``: the SigLIP tower's last hidden state (``P x P`` patches,
 no [CLS]) average-pooled by the model's own ``multi_modal_projector.avg_pool`` to ``T = mm_tokens_per_image``
@@ -26,15 +26,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .apply import Adapter, ImageLayout, register_adapter
+from .description import ModelDescription, PositionScheme
+from .layout import ImageLayout
+from .registry import register_adapter
 
-__all__ = ["Gemma3Adapter"]
+__all__ = ["Gemma3Description"]
 
 
-class Gemma3Adapter(Adapter):
+class Gemma3Description(ModelDescription):
     family = "gemma3"
     model_classes = ("Gemma3ForConditionalGeneration",)
-    position_scheme = "1d"
+    model_types = ("gemma3",)
+    position_scheme = PositionScheme.ROPE_1D
     decoder_sliding_window = True  # the decoder stage follows each layer's mask and cache (sliding / full, blocks)
 
     def feature_layer(self, model) -> int:
@@ -44,7 +47,7 @@ class Gemma3Adapter(Adapter):
         return 0
 
     def grid(self, model) -> tuple[int, int]:
-        side = int(self.base(model).multi_modal_projector.tokens_per_side)
+        side = int(self.projector(model).tokens_per_side)
         return (side, side)
 
     def features(self, model, inputs, out) -> list[Tensor]:
@@ -68,7 +71,7 @@ class Gemma3Adapter(Adapter):
         return out
 
     def signal_to_features(self, model, inputs, records, reduce, feats):
-        proj = self.base(model).multi_modal_projector
+        proj = self.projector(model)
         sig = torch.cat(records, dim=0)  # [images, P*P, C]: SigLIP's patches, raster order
         n, _, c = sig.shape
         p = int(proj.patches_per_image)
@@ -79,4 +82,4 @@ class Gemma3Adapter(Adapter):
         return list(pooled)
 
 
-register_adapter(Gemma3Adapter())
+register_adapter(Gemma3Description())

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT-Video adapter (``LlavaNextVideoForConditionalGeneration``): LLaVA-NeXT's anyres images, plus videos.
+"""LLaVA-NeXT-Video description (``LlavaNextVideoForConditionalGeneration``): LLaVA-NeXT's anyres images, plus videos.
 
 Images are exactly LLaVA-NeXT's (see :mod:`vtcompress.models.llava_next`): the same ``get_image_features`` (CLIP
 crops, MLP projector, the model's own ``pack_image_features`` with ``image_newline``), so the layout map, the
@@ -14,15 +14,23 @@ as ``mm_encoder_outputs["video"]``; the LLM receives every video token the stock
 
 from __future__ import annotations
 
-from .apply import register_adapter
+from .description import Modality, TokenLayout
 from .llava_next import LlavaNextAdapter
+from .registry import register_adapter
 
-__all__ = ["LlavaNextVideoAdapter"]
+__all__ = ["LlavaNextVideoDescription"]
 
 
-class LlavaNextVideoAdapter(LlavaNextAdapter):
+class LlavaNextVideoDescription(LlavaNextAdapter):
     family = "llava_next_video"
     model_classes = ("LlavaNextVideoForConditionalGeneration",)
+    model_types = ("llava_next_video",)
+    modalities = (
+        *LlavaNextAdapter.modalities,
+        # described, not compressed: passed through (encoded with the model's own get_video_features)
+        Modality(name="video", token_id_keys=("video_token_id", "video_token_index"),
+                 input_keys=("pixel_values_videos",), encode_fn="get_video_features", layout=TokenLayout.FRAMES),
+    )
 
 
-register_adapter(LlavaNextVideoAdapter())
+register_adapter(LlavaNextVideoDescription())
