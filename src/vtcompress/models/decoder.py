@@ -754,10 +754,12 @@ class DecoderHandle:
         """Position ids ``pid [B, L]`` and their rotary embeddings, from the decoder's own ``rotary_emb`` (for layer
         ``j``'s type when the rotary embedding differs per layer type)."""
         run = self.run
-        kind = getattr(self.desc.llm_attention(self.layers[j]), "layer_type", None) if self._rotary_typed and j is not None else None
+        kind = None
+        if self._rotary_typed and j is not None:
+            kind = getattr(self.desc.llm_attention(self.layers[j]), "layer_type", None)
         if (s, kind) not in run.pe_cache:
-            run.pe_cache[(s, kind)] = self._rotary(hidden, pid, kind) if self._rotary_typed else self._rotary(hidden,
-                                                                                                                 pid)
+            args = (hidden, pid, kind) if self._rotary_typed else (hidden, pid)
+            run.pe_cache[(s, kind)] = self._rotary(*args)
         kwargs["position_embeddings"] = run.pe_cache[(s, kind)]
         if isinstance(kwargs.get("position_ids"), Tensor):
             kwargs["position_ids"] = None if "flash" in self._impl else pid

@@ -1,4 +1,4 @@
-"""Gemma 3 description (``Gemma3ForConditionalGeneration``): SigLIP tower, avg-pool projector, bidirectional image blocks.
+"""Gemma 3 description (``Gemma3ForConditionalGeneration``): SigLIP, avg-pool projector, bidirectional image blocks.
 
 ``get_image_features`` returns a Tensor ``[images, T, D]``: the SigLIP tower's last hidden state (``P x P`` patches,
 no [CLS]) average-pooled by the model's own ``multi_modal_projector.avg_pool`` to ``T = mm_tokens_per_image``
