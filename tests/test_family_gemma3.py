@@ -15,6 +15,7 @@ import vtcompress
 from family_checks import GEN, every_projector_method_with_fastv
 from models_util import GEMMA3_WINDOW, IMAGE, tiny_gemma3
 from vtcompress import ScoreCompressor, VisualTokens, get
+from vtcompress.models import adapter_for
 from vtcompress.models.decoder import attach_decoder
 
 SEEN: list[VisualTokens] = []
@@ -220,3 +221,18 @@ def test_encoder_stage_is_refused_clearly(gemma3):
     model, make = gemma3
     with pytest.raises(ValueError, match="encoder-stage methods are supported on"):
         vtcompress.compress_inputs(model, get("tome_encoder", budget=0.5), **make(batch=1))
+
+
+def test_description_resolves_to_the_stock_modules(gemma3):
+    model, _ = gemma3
+    desc = adapter_for(model)
+    base = model.model
+    assert desc.family == "gemma3" and desc.base(model) is base
+    assert desc.vision_tower(model) is base.vision_tower
+    assert desc.vision_layers(model) == list(base.vision_tower.encoder.layers)
+    assert desc.projector(model) is base.multi_modal_projector and not desc.projector_one_to_one
+    assert desc.llm_layers(model) is base.language_model.layers
+    assert desc.rotary_emb(model) is base.language_model.rotary_emb
+    assert desc.num_prefix_tokens(model) == 0 and desc.grid(model) == (4, 4)
+    assert desc.visual_token_ids(model) == [IMAGE] and desc.video is None
+    assert desc.decoder_sliding_window and not desc.supports_encoder_stage()

@@ -11,6 +11,8 @@ import vtcompress
 from family_checks import GEN, every_projector_method_with_fastv
 from models_util import IMAGE, VIDEO, tiny_llava_next_video
 from vtcompress import get
+from vtcompress.models import adapter_for
+from vtcompress.models.description import TokenLayout
 
 FRAMES = 2
 VIDEO_TOKENS = FRAMES * 4  # 4x4 patches pooled 2x2 per frame
@@ -114,3 +116,15 @@ def test_every_projector_method_and_fastv_batch_cache_restore(lnv):
     batched == one by one, cached == uncached, budget 1.0 == stock, restoration (``family_checks``)."""
     model, make = lnv
     every_projector_method_with_fastv(model, make(batch=3, images=[2, 1, 0], seed=1))
+
+
+def test_description_is_llava_nexts_plus_a_video_modality(lnv):
+    model, _ = lnv
+    desc = adapter_for(model)
+    base = model.model
+    assert desc.family == "llava_next_video" and desc.image.layout is TokenLayout.ANYRES
+    assert desc.vision_layers(model) == list(base.vision_tower.encoder.layers)
+    assert desc.projector(model) is base.multi_modal_projector and desc.projector_one_to_one
+    assert desc.image_newline(model) is base.image_newline
+    assert desc.video is not None and desc.video.pixel_key == "pixel_values_videos"
+    assert desc.visual_token_ids(model) == [IMAGE, VIDEO]
