@@ -236,3 +236,26 @@ def test_description_resolves_to_the_stock_modules(gemma3):
     assert desc.num_prefix_tokens(model) == 0 and desc.grid(model) == (4, 4)
     assert desc.visual_token_ids(model) == [IMAGE] and desc.video is None
     assert desc.decoder_sliding_window and not desc.supports_encoder_stage()
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_second_turn_with_the_cache_equals_the_conversation_from_scratch(gemma3, positions):
+    """Turn 2 through the cache of a compressed turn 1 (the sliding layers' caches hold the shortened sequence's last
+    window - 1 tokens) gives the tokens and logits of the whole conversation run from scratch under the same method
+    (the scratch run's token_type_ids mark the images, the new text is 0)."""
+    model, make = gemma3
+    inputs = make(batch=2, images=[1, 1], seed=3)
+    new = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    out = {**GEN, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad(), vtcompress.apply(model, get("fastervlm", budget=0.5), positions=positions):
+        first = model.generate(**inputs, **out)
+        ids = torch.cat([first.sequences, new], dim=1)
+        grow = ids.shape[1] - inputs["input_ids"].shape[1]
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, grow, dtype=torch.long)], dim=1)
+        types = torch.cat([inputs["token_type_ids"], torch.zeros(2, grow, dtype=torch.long)], dim=1)
+        scratch = model.generate(input_ids=ids, attention_mask=mask, token_type_ids=types,
+                                 pixel_values=inputs["pixel_values"], **out)
+        cont = model.generate(input_ids=ids, attention_mask=mask, past_key_values=first.past_key_values, **out)
+    assert torch.equal(cont.sequences, scratch.sequences)
+    for x, y in zip(cont.logits, scratch.logits, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
