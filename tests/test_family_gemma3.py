@@ -259,3 +259,11 @@ def test_second_turn_with_the_cache_equals_the_conversation_from_scratch(gemma3,
     assert torch.equal(cont.sequences, scratch.sequences)
     for x, y in zip(cont.logits, scratch.logits, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_on_sliding_layers_is_refused():
+    """FlashAttention applies the window over a layer's own (pruned) keys, not in original positions: refused."""
+    model, _ = tiny_gemma3()
+    model.config.text_config._attn_implementation = "flash_attention_2"  # the check reads the config only
+    with pytest.raises(ValueError, match="sliding-window layers .* 'sdpa' or 'eager'"):
+        attach_decoder(model, get("fastv", budget=0.5, layer=1))

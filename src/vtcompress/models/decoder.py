@@ -55,10 +55,18 @@ Consequences:
   them; with original positions they sit at their cluster centre's position;
 * supported: eager, sdpa and flash attention masks (tensors; flex attention's BlockMask is refused),
   DynamicCache (static caches are refused: the layers from ``K`` on hold fewer tokens), greedy / sampled
-  / beam generation (beams of one sample share its decision). Not handled: sliding-window layers (the
-  window would count kept tokens). FlashAttention is only exercised on GPU, which the tests here lack;
+  / beam generation (beams of one sample share its decision). FlashAttention is only exercised on GPU, which the
+  tests here lack;
   under it, layers from ``K`` on get ``position_ids=None`` (gapped positions of a batch of one would read
   as packed sequences; positions travel in ``position_embeddings``);
+* layers whose masks are not plain causal (Gemma 3: sliding-window layers, each image's placeholder run attending
+  to itself both ways from ``token_type_ids``): the scoring rows are the rows of the layer's own mask; from ``K`` on
+  each layer keeps its own mask at the kept tokens (a window counts original positions: a kept token sees the kept
+  tokens among those it saw in the stock model; when merged tokens are placed out of positional order the window
+  also counts the layer's own slots, as its cache does), and decode steps build each layer's mask over the keys its
+  cache returns (a sliding layer caches its last ``window - 1`` entries; the stock decode masks are sized for the
+  first layer of each type, which may be pruned). FlashAttention applies a window over the layer's own keys, so
+  sliding-window layers under it are refused;
 * ``generate(use_cache=False)`` re-runs the whole sequence each step: a forward with
   ``use_cache=False`` whose ``input_ids`` extend the previous prefill's prompt reuses that prefill's
   decision (the cached run cannot change its mind either), so cached and uncached generation match.
@@ -292,6 +300,11 @@ class DecoderHandle:
         self._rotary_typed = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
         # each layer's sliding window (None: full attention), as its attention module declares it
         self._windows = [getattr(desc.llm_attention(layer), "sliding_window", None) or None for layer in self.layers]
+        if any(self._windows) and "flash" in self._impl:
+            raise ValueError(
+                f"decoder-stage pruning on sliding-window layers (window {max(w or 0 for w in self._windows)}) follows "
+                f"each layer's mask in original positions; attn_implementation={self._impl!r} applies the window over "
+                "the layer's own (pruned) keys instead: use 'sdpa' or 'eager' for the language model")
         num = len(self.layers)
         stages: list[_Stage] = []
         self._positions: dict[int, str] = {}
