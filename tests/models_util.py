@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
     InternVLConfig,
     InternVLForConditionalGeneration,
     LlamaConfig,
@@ -21,6 +24,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
@@ -41,6 +46,8 @@ __all__ = [
     "tiny_qwen2_5_vl",
     "tiny_internvl",
     "tiny_qwen3_vl",
+    "tiny_gemma3",
+    "tiny_llava_next_video",
     "BUILDERS",
 ]
 
@@ -350,6 +357,66 @@ def tiny_internvl(seed: int = 0, attn: str = "sdpa"):
     return model, make_inputs
 
 
+# ----------------------------------------------------------------------------------------- Gemma 3
+GEMMA3_BOI, GEMMA3_EOI = 121, 122  # <start_of_image> / <end_of_image>
+GEMMA3_WINDOW = 8  # sliding window of the tiny Gemma 3 text model (shorter than most test prompts)
+
+
+def tiny_gemma3(seed: int = 0, attn: str = "sdpa", window: int = GEMMA3_WINDOW):
+    """Gemma 3: SigLIP (32x32 px, 4 px patches -> 8x8 grid, no CLS, 2 layers), avg-pool projector to 16 tokens
+    (4x4), Gemma 3 text (hidden 32, 3 layers: sliding, sliding, full; window ``window``). Each image's 16
+    placeholders sit between <start_of_image> / <end_of_image>; ``token_type_ids`` mark them (1) as the processor
+    does, so each image attends bidirectionally within itself."""
+    torch.manual_seed(seed)
+    vis = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=4)
+    text = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], max_position_embeddings=512,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+    )
+    cfg = Gemma3Config(text_config=text, vision_config=vis, mm_tokens_per_image=16, image_token_id=IMAGE,
+                       boi_token_id=GEMMA3_BOI, eoi_token_id=GEMMA3_EOI, pad_token_id=PAD)
+    model = _finish(Gemma3ForConditionalGeneration(cfg), seed, attn)
+    with torch.no_grad():  # the stock init leaves the projection at zero (all image features equal): randomise it
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+
+    def make_inputs(batch: int = 2, images=None, padding: str = "left", seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        images = _norm_images(batch, images)
+        n = sum(images)
+        rows, types = _prompts(gen, batch, images, [16] * n, wrap=(GEMMA3_BOI, GEMMA3_EOI))
+        ids, mask, tt = _assemble(rows, padding, extra=types)
+        out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt}
+        if n:
+            out["pixel_values"] = torch.randn(n, 3, 32, 32, generator=gen)
+        return out
+
+    return model, make_inputs
+
+
+# ----------------------------------------------------------------------------------------- LLaVA-NeXT-Video
+VIDEO = 121  # video_token_id of the tiny LLaVA-NeXT-Video
+
+
+def tiny_llava_next_video(seed: int = 0, attn: str = "sdpa"):
+    """LLaVA-NeXT-Video: LLaVA-NeXT's anyres images (CLIP crops of 16x16 px, 4x4 patches) and videos whose frames
+    are pooled 4x4 -> 2x2 (``spatial_pool_stride=2``); LLaMA text. ``make_inputs`` gives images only."""
+    torch.manual_seed(seed)
+    cfg = LlavaNextVideoConfig(
+        vision_config=_clip(), text_config=_llama(attn=attn), image_token_index=IMAGE, video_token_index=VIDEO,
+        image_grid_pinpoints=_PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=16, spatial_pool_stride=2, video_seq_length=4,
+    )
+    model = _finish(LlavaNextVideoForConditionalGeneration(cfg), seed, attn)
+
+    def make_inputs(batch: int = 2, images=None, padding: str = "left", seed: int = 0):
+        return _anyres_inputs(model, torch.Generator().manual_seed(seed), batch, images, padding)
+
+    return model, make_inputs
+
+
 BUILDERS = {
     "llava": tiny_llava,
     "llava_next": tiny_llava_next,
@@ -358,6 +425,8 @@ BUILDERS = {
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "internvl": tiny_internvl,
     "qwen3_vl": tiny_qwen3_vl,
+    "gemma3": tiny_gemma3,
+    "llava_next_video": tiny_llava_next_video,
 }
 
 
@@ -390,8 +459,8 @@ def split_samples(inputs: dict) -> list[dict]:
     r0 = 0
     for b in range(ids.shape[0]):
         keep = mask[b].bool()
-        one = {key: inputs[key][b : b + 1, keep] for key in ("input_ids", "attention_mask", "mm_token_type_ids")
-               if key in inputs}
+        one = {key: inputs[key][b : b + 1, keep] for key in ("input_ids", "attention_mask", "mm_token_type_ids",
+                                                              "token_type_ids") if key in inputs}
         n = counts[b]
         nrows = sum(rows[k : k + n])
         if n:

@@ -55,10 +55,18 @@ Consequences:
   them; with original positions they sit at their cluster centre's position;
 * supported: eager, sdpa and flash attention masks (tensors; flex attention's BlockMask is refused),
   DynamicCache (static caches are refused: the layers from ``K`` on hold fewer tokens), greedy / sampled
-  / beam generation (beams of one sample share its decision). Not handled: sliding-window layers (the
-  window would count kept tokens). FlashAttention is only exercised on GPU, which the tests here lack;
+  / beam generation (beams of one sample share its decision). FlashAttention is only exercised on GPU, which the
+  tests here lack;
   under it, layers from ``K`` on get ``position_ids=None`` (gapped positions of a batch of one would read
   as packed sequences; positions travel in ``position_embeddings``);
+* layers whose masks are not plain causal (Gemma 3: sliding-window layers, each image's placeholder run attending
+  to itself both ways from ``token_type_ids``): the scoring rows are the rows of the layer's own mask; from ``K`` on
+  each layer keeps its own mask at the kept tokens (a window counts original positions: a kept token sees the kept
+  tokens among those it saw in the stock model; when merged tokens are placed out of positional order the window
+  also counts the layer's own slots, as its cache does), and decode steps build each layer's mask over the keys its
+  cache returns (a sliding layer caches its last ``window - 1`` entries; the stock decode masks are sized for the
+  first layer of each type, which may be pruned). FlashAttention applies a window over the layer's own keys, so
+  sliding-window layers under it are refused;
 * ``generate(use_cache=False)`` re-runs the whole sequence each step: a forward with
   ``use_cache=False`` whose ``input_ids`` extend the previous prefill's prompt reuses that prefill's
   decision (the cached run cannot change its mind either), so cached and uncached generation match.
@@ -66,6 +74,7 @@ Consequences:
 
 from __future__ import annotations
 
+import inspect
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -113,6 +122,19 @@ def _gather_seq(t: Tensor, idx: Tensor, batch_dim: int, seq_dim: int) -> Tensor:
     return t.gather(1, index).movedim((0, 1), (batch_dim, seq_dim))
 
 
+def _allowed(mask: Tensor) -> Tensor:
+    """Bool "may attend" of an attention mask (bool, or additive float: 0 allowed, dtype minimum masked)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def _as_mask(allowed: Tensor, like: Tensor | None) -> Tensor:
+    """``allowed`` in ``like``'s mask format: bool, or additive float (0 / dtype minimum)."""
+    if like is None or like.dtype == torch.bool:
+        return allowed
+    return torch.zeros((), dtype=like.dtype, device=allowed.device).expand(allowed.shape).masked_fill(
+        ~allowed, torch.finfo(like.dtype).min)
+
+
 # ------------------------------------------------------------------------------------ the signal
 def attention_rows(
     layer: nn.Module,
@@ -122,6 +144,7 @@ def attention_rows(
     key_ok: Tensor,
     chunk: int = KEY_CHUNK,
     desc: ModelDescription | None = None,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """Head-mean softmax attention rows of the chosen queries of a decoder ``layer``, without an L x L matrix.
 
@@ -137,6 +160,9 @@ def attention_rows(
         desc: the model's description (where the layer's attention, input norm and rotary function are);
             ``None``: the description base's defaults (``self_attn``, ``input_layernorm``, the modeling file's
             ``apply_rotary_pos_emb``).
+        allowed: optional ``[B, Q, L]`` bool, the keys each query row may attend as the layer's own attention mask
+            says (its rows at ``query_idx``): replaces the causal / ``key_ok`` rule, for layers whose mask is not
+            plain causal (sliding windows, bidirectional image blocks: Gemma 3).
 
     Returns:
         ``[B, Q, L]`` float32: ``softmax(q k^T * scaling + mask)`` averaged over heads — the eager
@@ -172,9 +198,14 @@ def attention_rows(
         s = torch.einsum("bkgqd,bkcd->bkgqc", q.view(b, kv_heads, heads // kv_heads, nq, hd), k)
         logits.append(s.reshape(b, heads, nq, -1))
     logits = torch.cat(logits, dim=-1) * float(attn.scaling)
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap:  # Gemma-style soft-capping, before the mask as in the layer's eager attention
+        logits = torch.tanh(logits / cap) * cap
     pos = torch.arange(n, device=hidden.device)
-    allowed = (pos[None, None] <= query_idx[..., None]) & key_ok[:, None]
-    allowed |= pos[None, None] == query_idx[..., None]
+    if allowed is None:
+        allowed = (pos[None, None] <= query_idx[..., None]) & key_ok[:, None]
+    # a query always sees itself (a padding row's mask row may be empty: no NaN row)
+    allowed = allowed | (pos[None, None] == query_idx[..., None])
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)
 
@@ -225,7 +256,10 @@ class _Run:
     past: int = 0  # tokens in layer 0's cache before this decode step
     decisions: dict[int, _Decision] = field(default_factory=dict)
     signals: dict[int, dict[str, Tensor]] = field(default_factory=dict)
-    pe_cache: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # stage -> rotary (cos, sin)
+    pe_cache: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict)  # (stage, layer type) -> (cos, sin)
+    # the layers' masks are not plain causal (sliding windows, token_type_ids image blocks): masks follow the layer
+    structured: bool = False
+    dmask: Tensor | None = None  # [B, past + q] the 2-D padding mask of the current decode step
 
 
 class DecoderHandle:
@@ -253,6 +287,15 @@ class DecoderHandle:
         self._rotary = rotary
         newline = desc.image_newline(model)
         self._newline = newline.detach() if newline is not None else None
+        # per-layer-type rotary embeddings (Gemma 3: sliding and full layers have their own RoPE base)
+        self._rotary_typed = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+        # each layer's sliding window (None: full attention), as its attention module declares it
+        self._windows = [getattr(desc.llm_attention(layer), "sliding_window", None) or None for layer in self.layers]
+        if any(self._windows) and "flash" in self._impl:
+            raise ValueError(
+                f"decoder-stage pruning on sliding-window layers (window {max(w or 0 for w in self._windows)}) follows "
+                f"each layer's mask in original positions; attn_implementation={self._impl!r} applies the window over "
+                "the layer's own (pruned) keys instead: use 'sdpa' or 'eager' for the language model")
         num = len(self.layers)
         stages: list[_Stage] = []
         self._positions: dict[int, str] = {}
@@ -389,6 +432,7 @@ class DecoderHandle:
             if run is not None and run.mode in ("prefill", "decode") and past_len >= run.length:
                 run.mode, run.past = "decode", past_len
                 run.pe_cache = {}
+                run.dmask = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
             elif run is not None:
                 run.mode = "off"
             return None
@@ -414,6 +458,9 @@ class DecoderHandle:
         start = ph & ~torch.nn.functional.pad(ph[:, :-1], (1, 0), value=False)
         img = torch.where(ph, start.long().cumsum(1) - 1, torch.full_like(ids, -1))
         self.run = _Run("prefill", ids.clone(), ph.clone(), pad_ok, ids.shape[1], ids.shape[1], ph=ph, img=img)
+        # bidirectional image blocks (Gemma 3 builds them from token_type_ids) or sliding windows: the layers' own
+        # masks are followed (scoring rows, re-ordered and decode-step masks) instead of a plain causal rule
+        self.run.structured = any(self._windows) or kwargs.get("token_type_ids") is not None
         return None
 
     # -------------------------------------------------------------------------------- per-layer hook
@@ -444,13 +491,13 @@ class DecoderHandle:
                 si = self._stage_at[j]
                 if run.mode == "prefill":
                     if si in self._own_signal:  # this layer's own q / k on the sequence entering it
-                        prev = kwargs if si - 1 not in run.decisions else self._slice(si - 1, kwargs, hidden)
+                        prev = kwargs if si - 1 not in run.decisions else self._slice(si - 1, kwargs, hidden, j)
                         self._signal(si, module, hidden, prev)
                     self._decide(si, hidden)
                 hidden = self._prune(si, hidden)
             s = self._stage_of(j)
             if s >= 0 and s in run.decisions:
-                kwargs = self._slice(s, kwargs, hidden)
+                kwargs = self._slice(s, kwargs, hidden, j)
             if run.mode == "prefill" and j in self._signal_at:
                 self._signal(self._signal_at[j], module, hidden, kwargs)
             if in_args:
@@ -548,7 +595,13 @@ class DecoderHandle:
         with torch.no_grad():
             if "attn" in method.needs:
                 q_idx, q_ok = self._queries(si, vis, ok)
-                rows = attention_rows(layer, hidden, kwargs["position_embeddings"], q_idx, ok, desc=self.desc)
+                mask = kwargs.get("attention_mask")
+                allowed = None
+                if run.structured and isinstance(mask, Tensor) and mask.dim() == 4:
+                    # the rows of the layer's own mask: its sliding window / image blocks, padding and fillers
+                    allowed = _allowed(_gather_seq(mask, q_idx, 0, 2)[:, 0])
+                rows = attention_rows(layer, hidden, kwargs["position_embeddings"], q_idx, ok, desc=self.desc,
+                                      allowed=allowed)
                 sig["attn"] = rows.transpose(1, 2)  # [B, L, Q]
                 sig["q_ok"] = q_ok
             if "keys" in method.needs:
@@ -727,17 +780,23 @@ class DecoderHandle:
         return torch.cat([idx, tail], dim=1)
 
     # -------------------------------------------------------------------------------- kwargs of a layer
-    def _renumbered(self, s: int, kwargs: dict, hidden: Tensor, pid: Tensor) -> dict:
-        """Position ids ``pid [B, L]`` and their rotary embeddings, from the decoder's own ``rotary_emb``."""
+    def _renumbered(self, s: int, kwargs: dict, hidden: Tensor, pid: Tensor, j: int | None = None) -> dict:
+        """Position ids ``pid [B, L]`` and their rotary embeddings, from the decoder's own ``rotary_emb`` (for layer
+        ``j``'s type when the rotary embedding differs per layer type)."""
         run = self.run
-        if s not in run.pe_cache:
-            run.pe_cache[s] = self._rotary(hidden, pid)
-        kwargs["position_embeddings"] = run.pe_cache[s]
+        kind = None
+        if self._rotary_typed and j is not None:
+            kind = getattr(self.desc.llm_attention(self.layers[j]), "layer_type", None)
+        if (s, kind) not in run.pe_cache:
+            args = (hidden, pid, kind) if self._rotary_typed else (hidden, pid)
+            run.pe_cache[(s, kind)] = self._rotary(*args)
+        kwargs["position_embeddings"] = run.pe_cache[(s, kind)]
         if isinstance(kwargs.get("position_ids"), Tensor):
             kwargs["position_ids"] = None if "flash" in self._impl else pid
         return kwargs
 
-    def _slice(self, s: int, kwargs: dict, hidden: Tensor) -> dict:
+    def _slice(self, s: int, kwargs: dict, hidden: Tensor, j: int | None = None) -> dict:
+        """Layer ``j``'s kwargs for the sequence kept after stage ``s``: positions, rotary embeddings and mask."""
         run = self.run
         d = run.decisions[s]
         q_len = hidden.shape[1]
@@ -753,10 +812,13 @@ class DecoderHandle:
                     cp = kwargs.get("cache_position")
                     pid = cp[None] if isinstance(cp, Tensor) else torch.arange(run.past, run.past + q_len,
                                                                                device=dev)[None]
-                kwargs = self._renumbered(s, kwargs, hidden, pid.expand(b, -1) - d.shift[:, None])
+                kwargs = self._renumbered(s, kwargs, hidden, pid.expand(b, -1) - d.shift[:, None], j)
             mask = kwargs.get("attention_mask")
             kv = mask.shape[-1] if isinstance(mask, Tensor) else None
-            if kv is not None:
+            if run.structured and j is not None and "flash" not in self._impl and (
+                    kv is not None or d.fix or self._windows[j]):
+                kwargs["attention_mask"] = self._decode_mask(d, j, kwargs, q_len, mask)
+            elif kv is not None:
                 tail = torch.arange(run.length, kv, device=dev).expand(b, -1)
                 key_idx = torch.cat([d.keep, tail], dim=1)
                 key_ok = torch.cat([d.ok, torch.ones_like(tail, dtype=torch.bool)], dim=1)
@@ -783,7 +845,7 @@ class DecoderHandle:
                 tail_pid = (given.expand(b, -1)[:, run.length:] if isinstance(given, Tensor) and given.shape[-1] == full
                             else torch.arange(run.length, full, device=dev).expand(b, -1)) - d.shift[:, None]
                 pid = torch.cat([pid, tail_pid], dim=1)
-            kwargs = self._renumbered(s, kwargs, hidden, pid)
+            kwargs = self._renumbered(s, kwargs, hidden, pid, j)
         else:
             pe = kwargs.get("position_embeddings")
             if pe is not None:
@@ -802,10 +864,25 @@ class DecoderHandle:
             if mask.dim() == 4:
                 if mask.shape[-1] != full or mask.shape[-2] != full:
                     raise ValueError(f"expected a [B, 1, {full}, {full}] prefill mask; got {tuple(mask.shape)}")
-                if d.reordered:  # causal in the new order (merged tokens come after their image's kept tokens)
+                if d.reordered and run.structured:
+                    # the layer's own mask at the kept tokens' positions (merged ones at their anchors), causal in the
+                    # new order except where the stock mask is two-way (a bidirectional image block)
+                    g = _gather_seq(_gather_seq(mask, keep, 0, 2), keep, 0, 3)
+                    ga = _allowed(g)
+                    n_k = keep.shape[1]
+                    causal = torch.ones(n_k, n_k, dtype=torch.bool, device=dev).tril()
+                    mask = _as_mask(ga & (causal | ga.transpose(-1, -2)), g)
+                elif d.reordered:  # causal in the new order (merged tokens come after their image's kept tokens)
                     mask = self._hide(None, ok, keep.shape[1], diagonal=True, like=mask)
                 else:
                     mask = _gather_seq(_gather_seq(mask, keep, 0, 2), keep, 0, 3)
+                w = self._windows[j] if j is not None else None
+                if w and run.structured and d.reordered:
+                    # the layer's cache keeps its last window - 1 entries in ITS order: a key that many slots back is
+                    # gone in decoding, so the window also counts slots (implied by positions when in positional order)
+                    n_k = keep.shape[1]
+                    ar_k = torch.arange(n_k, device=dev)
+                    mask = _as_mask(_allowed(mask) & (ar_k[None, :] > ar_k[:, None] - w), mask)
             elif mask.dim() == 2:
                 mask = _gather_seq(mask, keep, 0, 1)
             else:
@@ -817,6 +894,40 @@ class DecoderHandle:
             mask = self._hide(mask, ok, keep.shape[1], diagonal=True)
         kwargs["attention_mask"] = mask
         return kwargs
+
+    def _decode_mask(self, d: _Decision, j: int, kwargs: dict, q_len: int, stock: Tensor | None) -> Tensor:
+        """Decode-step mask ``[B, 1, q, keys]`` of layer ``j`` (from stage ``K`` on) when the layers' masks are not
+        plain causal: built from the step's 2-D padding mask over the keys this layer's cache actually returns.
+
+        The stock masks are sized for the first layer of each type, whose cache may be pruned or not (Gemma 3's first
+        full-attention layer can come after ``K``), and a sliding-window layer caches only its last ``window - 1``
+        entries. So: the layer's sequence is the prefill's kept tokens, then every generated one; its cache returns
+        the last (cached + q) of them; each is visible iff real (not padding / filler), not after the query and, on a
+        sliding layer, within the window in original positions -- what the stock model's layer sees, minus the
+        dropped tokens. Decode queries are text, so no image block applies (the stock decode mask has none either)."""
+        run = self.run
+        b = d.keep.shape[0]
+        dev = d.keep.device
+        end = run.past + q_len
+        tail = torch.arange(run.length, end, device=dev).expand(b, -1)
+        seq = torch.cat([d.keep, tail], dim=1)
+        seq_ok = torch.cat([d.ok, torch.ones_like(tail, dtype=torch.bool)], dim=1)
+        n = seq.shape[1]
+        cache = kwargs.get("past_key_values")
+        layers = getattr(cache, "layers", None)
+        idx = getattr(self.desc.llm_attention(self.layers[j]), "layer_idx", j)
+        keys = getattr(layers[idx], "keys", None) if layers is not None and idx < len(layers) else None
+        if isinstance(keys, Tensor) and keys.dim() == 4:
+            n = min(n, int(keys.shape[-2]) + q_len)
+        key_abs, key_ok = seq[:, -n:], seq_ok[:, -n:]
+        if run.dmask is not None:
+            key_ok = key_ok & run.dmask.to(dev).gather(1, key_abs.clamp(max=run.dmask.shape[1] - 1))
+        q_abs = torch.arange(run.past, end, device=dev)
+        allowed = key_ok[:, None, None, :] & (key_abs[:, None, None, :] <= q_abs[None, None, :, None])
+        w = self._windows[j]
+        if w:
+            allowed &= key_abs[:, None, None, :] > q_abs[None, None, :, None] - w
+        return _as_mask(allowed, stock)
 
     def _hide(self, mask: Tensor | None, key_ok: Tensor, q_len: int, diagonal: bool, like: Tensor | None = None
               ) -> Tensor:

@@ -236,6 +236,9 @@ class ModelDescription:
     image_newline_path: str | None = None
     #: the LLM's positions
     position_scheme: PositionScheme = PositionScheme.ROPE_1D
+    #: the decoder stage is verified on this family's sliding-window layers (it follows each layer's own mask and
+    #: cache, :mod:`vtcompress.models.decoder`); apply refuses decoder-stage methods on other sliding-window LLMs
+    decoder_sliding_window: bool = False
 
     # --- modalities and how they enter the LLM ---------------------------------------------------------------
     modalities: tuple[Modality, ...] = (IMAGE,)

@@ -363,8 +363,12 @@ def _make_record(model, handles, decoders, orig: Tensor, call: dict, seqs: Tenso
 
 def _check_sliding_window(model: nn.Module, methods: list[Compressor]) -> None:
     """Decoder-stage pruning does not handle sliding-window attention layers (the window would count kept
-    tokens): refuse at apply time, from the text config's ``layer_types`` / ``sliding_window``."""
-    cfg = description_for(model, text_only=True).text_config(model)
+    tokens): refuse at apply time, from the text config's ``layer_types`` / ``sliding_window``, unless the family's
+    description declares them handled (``decoder_sliding_window``: Gemma 3)."""
+    desc = description_for(model, text_only=True)
+    if desc.decoder_sliding_window:
+        return
+    cfg = desc.text_config(model)
     types = getattr(cfg, "layer_types", None)
     window = getattr(cfg, "sliding_window", None)
     if types:
