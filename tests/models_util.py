@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from transformers import (
     CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
     InternVLConfig,
     InternVLForConditionalGeneration,
     LlamaConfig,
@@ -29,6 +31,8 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
 )
 
 __all__ = [
@@ -38,6 +42,8 @@ __all__ = [
     "tiny_qwen2_vl",
     "tiny_qwen2_5_vl",
     "tiny_internvl",
+    "tiny_idefics3",
+    "tiny_smolvlm",
     "BUILDERS",
 ]
 
@@ -313,6 +319,72 @@ def tiny_internvl(seed: int = 0, attn: str = "sdpa"):
     return model, make_inputs
 
 
+# ----------------------------------------------------------------------------------------- Idefics3 / SmolVLM
+FAKE = 121  # <fake_token_around_image>
+GLOBAL = 122  # <global-img>
+NEWLINE = 11  # "\n", an ordinary text token
+_ROW_COL = 100  # <row_i_col_j> = 100 + 3 * (i - 1) + (j - 1), i, j <= 3
+_SPLITS = [(0, 0), (1, 2), (2, 1), (1, 1)]  # (rows, cols) of the tiles of image k, cycled; (0, 0): not split
+
+
+def _idefics3_prompt(rows: int, cols: int, n: int) -> list[int]:
+    """An image's tokens as the Idefics3 / SmolVLM processors write them (``n`` placeholders per tile)."""
+    if rows == 0:
+        return [FAKE, GLOBAL] + [IMAGE] * n + [FAKE]
+    out = []
+    for i in range(rows):
+        for j in range(cols):
+            out += [FAKE, _ROW_COL + 3 * i + j] + [IMAGE] * n
+        out.append(NEWLINE)
+    return out + [NEWLINE, FAKE, GLOBAL] + [IMAGE] * n + [FAKE]
+
+
+def _idefics3(config_cls, model_cls, seed: int, attn: str):
+    torch.manual_seed(seed)
+    vis = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16,
+               patch_size=4)
+    text = _llama(attn=attn)
+    cfg = config_cls(vision_config=vis, text_config=text, image_token_id=IMAGE, scale_factor=2)
+    model = _finish(model_cls(cfg), seed, attn)
+    markers = {FAKE, GLOBAL, *range(_ROW_COL, _ROW_COL + 9)}
+
+    def make_inputs(batch: int = 2, images=None, padding: str = "left", seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        images = _norm_images(batch, images)
+        rows, tiles, k = [], [], []
+        for b in range(batch):
+            row = [t if t not in markers else 3 for t in _text(gen, 2 + (3 * b) % 5)]
+            k.append(0)
+            for _ in range(images[b]):
+                r, c = _SPLITS[len(tiles) % len(_SPLITS)]
+                tiles.append(r * c + 1)
+                k[-1] += r * c + 1
+                row += _idefics3_prompt(r, c, 4)
+                row += [t if t not in markers else 3 for t in _text(gen, 1 + b % 3)]
+            rows.append(row)
+        ids, mask, _ = _assemble(rows, padding)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if tiles:
+            pix = torch.zeros(batch, max(k), 3, 16, 16)
+            for b in range(batch):
+                pix[b, : k[b]] = torch.randn(k[b], 3, 16, 16, generator=gen)
+            out["pixel_values"] = pix
+        return out
+
+    return model, make_inputs
+
+
+def tiny_idefics3(seed: int = 0, attn: str = "sdpa"):
+    """Idefics3: SigLIP-style tower (16x16 px tiles, 4x4 patches, no CLS, 3 layers), pixel shuffle 2 -> 2x2
+    tokens per tile, LLaMA text (hidden 32). Image ``k`` is split as ``_SPLITS[k % 4]`` plus its global tile."""
+    return _idefics3(Idefics3Config, Idefics3ForConditionalGeneration, seed, attn)
+
+
+def tiny_smolvlm(seed: int = 0, attn: str = "sdpa"):
+    """SmolVLM: the same geometry as :func:`tiny_idefics3` through the SmolVLM classes."""
+    return _idefics3(SmolVLMConfig, SmolVLMForConditionalGeneration, seed, attn)
+
+
 BUILDERS = {
     "llava": tiny_llava,
     "llava_next": tiny_llava_next,
@@ -320,6 +392,8 @@ BUILDERS = {
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "internvl": tiny_internvl,
+    "idefics3": tiny_idefics3,
+    "smolvlm": tiny_smolvlm,
 }
 
 
@@ -339,6 +413,16 @@ def split_samples(inputs: dict) -> list[dict]:
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     runs = [_runs(r) for r in ids]
     counts = [len(r) for r in runs]
+    pv = inputs.get("pixel_values")
+    if pv is not None and pv.dim() == 5 and "image_sizes" not in inputs:  # Idefics3 / SmolVLM: tiles per sample
+        out = []
+        for b in range(ids.shape[0]):
+            keep = mask[b].bool()
+            one = {key: inputs[key][b : b + 1, keep] for key in ("input_ids", "attention_mask")}
+            if counts[b]:
+                one["pixel_values"] = pv[b : b + 1, : counts[b]]
+            out.append(one)
+        return out
     if "image_grid_thw" in inputs:
         rows = inputs["image_grid_thw"].prod(-1).tolist()
     elif "image_sizes" in inputs:

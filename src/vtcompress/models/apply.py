@@ -328,7 +328,7 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def _load_adapters() -> None:
-    from . import internvl, llava, llava_next, onevision, qwen2_vl  # noqa: F401  (each registers its adapter)
+    from . import idefics3, internvl, llava, llava_next, onevision, qwen2_vl  # noqa: F401  (each registers its adapter)
 
 
 def supported_families() -> list[str]:

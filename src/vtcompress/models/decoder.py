@@ -91,7 +91,7 @@ KEY_CHUNK = 1024
 # ------------------------------------------------------------------------------------ locating things
 def language_model_of(model: nn.Module) -> nn.Module:
     """The decoder stack (the module with ``.layers``) of a stock VLM, or of a plain causal LM."""
-    for path in ("model.language_model", "language_model", "model", ""):
+    for path in ("model.language_model", "model.text_model", "language_model", "model", ""):
         obj = model
         for part in filter(None, path.split(".")):
             obj = getattr(obj, part, None)
