@@ -25,6 +25,10 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
@@ -44,6 +48,7 @@ __all__ = [
     "tiny_internvl",
     "tiny_idefics3",
     "tiny_smolvlm",
+    "tiny_mistral3",
     "BUILDERS",
 ]
 
@@ -385,6 +390,59 @@ def tiny_smolvlm(seed: int = 0, attn: str = "sdpa"):
     return _idefics3(SmolVLMConfig, SmolVLMForConditionalGeneration, seed, attn)
 
 
+# ----------------------------------------------------------------------------------------- Mistral 3 / Pixtral
+IMG_BREAK = 121
+IMG_END = 122
+_PIXTRAL_SIZES = [(16, 24), (24, 16), (16, 16), (32, 8)]  # image sizes (H, W) in pixels, cycled: 8 px per token
+
+
+def _pixtral_prompt(rows: int, cols: int) -> list[int]:
+    """An image's tokens as the Pixtral processor writes them: each row of the merged grid, then a break."""
+    out = []
+    for r in range(rows):
+        out += [IMAGE] * cols + [IMG_END if r == rows - 1 else IMG_BREAK]
+    return out
+
+
+def tiny_mistral3(seed: int = 0, attn: str = "sdpa"):
+    """Mistral 3: Pixtral tower (4 px patches, axial 2-D RoPE, 3 layers, hidden 32), 2x2 patch merger, Mistral
+    text (hidden 32, no sliding window, as the released checkpoints). Image ``k`` is ``_PIXTRAL_SIZES[k % 4]``."""
+    torch.manual_seed(seed)
+    vis = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=4, head_dim=8)
+    text = MistralConfig(
+        vocab_size=VOCAB, hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
+        eos_token_id=2, sliding_window=None, attn_implementation=attn,
+    )
+    cfg = Mistral3Config(vision_config=vis, text_config=text, image_token_index=IMAGE, spatial_merge_size=2,
+                         vision_feature_layer=-1)
+    model = _finish(Mistral3ForConditionalGeneration(cfg), seed, attn)
+
+    def make_inputs(batch: int = 2, images=None, padding: str = "left", seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        images = _norm_images(batch, images)
+        rows, sizes = [], []
+        for b in range(batch):
+            row = _text(gen, 2 + (3 * b) % 5)
+            for _ in range(images[b]):
+                h, w = _PIXTRAL_SIZES[len(sizes) % len(_PIXTRAL_SIZES)]
+                sizes.append((h, w))
+                row += _pixtral_prompt(h // 8, w // 8) + _text(gen, 1 + b % 3)
+            rows.append(row)
+        ids, mask, _ = _assemble(rows, padding)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if sizes:
+            pix = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+            for i, (h, w) in enumerate(sizes):
+                pix[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
+            out["pixel_values"] = pix
+            out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+        return out
+
+    return model, make_inputs
+
+
 BUILDERS = {
     "llava": tiny_llava,
     "llava_next": tiny_llava_next,
@@ -394,6 +452,7 @@ BUILDERS = {
     "internvl": tiny_internvl,
     "idefics3": tiny_idefics3,
     "smolvlm": tiny_smolvlm,
+    "mistral3": tiny_mistral3,
 }
 
 
@@ -423,6 +482,8 @@ def split_samples(inputs: dict) -> list[dict]:
                 one["pixel_values"] = pv[b : b + 1, : counts[b]]
             out.append(one)
         return out
+    if pv is not None and pv.dim() == 4 and "image_sizes" in inputs:  # Mistral 3: a run per row, one [IMG_END]
+        counts = (ids == IMG_END).sum(1).tolist()
     if "image_grid_thw" in inputs:
         rows = inputs["image_grid_thw"].prod(-1).tolist()
     elif "image_sizes" in inputs:

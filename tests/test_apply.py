@@ -382,7 +382,8 @@ def test_unsupported_model_lists_families():
         vtcompress.apply(lm, NormTopK(budget=0.5))
     for family in supported_families():
         assert family in str(err.value)
-    assert set(supported_families()) == {"llava", "llava_next", "onevision", "qwen2_vl", "internvl", "idefics3"}
+    assert set(supported_families()) == {"llava", "llava_next", "onevision", "qwen2_vl", "internvl", "idefics3",
+                                         "mistral3"}
 
 
 def test_bad_arguments(models):

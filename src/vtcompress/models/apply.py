@@ -328,7 +328,15 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def _load_adapters() -> None:
-    from . import idefics3, internvl, llava, llava_next, onevision, qwen2_vl  # noqa: F401  (each registers its adapter)
+    from . import (  # noqa: F401  (each registers its adapter)
+        idefics3,
+        internvl,
+        llava,
+        llava_next,
+        mistral3,
+        onevision,
+        qwen2_vl,
+    )
 
 
 def supported_families() -> list[str]:
