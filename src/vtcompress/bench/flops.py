@@ -81,6 +81,15 @@ class VisionArch:
     prefix: int  # tokens before the patches: 1 ([CLS]) for CLIP, 0 for SigLIP
     pooling_head: bool = False  # SigLIP's attention-pooling head (a probe query over the last hidden states)
 
+    @classmethod
+    def from_config(cls, vc, prefix: int, pooling_head: bool = False) -> VisionArch:
+        """A ViT's numbers from its config (``CLIPVisionConfig`` / ``SiglipVisionConfig``); ``prefix`` tokens
+        before the patches (the family's description says how many)."""
+        return cls(image_size=int(vc.image_size), patch_size=int(vc.patch_size),
+                   channels=int(getattr(vc, "num_channels", 3)), hidden=int(vc.hidden_size),
+                   intermediate=int(vc.intermediate_size), layers=int(vc.num_hidden_layers),
+                   heads=int(vc.num_attention_heads), prefix=int(prefix), pooling_head=bool(pooling_head))
+
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
@@ -102,6 +111,15 @@ class TextArch:
     head_dim: int
     vocab: int
     gated_mlp: bool = True  # Llama / Mistral / Qwen2: gate, up, down; a plain MLP has two products
+
+    @classmethod
+    def from_config(cls, tc) -> TextArch:
+        """A decoder LLM's numbers from its config (``LlamaConfig``, ``MistralConfig``, ``Qwen2Config``, ...)."""
+        heads = int(tc.num_attention_heads)
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+        return cls(hidden=int(tc.hidden_size), intermediate=int(tc.intermediate_size), layers=int(tc.num_hidden_layers),
+                   heads=heads, kv_heads=int(getattr(tc, "num_key_value_heads", None) or heads),
+                   head_dim=int(head_dim), vocab=int(tc.vocab_size))
 
 
 @dataclass(frozen=True)
@@ -130,56 +148,18 @@ class VLMArch:
 
     @classmethod
     def from_config(cls, config) -> VLMArch:
-        """Read a ``LlavaConfig`` (CLIP or SigLIP tower, Llama / Mistral / Qwen2-style LLM).
+        """The architecture of a model config, as its family's description reads it
+        (:meth:`~vtcompress.models.description.ModelDescription.prefill_arch`).
 
-        Other VLM configs (anyres LLaVA-NeXT / OneVision, Qwen2-VL, InternVL) raise ``ValueError``: their towers
-        tile or reshape the image, which this LLaVA-style count does not model.
+        Modelled: LLaVA-style configs (``model_type`` ``"llava"``: a CLIP or SigLIP tower, an MLP projector, a
+        Llama / Mistral / Qwen2-style LLM). Other VLM configs (anyres LLaVA-NeXT / OneVision, Qwen2-VL, InternVL)
+        raise ``ValueError``: their towers tile or reshape the image, which this LLaVA-style count does not model.
         """
         if isinstance(config, VLMArch):
             return config
-        vc = getattr(config, "vision_config", None)
-        tc = getattr(config, "text_config", None)
-        model_type = getattr(config, "model_type", type(config).__name__)
-        if vc is None or tc is None or model_type != "llava":
-            raise ValueError(
-                f"prefill FLOPs are modelled for LLaVA-style configs (model_type 'llava': one ViT tower, an MLP "
-                f"projector, a decoder LLM); got model_type {model_type!r}"
-            )
-        vtype = getattr(vc, "model_type", "")
-        if vtype not in ("clip_vision_model", "siglip_vision_model"):
-            raise ValueError(f"vision tower {vtype!r} is not modelled; allowed: clip_vision_model, siglip_vision_model")
-        prefix = 1 if vtype == "clip_vision_model" else 0
-        vision = VisionArch(
-            image_size=int(vc.image_size),
-            patch_size=int(vc.patch_size),
-            channels=int(getattr(vc, "num_channels", 3)),
-            hidden=int(vc.hidden_size),
-            intermediate=int(vc.intermediate_size),
-            layers=int(vc.num_hidden_layers),
-            heads=int(vc.num_attention_heads),
-            prefix=prefix,
-            pooling_head=bool(vtype == "siglip_vision_model" and getattr(vc, "vision_use_head", True)),
-        )
-        layer = config.vision_feature_layer
-        n_feature_layers = 1 if isinstance(layer, int) else len(layer)
-        feature_layer = layer if isinstance(layer, int) else min(layer, key=lambda i: i % (vision.layers + 1))
-        strategy = getattr(config, "vision_feature_select_strategy", "default")
-        if strategy not in ("default", "full"):
-            raise ValueError(f"vision_feature_select_strategy={strategy!r}; allowed: default, full")
-        heads = int(tc.num_attention_heads)
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-        text = TextArch(
-            hidden=int(tc.hidden_size),
-            intermediate=int(tc.intermediate_size),
-            layers=int(tc.num_hidden_layers),
-            heads=heads,
-            kv_heads=int(getattr(tc, "num_key_value_heads", None) or heads),
-            head_dim=int(head_dim),
-            vocab=int(tc.vocab_size),
-        )
-        projector = ((vision.hidden * n_feature_layers, text.hidden), (text.hidden, text.hidden))
-        return cls(vision=vision, projector=projector, text=text, feature_layer=int(feature_layer),
-                   keep_prefix=strategy == "full")
+        from ..models.registry import description_for_config
+
+        return description_for_config(config).prefill_arch(config)
 
 
 # ---------------------------------------------------------------------------------------------- counts

@@ -1,7 +1,8 @@
 """Quality side of the benchmark: accuracy on the testbed, and what the model really computed.
 
 :class:`TokenProbe` watches a stock VLM through forward (pre-)hooks on its own modules — the multimodal
-base model (``model.model``), the vision tower's layers and the LLM's decoder layers — and records, per
+base model, the vision tower's layers and the LLM's decoder layers, where its family's description says —
+and records, per
 forward call, how many tokens each part really processed. It is registered AFTER ``vtcompress.apply`` has
 installed its hooks, so it sees the shortened inputs; it changes nothing (every hook returns ``None``).
 From one record:
@@ -41,18 +42,6 @@ class CallRecord:
     vision_lengths: list[int] = field(default_factory=list)  # patch tokens entering each vision layer
 
 
-def _find(model: nn.Module, paths: tuple[str, ...]) -> nn.Module | None:
-    for path in paths:
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
-    return None
-
-
 def _hidden(args, kwargs) -> Tensor | None:
     h = args[0] if args else kwargs.get("hidden_states")
     return h if isinstance(h, Tensor) else None
@@ -66,19 +55,18 @@ class TokenProbe:
     """
 
     def __init__(self, model: nn.Module):
+        from ..models.registry import adapter_for
+
         self.model = model
-        self.base = _find(model, ("model",))
-        llm = _find(model, ("model.language_model", "language_model"))
-        tower = _find(model, ("model.vision_tower", "vision_tower"))
-        if self.base is None or llm is None or not isinstance(getattr(llm, "layers", None), nn.ModuleList):
-            raise ValueError(
-                f"TokenProbe needs a stock VLM with model.language_model.layers; got {type(model).__name__}")
-        self.llm_layers = llm.layers
-        vlayers = _find(tower, ("vision_model.encoder.layers", "encoder.layers", "blocks")) if tower else None
-        self.vision_layers = vlayers if isinstance(vlayers, nn.ModuleList) else nn.ModuleList()
-        vc = getattr(model.config, "vision_config", None)
-        self.prefix = 1 if getattr(vc, "model_type", "") == "clip_vision_model" else 0
-        self.image_id = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
+        try:  # where things are: the family's description
+            desc = adapter_for(model)
+        except ValueError as e:
+            raise ValueError(f"TokenProbe needs a stock VLM of a supported family; {e}") from e
+        self.base = desc.base(model)
+        self.llm_layers = desc.llm_layers(model)
+        self.vision_layers = desc.vision_layers(model)
+        self.prefix = desc.num_prefix_tokens(model)
+        self.image_id = desc.token_id(model, "image")
         self.records: list[CallRecord] = []
         self._handles: list = []
         self._vision: list[int] = []
@@ -120,7 +108,7 @@ class TokenProbe:
 
     def _vision_pre(self, module, args, kwargs):
         h = _hidden(args, kwargs)
-        if h is not None:
+        if h is not None and h.dim() == 3:  # [B, T, D]; Qwen2-VL's blocks take one packed [T, D] sequence
             self._vision.append(int(h.shape[1]) - self.prefix)
 
     def __enter__(self) -> TokenProbe:

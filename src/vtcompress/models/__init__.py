@@ -1,14 +1,24 @@
-"""Applying methods to stock Hugging Face VLMs: one adapter per family, shared mechanics in ``apply``."""
+"""Applying methods to stock Hugging Face VLMs: one description file per family (``models/<family>.py``), the
+shared stage engines (``pipeline``, ``encoder``, ``decoder``), sequence surgery and the hook lifecycle."""
 
 from .apply import (
     Adapter,
     ApplyHandle,
     CompressedInputs,
+    ExtraInjection,
     ImageLayout,
+    Injection,
+    Modality,
+    ModelDescription,
+    PositionScheme,
+    TokenLayout,
     adapter_for,
     apply,
     compress_inputs,
+    description_for,
+    list_families,
     register_adapter,
+    register_family,
     supported_families,
 )
 
@@ -16,10 +26,19 @@ __all__ = [
     "Adapter",
     "ApplyHandle",
     "CompressedInputs",
+    "ExtraInjection",
     "ImageLayout",
+    "Injection",
+    "Modality",
+    "ModelDescription",
+    "PositionScheme",
+    "TokenLayout",
     "adapter_for",
     "apply",
     "compress_inputs",
+    "description_for",
+    "list_families",
     "register_adapter",
+    "register_family",
     "supported_families",
 ]

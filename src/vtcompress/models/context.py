@@ -135,9 +135,13 @@ class ModelState:
     def __init__(self, model: nn.Module):
         self.count = 0
         self.dispatch = GenerateDispatch(model)
-        base = getattr(model, "model", model)
-        # runtime state stock generate() keeps on the model (Qwen2-VL's rope_deltas), put back after the last handle
-        self.rope_deltas = getattr(base, "rope_deltas", None) if hasattr(base, "rope_deltas") else _MISSING
+        # runtime state stock generate() keeps on the model (Qwen2-VL's rope_deltas: the description's
+        # runtime_state), put back after the last handle
+        from .registry import description_for
+
+        desc = description_for(model, text_only=True)
+        self.holder = desc.runtime_holder(model) if desc.runtime_state else None
+        self.runtime = {name: getattr(self.holder, name, _MISSING) for name in desc.runtime_state}
 
 
 _MISSING = object()
@@ -179,8 +183,9 @@ def uninstall(model: nn.Module) -> None:
         del _STATES[model]
         if vars(model).get("generate") is state.dispatch:
             del model.generate
-        if state.rope_deltas is not _MISSING:
-            getattr(model, "model", model).rope_deltas = state.rope_deltas
+        for name, value in state.runtime.items():
+            if value is not _MISSING:
+                setattr(state.holder, name, value)
 
 
 class GenerateDispatch:

@@ -7,9 +7,9 @@ How one prefill runs (``K`` is a stage layer of a method; a method may have seve
 
 * a pre-hook on the top-level model reads ``input_ids`` (already shortened by projector-stage hooks,
   which are registered earlier) and ``attention_mask``: image placeholders are ``input_ids`` equal to the
-  config's image / video token id; pads are ``attention_mask == 0``; each contiguous placeholder run is one
-  image (every stock family separates images by text or vision start / end tokens; two images with no token
-  between them read as one);
+  config's image / video token id; pads are ``attention_mask == 0``; the family's description groups them into
+  images (``placeholder_images``: each contiguous run for most families, whose images are separated by text or
+  vision start / end tokens; Idefics3's tiles and Pixtral's rows are several runs of one image);
 * the pre-hook on ``layers[0]`` (the input embeddings) marks LLaVA-NeXT / OneVision ``image_newline`` tokens
   (placeholders whose embedding is the model's ``image_newline`` vector): they carry no patch, so they are
   never pruned and do not count towards budgets (they keep the packed grid's row layout); methods that rate
@@ -66,7 +66,6 @@ Consequences:
 
 from __future__ import annotations
 
-import sys
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -77,6 +76,8 @@ from ..compressor import Compressor
 from ..methods.attention import StageContext
 from ..tokens import VisualTokens
 from .context import activate, deactivate, detach_hook, is_active
+from .description import ModelDescription, PositionScheme, visual_token_ids
+from .registry import description_for
 
 __all__ = ["attach_decoder", "DecoderHandle", "attention_rows", "language_model_of", "visual_token_ids", "POSITIONS"]
 
@@ -84,60 +85,17 @@ __all__ = ["attach_decoder", "DecoderHandle", "attention_rows", "language_model_
 #: "compact" (renumbered contiguously, the generated tokens follow on: PyramidDrop's and SparseVLM's references).
 POSITIONS = ("original", "compact")
 
+_BASE = ModelDescription()
+
 #: key chunk of the attention-row computation: bounds the extra memory of scoring to O(chunk * D).
 KEY_CHUNK = 1024
 
 
 # ------------------------------------------------------------------------------------ locating things
 def language_model_of(model: nn.Module) -> nn.Module:
-    """The decoder stack (the module with ``.layers``) of a stock VLM, or of a plain causal LM."""
-    for path in ("model.language_model", "model.text_model", "language_model", "model", ""):
-        obj = model
-        for part in filter(None, path.split(".")):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None and isinstance(getattr(obj, "layers", None), nn.ModuleList):
-            return obj
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: expected model.model.language_model.layers "
-        "(stock LLaVA / LLaVA-NeXT / OneVision / Qwen2-VL / InternVL) or model.model.layers"
-    )
-
-
-def visual_token_ids(config) -> list[int]:
-    """Placeholder ids of visual tokens (image and video) from a VLM config."""
-    ids: list[int] = []
-    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
-        v = getattr(config, name, None)
-        if isinstance(v, int) and v >= 0 and v not in ids:
-            ids.append(v)
-    if not ids:
-        raise ValueError(
-            f"{type(config).__name__} has no image_token_id / image_token_index: decoder-stage pruning needs it to "
-            "find the visual tokens in input_ids"
-        )
-    return ids
-
-
-def _image_newline(model: nn.Module) -> Tensor | None:
-    """The ``image_newline`` parameter of a LLaVA-NeXT / OneVision model (``[D]``), else ``None``."""
-    for obj in (getattr(model, "model", None), model):
-        nl = getattr(obj, "image_newline", None) if obj is not None else None
-        if isinstance(nl, Tensor) and nl.dim() == 1:
-            return nl.detach()
-    return None
-
-
-def _rope_fn(attn: nn.Module):
-    """The ``apply_rotary_pos_emb`` of the attention module's own modeling file (reused, not re-written)."""
-    fn = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
-    if fn is None:
-        raise ValueError(
-            f"{type(attn).__module__} has no apply_rotary_pos_emb; decoder-stage scoring supports rotary-embedding "
-            "decoders (LLaMA, Qwen2, Qwen2-VL M-RoPE, ...)"
-        )
-    return fn
+    """The decoder stack (the module with the LLM's layers) of a stock VLM, or of a plain causal LM: where the
+    model's family description says it is."""
+    return description_for(model, text_only=True).language_model(model)
 
 
 def _rope(fn, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -174,6 +132,7 @@ def attention_rows(
     query_idx: Tensor,
     key_ok: Tensor,
     chunk: int = KEY_CHUNK,
+    desc: ModelDescription | None = None,
 ) -> Tensor:
     """Head-mean softmax attention rows of the chosen queries of a decoder ``layer``, without an L x L matrix.
 
@@ -185,13 +144,19 @@ def attention_rows(
         query_idx: ``[B, Q]`` long positions of the query rows.
         key_ok: ``[B, L]`` bool keys a query may attend (padding and masked fillers False); causality
             (key position <= query position) is added here, and a query always sees itself.
+        chunk: keys per chunk of the score computation.
+        desc: the model's description (where the layer's attention, input norm and rotary function are);
+            ``None``: the description base's defaults (``self_attn``, ``input_layernorm``, the modeling file's
+            ``apply_rotary_pos_emb``).
 
     Returns:
         ``[B, Q, L]`` float32: ``softmax(q k^T * scaling + mask)`` averaged over heads — the eager
         attention row of each query (GQA keys shared by their query heads as ``repeat_kv`` does).
     """
-    attn = layer.self_attn
-    fn = _rope_fn(attn)
+    desc = desc if desc is not None else _BASE
+    attn = desc.llm_attention(layer)
+    norm_in = desc.llm_input_norm(layer)
+    fn = desc.rotary_fn(attn)
     cos, sin = position_embeddings
     b, n, _ = hidden.shape
     hd = attn.head_dim
@@ -204,14 +169,14 @@ def attention_rows(
             y = norm(y)
         return y.transpose(1, 2)
 
-    hq = layer.input_layernorm(_gather_seq(hidden, query_idx, 0, 1))
+    hq = norm_in(_gather_seq(hidden, query_idx, 0, 1))
     q = _rope(fn, proj(hq, attn.q_proj, "q_norm"), _gather_seq(cos, query_idx, 0, 1), _gather_seq(sin, query_idx, 0, 1))
     heads = q.shape[1]
     q = q.float()
     logits = []
     for start in range(0, n, chunk):
         sl = slice(start, min(n, start + chunk))
-        k = proj(layer.input_layernorm(hidden[:, sl]), attn.k_proj, "k_norm")
+        k = proj(norm_in(hidden[:, sl]), attn.k_proj, "k_norm")
         k = _rope(fn, k, cos[:, sl], sin[:, sl]).float()
         kv_heads = k.shape[1]
         # [B, Hkv, g, Q, hd] x [B, Hkv, c, hd] -> [B, Hkv, g, Q, c]: each KV head serves g query heads
@@ -281,17 +246,22 @@ class DecoderHandle:
                              f"{', '.join(map(repr, POSITIONS))}")
         self.model = model
         self.methods = list(methods)
-        self.lm = language_model_of(model)
-        self.layers = self.lm.layers
-        self.token_ids = visual_token_ids(model.config)
-        cfg = getattr(model.config, "text_config", None) or model.config
-        self._impl = str(getattr(cfg, "_attn_implementation", None) or "")
-        rotary = getattr(self.lm, "rotary_emb", None)
+        self.desc = desc = description_for(model, text_only=True)
+        self.lm = desc.language_model(model)
+        self.layers = desc.llm_layers(model)
+        self.token_ids = desc.visual_token_ids(model)
+        if not self.token_ids:
+            raise ValueError(
+                f"{type(model.config).__name__} has no image_token_id / image_token_index: decoder-stage pruning needs "
+                "it to find the visual tokens in input_ids")
+        self._impl = str(getattr(desc.text_config(model), "_attn_implementation", None) or "")
+        rotary = desc.rotary_emb(model)
         # M-RoPE (Qwen2-VL): 3-D grid positions; text after an image already continues from the grid's maximum
         # whatever the token count, so "compact" positions are the stock ones there (nothing is renumbered).
-        self._mrope = rotary is not None and getattr(rotary, "mrope_section", None) is not None
+        self._mrope = desc.position_scheme == PositionScheme.MROPE
         self._rotary = rotary
-        self._newline = _image_newline(model)
+        newline = desc.image_newline(model)
+        self._newline = newline.detach() if newline is not None else None
         num = len(self.layers)
         stages: list[_Stage] = []
         self._positions: dict[int, str] = {}
@@ -431,10 +401,8 @@ class DecoderHandle:
             raise ValueError("decoder-stage pruning returns logits for the kept positions only; labels are not "
                              "supported (compute the loss without the pruning hooks)")
         ph = torch.isin(ids, torch.tensor(self.token_ids, device=ids.device)) & pad_ok
-        # image boundaries: contiguous placeholder runs (each image's run is contiguous in every stock family;
-        # two images with no token between them read as one)
-        start = ph & ~torch.nn.functional.pad(ph[:, :-1], (1, 0), value=False)
-        img = torch.where(ph, start.long().cumsum(1) - 1, torch.full_like(ids, -1))
+        # image boundaries: the family's grouping of placeholders into images (contiguous runs for most)
+        img = self.desc.placeholder_images(self.model, ids, ph)
         self.run = _Run("prefill", ids.clone(), ph.clone(), pad_ok, ids.shape[1], ids.shape[1], ph=ph, img=img)
         return None
 
@@ -570,19 +538,19 @@ class DecoderHandle:
         with torch.no_grad():
             if "attn" in method.needs:
                 q_idx, q_ok = self._queries(si, vis, ok)
-                rows = attention_rows(layer, hidden, kwargs["position_embeddings"], q_idx, ok)
+                rows = attention_rows(layer, hidden, kwargs["position_embeddings"], q_idx, ok, desc=self.desc)
                 sig["attn"] = rows.transpose(1, 2)  # [B, L, Q]
                 sig["q_ok"] = q_ok
             if "keys" in method.needs:
                 # the keys the layer caches: k_proj (+ k_norm) of the normed input, rotated by RoPE, all KV heads
                 # concatenated ([B, L, Hkv * hd]) — DART's reference reads these post-RoPE keys of layer K - 1
-                attn = layer.self_attn
+                attn = self.desc.llm_attention(layer)
                 b, n, _ = hidden.shape
-                k = attn.k_proj(layer.input_layernorm(hidden)).view(b, n, -1, attn.head_dim)
+                k = attn.k_proj(self.desc.llm_input_norm(layer)(hidden)).view(b, n, -1, attn.head_dim)
                 if getattr(attn, "k_norm", None) is not None:
                     k = attn.k_norm(k)
                 cos, sin = kwargs["position_embeddings"]
-                k = _rope(_rope_fn(attn), k.transpose(1, 2), cos, sin)
+                k = _rope(self.desc.rotary_fn(attn), k.transpose(1, 2), cos, sin)
                 sig["keys"] = k.transpose(1, 2).reshape(b, n, -1)
         run.signals[si] = sig
 
@@ -629,8 +597,9 @@ class DecoderHandle:
                     text_keys = _gather_seq(sig["keys"], q_idx, 0, 1)[bp]
                 text_seq = (ok.long().cumsum(1) - 1).gather(1, q_idx)[bp]
             if getattr(method, "normed", False):  # DART: cosine similarity on the final-RMSNorm'd states
-                x = self.lm.norm(x)
-                text = self.lm.norm(text) if text is not None else None
+                norm = self.desc.final_norm(self.model)
+                x = norm(x)
+                text = norm(text) if text is not None else None
             x = torch.where(img_ok[..., None], x, torch.zeros((), device=dev, dtype=x.dtype))
             keys = rows_of(sig["keys"]) if "keys" in sig else None
             tokens = VisualTokens.from_features(x, grid=(1, img_idx.shape[1]), mask=img_ok, keys=keys, text=text,

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..tokens import VisualTokens
+from .description import ModelDescription
 
 __all__ = ["EncoderSpec", "EncoderMerging", "encoder_merging", "resolve_encoder_spec"]
 
@@ -56,12 +57,17 @@ class EncoderSpec:
         num_prefix_tokens: ``P`` tokens before the patches that never merge (1 for CLIP's [CLS], 0 for SigLIP).
         feature_layers: hidden-state indices the model reads, resolved to ``0 .. L`` (0 = embeddings).
         grid: ``(H, W)`` patch grid of one image / crop, or ``None`` to infer a square grid at run time.
+        attention: the attention module of each layer (``None``: unknown), whose implementation decides whether
+            proportional attention's additive bias can be taken.
+        key_proj: the keys projection of each layer's attention (``None`` entries: none; ToMe's metric reads it).
     """
 
     layers: list[nn.Module]
     num_prefix_tokens: int
     feature_layers: tuple[int, ...]
     grid: tuple[int, int] | None = None
+    attention: list[nn.Module | None] | None = None
+    key_proj: list[nn.Module | None] | None = None
 
     @property
     def merge_layers(self) -> int:
@@ -82,46 +88,6 @@ def _value(source: Any, name: str, model: nn.Module) -> Any:
     return v
 
 
-def _vision_tower(model: nn.Module) -> nn.Module:
-    for path in ("model.vision_tower", "vision_tower", "model.vision_model", "vision_model", "visual", "model.visual"):
-        mod: Any = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, nn.Module):
-            return mod
-    return model  # a bare vision model
-
-
-def _default_layers(tower: nn.Module) -> list[nn.Module]:
-    for path in ("vision_model.encoder.layers", "encoder.layers", "encoder.layer", "layers", "blocks"):
-        mod: Any = tower
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            return list(mod)
-    raise ValueError(
-        f"cannot find the encoder layers of vision tower {type(tower).__name__}; pass layers=[...] or an adapter "
-        "with vision_layers(model)"
-    )
-
-
-def _default_prefix(tower: nn.Module) -> int:
-    emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
-    return 1 if emb is not None and getattr(emb, "class_embedding", None) is not None else 0
-
-
-def _default_grid(model: nn.Module, tower: nn.Module) -> tuple[int, int] | None:
-    cfg = getattr(getattr(model, "config", None), "vision_config", None) or getattr(tower, "config", None)
-    size, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
-    if isinstance(size, int) and isinstance(patch, int) and patch > 0:
-        return (size // patch, size // patch)
-    return None
-
-
 def resolve_encoder_spec(
     model: nn.Module,
     adapter: Any = None,
@@ -131,29 +97,34 @@ def resolve_encoder_spec(
     feature_layer: int | Sequence[int] | None = None,
     grid: tuple[int, int] | None = None,
 ) -> EncoderSpec:
-    """Resolve an :class:`EncoderSpec` from explicit arguments, else the ``adapter``, else the model's config.
+    """Resolve an :class:`EncoderSpec` from explicit arguments, else the ``adapter`` (the model family's
+    :class:`~vtcompress.models.description.ModelDescription` when ``None``).
 
-    The adapter may provide ``vision_layers(model)``, ``num_prefix_tokens``, ``feature_layer`` and ``grid`` (each
-    an attribute or a method taking the model). Without them: the tower's ``encoder.layers``, 1 prefix token if
-    its embeddings have a ``class_embedding``, ``config.vision_feature_layer`` (default -1), a square grid of
-    ``image_size // patch_size``.
+    The adapter provides ``vision_layers(model)``, ``num_prefix_tokens``, ``feature_layer`` and ``grid`` (each
+    an attribute or a method taking the model), and, when it is a description, each layer's attention module and
+    keys projection.
     """
-    tower = _vision_tower(model)
+    if adapter is None:
+        from .registry import adapter_for
+
+        adapter = adapter_for(model)
     if layers is None:
         layers = _value(adapter, "vision_layers", model)
-    layers = list(layers) if layers is not None else _default_layers(tower)
+    if layers is None:
+        raise ValueError(f"{type(adapter).__name__} does not say where the vision layers are; pass layers=[...]")
+    layers = list(layers)
     if not layers or not all(isinstance(m, nn.Module) for m in layers):
         raise ValueError(f"layers must be a non-empty list of nn.Module; got {layers!r}")
     if num_prefix_tokens is None:
         num_prefix_tokens = _value(adapter, "num_prefix_tokens", model)
     if num_prefix_tokens is None:
-        num_prefix_tokens = _default_prefix(tower)
+        num_prefix_tokens = 0
     if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be an int >= 0; got {num_prefix_tokens!r}")
     if feature_layer is None:
         feature_layer = _value(adapter, "feature_layer", model)
     if feature_layer is None:
-        feature_layer = getattr(getattr(model, "config", None), "vision_feature_layer", -1)
+        feature_layer = -1
     wanted = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
     n_states = len(layers) + 1
     resolved = []
@@ -166,11 +137,21 @@ def resolve_encoder_spec(
         resolved.append(f % n_states)
     if grid is None:
         grid = _value(adapter, "grid", model)
-    if grid is None:
-        grid = _default_grid(model, tower)
     if grid is not None:
         grid = (int(grid[0]), int(grid[1]))
-    return EncoderSpec(layers=layers, num_prefix_tokens=num_prefix_tokens, feature_layers=tuple(resolved), grid=grid)
+    attention = key_proj = None
+    if isinstance(adapter, ModelDescription):
+        attention = [_or_none(adapter.attention_module, layer) for layer in layers]
+        key_proj = [adapter.vision_key_proj(layer) for layer in layers]
+    return EncoderSpec(layers=layers, num_prefix_tokens=num_prefix_tokens, feature_layers=tuple(resolved), grid=grid,
+                       attention=attention, key_proj=key_proj)
+
+
+def _or_none(fn, *args):
+    try:
+        return fn(*args)
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------- the hooks
@@ -248,7 +229,8 @@ class EncoderMerging:
                         f"vision layer {i} ({type(layer).__name__}) takes no attention_mask, so proportional "
                         "attention cannot add its log(size) bias; use prop_attn=False"
                     )
-                impl = getattr(getattr(getattr(layer, "self_attn", None), "config", None), "_attn_implementation", None)
+                attn = self.spec.attention[i] if self.spec.attention is not None else None
+                impl = getattr(getattr(attn, "config", None), "_attn_implementation", None)
                 if isinstance(impl, str) and impl.startswith("flash"):
                     raise ValueError(
                         f"vision attention implementation {impl!r} takes no additive bias, which proportional "
@@ -256,12 +238,14 @@ class EncoderMerging:
                     )
         if self.use_keys:
             for i, r in enumerate(self.schedule):
-                attn = getattr(self.spec.layers[i], "self_attn", None)
-                if r > 0 and not isinstance(getattr(attn, "k_proj", None), nn.Module):
+                if r > 0 and self._key_proj(i) is None:
                     raise ValueError(
-                        f"vision layer {i} ({type(self.spec.layers[i]).__name__}) has no self_attn.k_proj to read "
-                        "keys from; use metric='features'"
+                        f"vision layer {i} ({type(self.spec.layers[i]).__name__}) has no keys projection (k_proj) to "
+                        "read keys from; use metric='features'"
                     )
+
+    def _key_proj(self, i: int) -> nn.Module | None:
+        return self.spec.key_proj[i] if self.spec.key_proj is not None else None
 
     # --------------------------------------------------------------------------- hooks
     def _install(self) -> None:
@@ -277,7 +261,7 @@ class EncoderMerging:
                 self._handles.append(layer.register_forward_pre_hook(self._pre_hook(i), with_kwargs=True))
             r = self.schedule[i] if i < len(self.schedule) else 0
             if self.use_keys and r > 0:
-                self._handles.append(layer.self_attn.k_proj.register_forward_hook(self._key_hook(i)))
+                self._handles.append(self._key_proj(i).register_forward_hook(self._key_hook(i)))
             if r > 0 or i in feature_after:
                 # prepend: the model's own hidden_states recorder (a forward hook too) must see merged states
                 self._handles.append(layer.register_forward_hook(self._layer_hook(i, r, i in feature_after),
@@ -327,7 +311,7 @@ class EncoderMerging:
         return mask.to(bias.dtype) + bias
 
     def _key_hook(self, i: int):
-        attn = self.spec.layers[i].self_attn
+        attn = self.spec.attention[i]
 
         def hook(module, args, output):
             if threading.get_ident() != self._thread:

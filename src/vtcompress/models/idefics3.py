@@ -29,22 +29,30 @@ them; the groups are learned by running the model's own ``connector.pixel_shuffl
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
-from .apply import Adapter, ImageLayout, register_adapter
+from .description import IMAGE, ModelDescription, PositionScheme, TokenLayout
+from .layout import ImageLayout
+from .registry import register_adapter
+from .sequence import placeholder_runs, runs_to_images
 
 __all__ = ["Idefics3Adapter"]
 
 
-class Idefics3Adapter(Adapter):
+class Idefics3Adapter(ModelDescription):
     family = "idefics3"
     model_classes = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
-    position_scheme = "1d"
-    encoder_only_keys = ("pixel_attention_mask",)
-
-    def vision_tower(self, model):
-        return self.base(model).vision_model
+    model_types = ("idefics3", "smolvlm")
+    position_scheme = PositionScheme.ROPE_1D
+    vision_tower_path = "vision_model"
+    vision_embeddings_paths = ("embeddings",)
+    projector_path = "connector"
+    language_model_path = "text_model"
+    modalities = (dataclasses.replace(IMAGE, token_id_keys=("image_token_id",),
+                                      input_keys=("pixel_values", "pixel_attention_mask"), layout=TokenLayout.TILES),)
 
     def num_prefix_tokens(self, model) -> int:
         return 0
@@ -61,14 +69,27 @@ class Idefics3Adapter(Adapter):
         p, s = int(self.vision_config(model).patch_size), self.scale(model)
         return (int(pv.shape[-2]) // p // s, int(pv.shape[-1]) // p // s)
 
+    def closing_runs(self, model, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The image-token runs of ``ids [B, S]`` (``starts``, ``ends``: ``[R, 2]`` row-major) and which of them
+        close an image (``[R]`` bool: the global tile, preceded by the global marker read from the prompt)."""
+        starts, ends = placeholder_runs(ids, self.image_token_id(model))  # row-major: the order masked_scatter fills
+        if starts.shape[0] == 0:
+            return starts, ends, torch.zeros(0, dtype=torch.bool, device=ids.device)
+        rows = starts[:, 0]
+        before = torch.where(starts[:, 1] > 0, ids[rows, (starts[:, 1] - 1).clamp(min=0)], torch.full_like(rows, -1))
+        last = torch.ones_like(rows, dtype=torch.bool)
+        last[:-1] = rows[1:] != rows[:-1]  # each sample's last run: its last image's global tile
+        marker = before[last].unique()
+        if marker.numel() != 1 or int(marker[0]) < 0:
+            raise ValueError(f"{self.family}: the token before each sample's last image-token run should be the global "
+                             f"image marker (<global-img>); found {before[last].tolist()}; pass the processor's "
+                             "input_ids unchanged")
+        return starts, ends, before == marker[0]
+
     def image_tiles(self, model, inputs) -> list[int]:
         """Tiles per image (global tile included), in placeholder order; validates the prompt's layout."""
         ids = inputs["input_ids"]
-        image_id = self.image_token_id(model)
-        is_img = (ids == image_id).long()
-        edge = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)
-        starts = (edge == 1).nonzero()  # [R, 2] (row, column), row-major: the order masked_scatter fills
-        ends = (edge == -1).nonzero()
+        starts, ends, closes = self.closing_runs(model, ids)
         grid = self.tile_grid(model, inputs)
         n = grid[0] * grid[1]
         lengths = (ends[:, 1] - starts[:, 1]).tolist()
@@ -78,24 +99,21 @@ class Idefics3Adapter(Adapter):
                              "tokens, as the processor writes the prompt")
         if not lengths:
             return []
-        rows = starts[:, 0]
-        before = torch.where(starts[:, 1] > 0, ids[rows, (starts[:, 1] - 1).clamp(min=0)],
-                             torch.full_like(rows, -1))
-        last = torch.ones_like(rows, dtype=torch.bool)
-        last[:-1] = rows[1:] != rows[:-1]  # each sample's last run: its last image's global tile
-        marker = before[last].unique()
-        if marker.numel() != 1 or int(marker[0]) < 0:
-            raise ValueError(f"{self.family}: the token before each sample's last image-token run should be the global "
-                             f"image marker (<global-img>); found {before[last].tolist()}; pass the processor's "
-                             "input_ids unchanged")
-        closes = (before == marker[0]).nonzero().squeeze(1)
-        tiles = torch.diff(closes, prepend=closes.new_full((1,), -1)).tolist()
+        at = closes.nonzero().squeeze(1)
+        tiles = torch.diff(at, prepend=at.new_full((1,), -1)).tolist()
         real = (inputs["pixel_values"] != 0).flatten(2).any(-1).sum(1)  # the stock model drops all-zero tiles
-        per_row = torch.bincount(rows, minlength=ids.shape[0])
+        per_row = torch.bincount(starts[:, 0], minlength=ids.shape[0])
         if not torch.equal(real.to(per_row.device), per_row):
             raise ValueError(f"{self.family}: input_ids hold {per_row.tolist()} tiles per sample but pixel_values hold "
                              f"{real.tolist()} non-padding tiles per sample")
         return tiles
+
+    def placeholder_images(self, model, ids, placeholders):
+        """The tiles of one image (its runs up to the global tile's) are one image for the decoder stage."""
+        starts, _, closes = self.closing_runs(model, ids)
+        if starts.shape[0] == 0:
+            return torch.full_like(ids, -1)
+        return runs_to_images(ids, placeholders, starts, closes)
 
     def features(self, model, inputs, out) -> list[Tensor]:
         feats = torch.cat(list(out.pooler_output), dim=0)  # stock: one tensor per sample
@@ -112,7 +130,7 @@ class Idefics3Adapter(Adapter):
         sig = torch.cat(records, dim=0)  # [tiles, H*W, C], the real tiles in placeholder order
         t, _, c = sig.shape
         s = self.scale(model)
-        shuffled = self.base(model).connector.pixel_shuffle(sig, scale_factor=s)  # [tiles, n, s*s*C]
+        shuffled = self.projector(model).pixel_shuffle(sig, scale_factor=s)  # [tiles, n, s*s*C]
         groups = shuffled.reshape(t, shuffled.shape[1], s * s, c)  # the s*s patches of each token, C each
         pooled = groups.sum(2) if reduce == "sum" else groups.mean(2)
         return [p.reshape(-1, c) for p in torch.split(pooled, self.image_tiles(model, inputs), dim=0)]

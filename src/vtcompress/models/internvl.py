@@ -1,4 +1,4 @@
-"""InternVL adapter (``InternVLForConditionalGeneration``): InternViT tiles, pixel shuffle, MLP projector.
+"""InternVL description (``InternVLForConditionalGeneration``): InternViT tiles, pixel shuffle, MLP projector.
 
 ``get_image_features`` returns a Tensor ``[tiles, n, D]`` (already pixel-shuffled: each token covers a 2x2
 group of patches) for all images together; an image is one contiguous placeholder run of ``tiles_i * n``
@@ -11,24 +11,29 @@ groups are learned by running the model's own ``pixel_shuffle``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
-from .apply import Adapter, ImageLayout, register_adapter
+from .description import IMAGE, ModelDescription, PositionScheme, TokenLayout
+from .layout import ImageLayout
+from .registry import register_adapter
+from .sequence import placeholder_runs
 
 __all__ = ["InternVLAdapter"]
 
 
-class InternVLAdapter(Adapter):
+class InternVLAdapter(ModelDescription):
     family = "internvl"
     model_classes = ("InternVLForConditionalGeneration",)
-    position_scheme = "1d"
-
-    def vision_layers(self, model):
-        return list(self.vision_tower(model).encoder.layer)
-
-    def attention_module(self, layer):
-        return layer.attention
+    model_types = ("internvl",)
+    position_scheme = PositionScheme.ROPE_1D
+    vision_layers_path = "encoder.layer"
+    vision_attention_path = "attention"
+    projector_path = "multi_modal_projector"
+    modalities = (dataclasses.replace(IMAGE, token_id_keys=("image_token_id",), input_keys=("pixel_values",),
+                                      layout=TokenLayout.TILES),)
 
     def shuffled_grid(self, model) -> tuple[int, int]:
         h, w = self.grid(model)
@@ -36,11 +41,7 @@ class InternVLAdapter(Adapter):
         return (int(h * r), int(w * r))
 
     def tiles(self, model, inputs) -> list[int]:
-        ids = inputs["input_ids"]
-        is_img = (ids == self.image_token_id(model)).long()
-        edge = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)
-        starts = (edge == 1).nonzero()  # row-major, the order masked_scatter fills the placeholders
-        ends = (edge == -1).nonzero()
+        starts, ends = placeholder_runs(inputs["input_ids"], self.image_token_id(model))  # row-major: scatter order
         per = self.shuffled_grid(model)
         n = per[0] * per[1]
         lengths = (ends[:, 1] - starts[:, 1]).tolist()

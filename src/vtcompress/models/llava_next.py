@@ -1,4 +1,4 @@
-"""LLaVA-NeXT adapter (``LlavaNextForConditionalGeneration``): anyres crops, packed features.
+"""LLaVA-NeXT description (``LlavaNextForConditionalGeneration``): anyres crops, packed features.
 
 ``get_image_features`` returns per image one PACKED ``[L, D]`` run: the base crop's ``H*W`` patches, then the
 unpadded high-resolution grid row by row, each row followed by ``image_newline`` (one crop only: its patches).
@@ -12,20 +12,31 @@ those newlines are always kept, so budget 1.0 equals the stock model for every i
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
-from .apply import Adapter, ImageLayout, register_adapter
+from .description import IMAGE, ModelDescription, PositionScheme, TokenLayout
+from .layout import ImageLayout
+from .registry import register_adapter
 
 __all__ = ["AnyresAdapter", "LlavaNextAdapter"]
 
 
-class AnyresAdapter(Adapter):
-    """Shared by LLaVA-NeXT and LLaVA-OneVision: only the packer's arguments and the crop counts differ."""
+class AnyresAdapter(ModelDescription):
+    """Shared by LLaVA-NeXT and LLaVA-OneVision: only the packer's arguments and the crop counts differ.
 
-    position_scheme = "1d"
+    An :attr:`TokenLayout.ANYRES` description defines :meth:`crops` and :meth:`pack` (the projector pipeline's
+    vision space packs the projector input with them)."""
+
+    position_scheme = PositionScheme.ROPE_1D
+    modalities = (dataclasses.replace(IMAGE, layout=TokenLayout.ANYRES),)
+    image_newline_path = "image_newline"
+    projector_one_to_one = True
 
     def crops(self, model, inputs) -> list[int]:
+        """Crops per image (base crop + high-resolution tiles) that the tower sees."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         cfg = model.config
@@ -33,6 +44,7 @@ class AnyresAdapter(Adapter):
                 for s in inputs["image_sizes"]]
 
     def pack(self, model, inputs, per_image: list[Tensor], newline: Tensor) -> list[Tensor]:
+        """The model's own packer on per-crop ``[crops_i, H*W, C]`` (newline ``[C]``): ``[L_i, C]`` per image."""
         base = self.base(model)
         feats, _ = base.pack_image_features(
             per_image, inputs["image_sizes"], model.config.vision_feature_select_strategy, image_newline=newline)
@@ -69,6 +81,7 @@ class AnyresAdapter(Adapter):
 class LlavaNextAdapter(AnyresAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    model_types = ("llava_next",)
 
 
 register_adapter(LlavaNextAdapter())

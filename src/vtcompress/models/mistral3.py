@@ -29,25 +29,34 @@ sequence's queries to the image's own), summed over the ``m x m`` patches of a m
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import dataclasses
+import weakref
 
-from .apply import Adapter, ImageLayout, register_adapter
+import torch
+from torch import Tensor, nn
+
+from .description import IMAGE, ModelDescription, PositionScheme, TokenLayout
+from .layout import ImageLayout
+from .registry import register_adapter
+from .sequence import placeholder_runs, runs_to_images
 
 __all__ = ["Mistral3Adapter"]
 
+# model -> (the [IMG_BREAK] id or None while no image had two rows, the [IMG_END] id), read from full prompts
+_SPECIAL: weakref.WeakKeyDictionary[nn.Module, tuple[int | None, int]] = weakref.WeakKeyDictionary()
 
-class Mistral3Adapter(Adapter):
+
+class Mistral3Adapter(ModelDescription):
     family = "mistral3"
     model_classes = ("Mistral3ForConditionalGeneration",)
-    position_scheme = "1d"
-    encoder_only_keys = ("image_sizes",)
-
-    def vision_layers(self, model):
-        return list(self.vision_tower(model).transformer.layers)
-
-    def attention_module(self, layer):
-        return layer.attention
+    model_types = ("mistral3",)
+    position_scheme = PositionScheme.ROPE_1D
+    vision_layers_path = "transformer.layers"
+    vision_attention_path = "attention"
+    vision_embeddings_paths = ()
+    vision_position_scheme = PositionScheme.ROPE_2D
+    modalities = (dataclasses.replace(IMAGE, token_id_keys=("image_token_id", "image_token_index"),
+                                      input_keys=("pixel_values", "image_sizes"), layout=TokenLayout.NATIVE),)
 
     def num_prefix_tokens(self, model) -> int:
         return 0
@@ -64,22 +73,48 @@ class Mistral3Adapter(Adapter):
         m = self.merge(model)
         return [(h // m, w // m) for h, w in self.patch_grids(model, inputs)]
 
-    def end_token(self, model, ids: Tensor) -> int:
-        """The ``[IMG_END]`` id, read from the prompt: the token after each sample's last image-token run."""
-        is_img = (ids == self.image_token_id(model)).long()
-        edge = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)
-        ends = (edge == -1).nonzero()  # [R, 2] first column after each run
+    def special_tokens(self, model, ids: Tensor) -> tuple[int | None, int]:
+        """``([IMG_BREAK] id or None, [IMG_END] id)`` read from a full prompt ``ids [B, S]``: every row of an image's
+        merged grid is a run of ``[IMG]`` followed by one of them, and each sample's last run by ``[IMG_END]``.
+        Remembered per model: a prompt shortened by the projector stage may have lost whole rows."""
+        starts, ends = placeholder_runs(ids, self.image_token_id(model))
         if ends.shape[0] == 0:
             raise ValueError("mistral3: input_ids hold no image placeholder")
         rows = ends[:, 0]
+        after = torch.where(ends[:, 1] < ids.shape[1], ids[rows, ends[:, 1].clamp(max=ids.shape[1] - 1)],
+                            torch.full_like(rows, -1))
         last = torch.ones_like(rows, dtype=torch.bool)
         last[:-1] = rows[1:] != rows[:-1]
-        after = torch.where(ends[:, 1] < ids.shape[1], ids[rows, ends[:, 1].clamp(max=ids.shape[1] - 1)],
-                            torch.full_like(rows, -1))[last]
-        if after.unique().numel() != 1 or int(after[0]) < 0:
-            raise ValueError(f"mistral3: the token after each sample's last image-token run should be [IMG_END]; found "
-                             f"{after.tolist()}; pass the processor's input_ids unchanged")
-        return int(after[0])
+        end = after[last].unique()
+        others = after[after != end[0]].unique() if end.numel() == 1 else end
+        if end.numel() != 1 or int(end[0]) < 0 or others.numel() > 1:
+            raise ValueError(f"mistral3: each row of an image is a run of [IMG] followed by [IMG_BREAK] (the last row: "
+                             f"[IMG_END]); the tokens after the runs are {after.tolist()}; pass the processor's "
+                             "input_ids unchanged")
+        found = (int(others[0]) if others.numel() else None, int(end[0]))
+        known = _SPECIAL.get(model)
+        if known is not None and (known[1] != found[1] or None not in (known[0], found[0]) and known[0] != found[0]):
+            raise ValueError(f"mistral3: this prompt's [IMG_BREAK] / [IMG_END] ids {found} differ from the ones of "
+                             f"earlier prompts {known}")
+        _SPECIAL[model] = (found[0] if found[0] is not None else (known[0] if known else None), found[1])
+        return _SPECIAL[model]
+
+    def placeholder_images(self, model, ids, placeholders):
+        """An image's rows (runs of ``[IMG]`` between ``[IMG_BREAK]`` tokens) are one image for the decoder stage:
+        the runs up to each ``[IMG_END]``. The ids are remembered from the full prompts this model has seen (a
+        prompt the projector stage shortened may have lost whole rows); a first prompt is read as a full one."""
+        starts, _ = placeholder_runs(ids, self.image_token_id(model))
+        if starts.shape[0] == 0:
+            return torch.full_like(ids, -1)
+        _, end = _SPECIAL[model] if model in _SPECIAL else self.special_tokens(model, ids)
+        # the run after which the next [IMG_END] comes first (before another run) closes its image
+        is_end = (ids == end).long()
+        ends_before = torch.cumsum(is_end, 1)  # [IMG_END] tokens up to each column
+        at_start = ends_before[starts[:, 0], starts[:, 1]]
+        closes = torch.ones(starts.shape[0], dtype=torch.bool, device=ids.device)
+        same_row = starts[1:, 0] == starts[:-1, 0]
+        closes[:-1] = ~same_row | (at_start[1:] > at_start[:-1])
+        return runs_to_images(ids, placeholders, starts, closes)
 
     def layouts(self, model, inputs, feats: list[Tensor]) -> list[ImageLayout]:
         grids = self.merged_grids(model, inputs)
@@ -94,10 +129,8 @@ class Mistral3Adapter(Adapter):
     def _check_rows(self, model, inputs, grids) -> None:
         """Each image is ``rows`` runs of ``cols`` placeholders, the last one followed by ``[IMG_END]``."""
         ids = inputs["input_ids"]
-        end = self.end_token(model, ids)
-        is_img = (ids == self.image_token_id(model)).long()
-        edge = torch.diff(torch.nn.functional.pad(is_img, (1, 1)), dim=1)
-        starts, ends = (edge == 1).nonzero(), (edge == -1).nonzero()
+        _, end = self.special_tokens(model, ids)
+        starts, ends = placeholder_runs(ids, self.image_token_id(model))
         lengths = (ends[:, 1] - starts[:, 1]).tolist()
         after = ids[ends[:, 0], ends[:, 1].clamp(max=ids.shape[1] - 1)]
         closes = (after == end).nonzero().squeeze(1).tolist()

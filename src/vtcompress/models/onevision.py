@@ -1,15 +1,17 @@
-"""LLaVA-OneVision adapter (``LlavaOnevisionForConditionalGeneration``): SigLIP (no [CLS]), anyres_max_9.
+"""LLaVA-OneVision description (``LlavaOnevisionForConditionalGeneration``): SigLIP (no [CLS]), anyres_max_9.
 
 Same packed layout as LLaVA-NeXT (see :mod:`vtcompress.models.llava_next`) with two differences the stock
 packer handles and the layout map follows: the high-resolution grid is bilinearly down-sized when it exceeds
 9 crops' worth of patches, and in multi-image samples (``batch_num_images > 1``) each image is one base crop
 followed by a single newline. Signals are the mean attention each patch receives (SigLIP has no [CLS]).
+Videos (``pixel_values_videos``, frames pooled by the model) are described; they pass through uncompressed.
 """
 
 from __future__ import annotations
 
-from .apply import register_adapter
+from .description import Modality, TokenLayout
 from .llava_next import AnyresAdapter
+from .registry import register_adapter
 
 __all__ = ["OnevisionAdapter"]
 
@@ -17,6 +19,14 @@ __all__ = ["OnevisionAdapter"]
 class OnevisionAdapter(AnyresAdapter):
     family = "onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    model_types = ("llava_onevision",)
+    modalities = (
+        Modality(name="image", token_id_keys=("image_token_id", "image_token_index"),
+                 input_keys=("pixel_values", "image_sizes", "batch_num_images"), encode_fn="get_image_features",
+                 layout=TokenLayout.ANYRES),
+        Modality(name="video", token_id_keys=("video_token_id", "video_token_index"),
+                 input_keys=("pixel_values_videos",), encode_fn="get_video_features", layout=TokenLayout.FRAMES),
+    )
 
     def crops(self, model, inputs) -> list[int]:
         full = super().crops(model, inputs)

@@ -1,11 +1,13 @@
-"""Qwen2-VL and Qwen2.5-VL adapter: native-resolution tower, 2x2 patch merger, 3-D M-RoPE.
+"""Qwen2-VL and Qwen2.5-VL description: native-resolution tower, 2x2 patch merger, 3-D M-RoPE.
 
 ``get_image_features`` returns per image ``[t*h*w/4, D]`` merged tokens (raster order over the merged grid
 ``(t*h/2, w/2)``). Positions are M-RoPE: each kept token keeps its column of ``get_rope_index`` on the full
 sequence. The tower runs one attention call per image (Qwen2-VL) or per window (Qwen2.5-VL, whose tokens are
 reordered into windows in groups of 4 and back after the merger); there is no [CLS], so the attention signal
 is the mean attention each patch receives within the call (its window for windowed layers), summed over the 4
-patches a merged token covers; keys are averaged over them.
+patches a merged token covers; keys are averaged over them. The merger is the projector: no 1:1 map from its
+input to the LLM's tokens, so methods act on the projected tokens. Videos are described; they pass through
+uncompressed.
 """
 
 from __future__ import annotations
@@ -13,25 +15,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .apply import Adapter, ImageLayout, register_adapter
+from .description import Modality, ModelDescription, PositionScheme, TokenLayout
+from .layout import ImageLayout
+from .registry import register_adapter
 
 __all__ = ["Qwen2VLAdapter"]
 
 
-class Qwen2VLAdapter(Adapter):
+class Qwen2VLAdapter(ModelDescription):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    position_scheme = "mrope"
-    encoder_only_keys = ("mm_token_type_ids", "image_grid_thw")
-
-    def vision_tower(self, model):
-        return self.base(model).visual
-
-    def vision_layers(self, model):
-        return list(self.vision_tower(model).blocks)
-
-    def attention_module(self, layer):
-        return layer.attn
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    position_scheme = PositionScheme.MROPE
+    vision_position_scheme = PositionScheme.ROPE_2D
+    vision_tower_path = "visual"
+    vision_layers_path = "blocks"
+    vision_attention_path = "attn"
+    projector_path = "visual.merger"
+    runtime_state = ("rope_deltas",)
+    modalities = (
+        Modality(name="image", token_id_keys=("image_token_id",), input_keys=("pixel_values", "image_grid_thw"),
+                 encode_fn="get_image_features", layout=TokenLayout.NATIVE,
+                 encoder_only_keys=("mm_token_type_ids", "image_grid_thw")),
+        Modality(name="video", token_id_keys=("video_token_id",), input_keys=("pixel_values_videos", "video_grid_thw"),
+                 encode_fn="get_video_features", layout=TokenLayout.FRAMES),
+    )
 
     def num_prefix_tokens(self, model) -> int:
         return 0
@@ -76,6 +84,11 @@ class Qwen2VLAdapter(Adapter):
             sig = ordered
         sig = sig.sum(1) if reduce == "sum" else sig.mean(1)
         return list(torch.split(sig, [int(f.shape[0]) for f in feats], dim=0))
+
+    def rope_index(self, model, input_ids, mm_token_type_ids, *, attention_mask, **grids):
+        pos, _ = self.base(model).get_rope_index(input_ids, mm_token_type_ids, attention_mask=attention_mask,
+                                                 **grids)
+        return pos
 
 
 register_adapter(Qwen2VLAdapter())

@@ -29,7 +29,6 @@ record per call, in call order.
 
 from __future__ import annotations
 
-import sys
 import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -37,6 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from .description import modeling_function
 
 __all__ = ["SignalRecord", "capture_signals", "attention_signal", "SIGNAL_ATTENTION"]
 
@@ -137,7 +138,7 @@ def _base_function(module: nn.Module, name: str):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if name == "eager":
-        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        fn = modeling_function(module, "eager_attention_forward")
         if fn is None:
             raise ValueError(f"{type(module).__name__} has no eager attention function to wrap")
         return fn
