@@ -332,7 +332,7 @@ _ROW_COL = 100  # <row_i_col_j> = 100 + 3 * (i - 1) + (j - 1), i, j <= 3
 _SPLITS = [(0, 0), (1, 2), (2, 1), (1, 1)]  # (rows, cols) of the tiles of image k, cycled; (0, 0): not split
 
 
-def _idefics3_prompt(rows: int, cols: int, n: int) -> list[int]:
+def idefics3_prompt(rows: int, cols: int, n: int) -> list[int]:
     """An image's tokens as the Idefics3 / SmolVLM processors write them (``n`` placeholders per tile)."""
     if rows == 0:
         return [FAKE, GLOBAL] + [IMAGE] * n + [FAKE]
@@ -364,7 +364,7 @@ def _idefics3(config_cls, model_cls, seed: int, attn: str):
                 r, c = _SPLITS[len(tiles) % len(_SPLITS)]
                 tiles.append(r * c + 1)
                 k[-1] += r * c + 1
-                row += _idefics3_prompt(r, c, 4)
+                row += idefics3_prompt(r, c, 4)
                 row += [t if t not in markers else 3 for t in _text(gen, 1 + b % 3)]
             rows.append(row)
         ids, mask, _ = _assemble(rows, padding)
@@ -396,7 +396,7 @@ IMG_END = 122
 _PIXTRAL_SIZES = [(16, 24), (24, 16), (16, 16), (32, 8)]  # image sizes (H, W) in pixels, cycled: 8 px per token
 
 
-def _pixtral_prompt(rows: int, cols: int) -> list[int]:
+def pixtral_prompt(rows: int, cols: int) -> list[int]:
     """An image's tokens as the Pixtral processor writes them: each row of the merged grid, then a break."""
     out = []
     for r in range(rows):
@@ -428,7 +428,7 @@ def tiny_mistral3(seed: int = 0, attn: str = "sdpa"):
             for _ in range(images[b]):
                 h, w = _PIXTRAL_SIZES[len(sizes) % len(_PIXTRAL_SIZES)]
                 sizes.append((h, w))
-                row += _pixtral_prompt(h // 8, w // 8) + _text(gen, 1 + b % 3)
+                row += pixtral_prompt(h // 8, w // 8) + _text(gen, 1 + b % 3)
             rows.append(row)
         ids, mask, _ = _assemble(rows, padding)
         out = {"input_ids": ids, "attention_mask": mask}

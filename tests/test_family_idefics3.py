@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface
 
 import vtcompress
-from models_util import FAKE, GLOBAL, IMAGE, split_samples, tiny_idefics3, tiny_smolvlm
-from test_apply import ClsTopK, NormTopK, Probe, _hooks
+from family_checks import (
+    GEN,
+    check_cached_equals_uncached,
+    check_every_training_free_method_and_fastv,
+    check_restoration,
+    decoder_kept_per_image,
+)
+from models_util import FAKE, GLOBAL, IMAGE, tiny_idefics3, tiny_smolvlm
+from test_apply import ClsTopK, NormTopK, Probe
 from vtcompress.models import adapter_for
-
-GEN = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
 
 
 @pytest.fixture(scope="module", params=["idefics3", "smolvlm"])
@@ -67,76 +71,32 @@ def test_full_budget_with_padded_tiles_and_beams_equals_stock(built):
     assert torch.equal(ids, ref_ids) and torch.equal(got_beams, ref_beams)
 
 
-def test_cached_equals_uncached_and_positions(built):
-    model, make = built
-    gen = {**GEN, "suppress_tokens": [IMAGE]}
-    for inputs in (make(batch=1, images=[1], seed=4), make(batch=3, images=[1, 0, 2], seed=4)):
-        for positions in ("original", "compact"):
-            with torch.no_grad(), vtcompress.apply(model, ClsTopK(budget=0.5), positions=positions):
-                cached = model.generate(**inputs, **gen)
-                uncached = model.generate(**inputs, use_cache=False, **gen)
-            assert torch.equal(cached, uncached), positions
+def test_cached_equals_uncached(built):
+    check_cached_equals_uncached(*built)
 
 
 def test_restoration(built):
-    model, make = built
-    inputs = make(batch=2, images=[2, 1], seed=5)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        ref_ids = model.generate(**inputs, **GEN)
-    hooks = _hooks(model)
-    impl = (model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation)
-    mapping = dict(AttentionInterface._global_mapping)
-    config = model.config.to_dict()
-    with torch.no_grad(), vtcompress.apply(model, [ClsTopK(budget=0.3), vtcompress.get("fastv", budget=0.5, layer=1)]):
-        short = model.generate(**inputs, **GEN)
-    assert short.shape == ref_ids.shape
-    assert _hooks(model) == hooks and "generate" not in vars(model)
-    assert (model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation) == impl
-    assert AttentionInterface._global_mapping == mapping and model.config.to_dict() == config
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, ref)
-        assert torch.equal(model.generate(**inputs, **GEN), ref_ids)
+    check_restoration(*built)
 
 
 def test_every_training_free_projector_method_and_fastv(built):
-    """Every registered training-free projector method runs on a padded 0/1/2-image batch (fewer tokens, the
-    original prompt returned); at budget 1.0 a method that keeps every token is the stock model; FastV at 1.0
-    is the stock model and at 0.5 a batch equals its samples one by one."""
+    check_every_training_free_method_and_fastv(*built)
+
+
+def test_decoder_stage_budgets_count_per_image_across_tiles(built):
+    """The decoder stage groups an image's tile runs (between marker tokens) into one image: an int FastV budget
+    is per image, alone and after a projector method."""
     model, make = built
-    inputs = make(batch=3, images=[1, 0, 2], seed=6)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        ref_ids = model.generate(**inputs, **GEN)
-    names = [r["name"] for r in vtcompress.method_info() if r["stage"] == "projector" and not r["trainable"]]
-    ran = []
-    for name in names:
-        try:
-            method, full = vtcompress.get(name, budget=0.5), vtcompress.get(name, budget=1.0)
-        except ValueError:  # a structural output count (pixel unshuffle)
-            continue
-        if name == "pixel_unshuffle":
-            continue
-        with torch.no_grad(), vtcompress.apply(model, method) as handle:
-            ids = model.generate(**inputs, **GEN)
-        before, after = handle.last.num_tokens[:, 0], handle.last.num_tokens[:, 1]
-        assert bool((after <= before).all()) and bool((after < before).any()), name
-        assert torch.equal(ids[:, : inputs["input_ids"].shape[1]], inputs["input_ids"]), name
-        with torch.no_grad(), vtcompress.apply(model, full) as handle:
-            logits = model(**inputs).logits
-        if torch.equal(handle.last.num_tokens[:, 0], handle.last.num_tokens[:, 1]) and \
-                name not in ("prumerge", "prumerge_plus"):
-            m = inputs["attention_mask"].bool()
-            torch.testing.assert_close(logits[m], ref[m], atol=1e-6, rtol=0, msg=name)
-        ran.append(name)
-    assert {"fastervlm", "visionzip", "prumerge", "divprune", "tome", "random", "uniform"} <= set(ran)
-    with torch.no_grad():
-        with vtcompress.apply(model, vtcompress.get("fastv", budget=1.0, layer=1)):
-            assert torch.equal(model.generate(**inputs, **GEN), ref_ids)
-        with vtcompress.apply(model, vtcompress.get("fastv", budget=0.5, layer=1)):
-            batched = model.generate(**inputs, **GEN)
-            for b, one in enumerate(split_samples(inputs)):
-                assert torch.equal(model.generate(**one, **GEN)[0, -3:], batched[b, -3:]), b
+    inputs = make(batch=3, images=[1, 0, 2], seed=9)  # 4, -, 12 + 12 tokens
+
+    def closes(row):  # the <fake_token_around_image> right after each global tile's run
+        fake = (row == FAKE).nonzero().squeeze(1)
+        return [int(fake[fake > g][0]) for g in (row == GLOBAL).nonzero().squeeze(1)]
+
+    fastv = vtcompress.get("fastv", budget=5, layer=1)
+    assert decoder_kept_per_image(model, inputs, fastv, closes) == [[4], [], [5, 5]]
+    both = [NormTopK(budget=7), vtcompress.get("fastv", budget=5, layer=1)]
+    assert decoder_kept_per_image(model, inputs, both, closes) == [[4], [], [5, 5]]
 
 
 def test_mean_attention_and_keys_equal_a_by_hand_reference(built):

@@ -1,0 +1,105 @@
+"""Checks every model family passes, shared by the per-family test files (``test_family_*.py``)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+
+import vtcompress
+from models_util import IMAGE, split_samples
+from test_apply import ClsTopK, _hooks
+
+GEN = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+
+
+def check_cached_equals_uncached(model, make, seed: int = 4) -> None:
+    """Cached and uncached generation agree, one sample and a padded 0/1/2-image batch, both position schemes."""
+    gen = {**GEN, "suppress_tokens": [IMAGE]}
+    for inputs in (make(batch=1, images=[1], seed=seed), make(batch=3, images=[1, 0, 2], seed=seed)):
+        for positions in ("original", "compact"):
+            with torch.no_grad(), vtcompress.apply(model, ClsTopK(budget=0.5), positions=positions):
+                cached = model.generate(**inputs, **gen)
+                uncached = model.generate(**inputs, use_cache=False, **gen)
+            assert torch.equal(cached, uncached), positions
+
+
+def check_restoration(model, make, seed: int = 5) -> None:
+    """A projector method composed with FastV, then the block is left: hooks, attention implementations, the
+    attention registry and the config are as before, logits and generate are the stock model's."""
+    inputs = make(batch=2, images=[2, 1], seed=seed)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_ids = model.generate(**inputs, **GEN)
+    hooks = _hooks(model)
+    impl = (model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation)
+    mapping = dict(AttentionInterface._global_mapping)
+    config = model.config.to_dict()
+    with torch.no_grad(), vtcompress.apply(model, [ClsTopK(budget=0.3), vtcompress.get("fastv", budget=0.5, layer=1)]):
+        short = model.generate(**inputs, **GEN)
+    assert short.shape == ref_ids.shape
+    assert _hooks(model) == hooks and "generate" not in vars(model)
+    assert (model.config.vision_config._attn_implementation, model.config.text_config._attn_implementation) == impl
+    assert AttentionInterface._global_mapping == mapping and model.config.to_dict() == config
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+        assert torch.equal(model.generate(**inputs, **GEN), ref_ids)
+
+
+def check_every_training_free_method_and_fastv(model, make, seed: int = 6) -> list[str]:
+    """Every registered training-free projector method runs on a padded 0/1/2-image batch (fewer tokens, the
+    original prompt returned); at budget 1.0 a method that keeps every token is the stock model; FastV at 1.0
+    is the stock model and at 0.5 a batch equals its samples one by one. Returns the methods that ran."""
+    inputs = make(batch=3, images=[1, 0, 2], seed=seed)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_ids = model.generate(**inputs, **GEN)
+    names = [r["name"] for r in vtcompress.method_info() if r["stage"] == "projector" and not r["trainable"]]
+    ran = []
+    for name in names:
+        try:
+            method, full = vtcompress.get(name, budget=0.5), vtcompress.get(name, budget=1.0)
+        except ValueError:  # a structural output count (pixel unshuffle's fixed 4x)
+            continue
+        with torch.no_grad(), vtcompress.apply(model, method) as handle:
+            try:
+                ids = model.generate(**inputs, **GEN)
+            except ValueError as err:  # a width-changing method on a projector that does not take it
+                assert "feature width" in str(err), name
+                continue
+        before, after = handle.last.num_tokens[:, 0], handle.last.num_tokens[:, 1]
+        assert bool((after <= before).all()) and bool((after < before).any()), name
+        assert torch.equal(ids[:, : inputs["input_ids"].shape[1]], inputs["input_ids"]), name
+        with torch.no_grad(), vtcompress.apply(model, full) as handle:
+            logits = model(**inputs).logits
+        # PruMerge / PruMerge+ add their neighbours to every kept token (the reference), even at an unchanged count
+        if torch.equal(handle.last.num_tokens[:, 0], handle.last.num_tokens[:, 1]) and \
+                name not in ("prumerge", "prumerge_plus"):
+            m = inputs["attention_mask"].bool()
+            torch.testing.assert_close(logits[m], ref[m], atol=1e-6, rtol=0, msg=name)
+        ran.append(name)
+    assert {"fastervlm", "visionzip", "prumerge", "prumerge_plus", "divprune", "tome", "random", "uniform",
+            "avg_pool"} <= set(ran), ran
+    with torch.no_grad():
+        with vtcompress.apply(model, vtcompress.get("fastv", budget=1.0, layer=1)):
+            assert torch.equal(model.generate(**inputs, **GEN), ref_ids)
+        with vtcompress.apply(model, vtcompress.get("fastv", budget=0.5, layer=1)):
+            batched = model.generate(**inputs, **GEN)
+            for b, one in enumerate(split_samples(inputs)):
+                assert torch.equal(model.generate(**one, **GEN)[0, -3:], batched[b, -3:]), b
+    return ran
+
+
+def decoder_kept_per_image(model, inputs, method, closes) -> list[list[int]]:
+    """Visual tokens each image keeps after the decoder stage's (last) prune, per sample, image by image, in the
+    prompt the decoder saw (shortened by a projector method when one runs). ``closes(ids_row) -> [int]`` gives,
+    by hand, the position of the token that closes each image of a row (an image's tokens are those after the
+    previous closer)."""
+    with torch.no_grad(), vtcompress.apply(model, method) as handle:
+        model(**inputs)
+        kept = handle._decoder.kept_visual()
+        ids = (handle.last.inputs if handle.last is not None else inputs)["input_ids"]
+    out = []
+    for b, k in enumerate(kept):
+        ends = closes(ids[b])
+        out.append([int(((k > lo) & (k < hi)).sum()) for lo, hi in zip([-1, *ends][: len(ends)], ends, strict=True)])
+    return out
