@@ -7,7 +7,7 @@ from transformers import AttentionInterface
 
 import vtcompress
 from models_util import IMAGE, split_samples
-from test_apply import ClsTopK, _hooks
+from test_apply import ClsTopK, NormTopK, _hooks
 
 GEN = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
 
@@ -103,3 +103,38 @@ def decoder_kept_per_image(model, inputs, method, closes) -> list[list[int]]:
         ends = closes(ids[b])
         out.append([int(((k > lo) & (k < hi)).sum()) for lo, hi in zip([-1, *ends][: len(ends)], ends, strict=True)])
     return out
+
+
+def check_second_turn(model, make, seed: int = 7) -> None:
+    """Multi-turn chat: turn 2 through the KV cache a compressed turn 1 returned gives the tokens and logits of
+    the whole conversation run from scratch under the same (image-only) projector method, both position schemes."""
+    inputs = make(batch=2, images=[1, 1], seed=seed)
+    new = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    out = {**GEN, "suppress_tokens": [IMAGE, 121, 122, 123], "output_logits": True, "return_dict_in_generate": True}
+    for positions in ("original", "compact"):
+        with torch.no_grad(), vtcompress.apply(model, NormTopK(budget=0.5), positions=positions):
+            first = model.generate(**inputs, **out)
+            ids = torch.cat([first.sequences, new], dim=1)
+            mask = torch.cat([inputs["attention_mask"], torch.ones(2, ids.shape[1] - inputs["attention_mask"].shape[1],
+                                                                   dtype=torch.long)], dim=1)
+            images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            ref = model.generate(input_ids=ids, attention_mask=mask, **images, **out)
+            cont = model.generate(input_ids=ids, attention_mask=mask, past_key_values=first.past_key_values, **out)
+        assert torch.equal(cont.sequences, ref.sequences), positions
+        for x, y in zip(cont.logits, ref.logits, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def check_half_precision(build, dtype: torch.dtype) -> None:
+    """In ``dtype`` (bf16 / fp16): budget 1.0 generates the stock ids; compressed features keep that dtype."""
+    model, make = build(seed=1)
+    model.to(dtype)
+    inputs = make(batch=2, images=[2, 1])
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        ref = model.generate(**inputs, **GEN)
+        with vtcompress.apply(model, ClsTopK(budget=1.0)):
+            assert torch.equal(model.generate(**inputs, **GEN), ref)
+        res = vtcompress.compress_inputs(model, ClsTopK(budget=0.5), **inputs)
+        model(**res.inputs)
+    assert all(f.dtype == dtype for f in res.inputs["mm_encoder_outputs"]["image"].pooler_output)

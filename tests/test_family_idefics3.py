@@ -11,7 +11,9 @@ from family_checks import (
     GEN,
     check_cached_equals_uncached,
     check_every_training_free_method_and_fastv,
+    check_half_precision,
     check_restoration,
+    check_second_turn,
     decoder_kept_per_image,
 )
 from models_util import FAKE, GLOBAL, IMAGE, tiny_idefics3, tiny_smolvlm
@@ -71,12 +73,21 @@ def test_full_budget_with_padded_tiles_and_beams_equals_stock(built):
     assert torch.equal(ids, ref_ids) and torch.equal(got_beams, ref_beams)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    check_half_precision(tiny_idefics3, dtype)
+
+
 def test_cached_equals_uncached(built):
     check_cached_equals_uncached(*built)
 
 
 def test_restoration(built):
     check_restoration(*built)
+
+
+def test_second_turn_through_the_cache_equals_the_conversation_from_scratch(built):
+    check_second_turn(*built)
 
 
 def test_every_training_free_projector_method_and_fastv(built):
