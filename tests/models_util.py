@@ -17,6 +17,8 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
     InternVLConfig,
     InternVLForConditionalGeneration,
     LlamaConfig,
@@ -28,6 +30,10 @@ from transformers import (
     LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
@@ -36,6 +42,8 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
 )
 
 __all__ = [
@@ -48,6 +56,9 @@ __all__ = [
     "tiny_qwen3_vl",
     "tiny_gemma3",
     "tiny_llava_next_video",
+    "tiny_idefics3",
+    "tiny_smolvlm",
+    "tiny_mistral3",
     "BUILDERS",
 ]
 
@@ -417,6 +428,125 @@ def tiny_llava_next_video(seed: int = 0, attn: str = "sdpa"):
     return model, make_inputs
 
 
+# ----------------------------------------------------------------------------------------- Idefics3 / SmolVLM
+FAKE = 121  # <fake_token_around_image>
+GLOBAL = 122  # <global-img>
+NEWLINE = 11  # "\n", an ordinary text token
+_ROW_COL = 100  # <row_i_col_j> = 100 + 3 * (i - 1) + (j - 1), i, j <= 3
+_SPLITS = [(0, 0), (1, 2), (2, 1), (1, 1)]  # (rows, cols) of the tiles of image k, cycled; (0, 0): not split
+
+
+def idefics3_prompt(rows: int, cols: int, n: int) -> list[int]:
+    """An image's tokens as the Idefics3 / SmolVLM processors write them (``n`` placeholders per tile)."""
+    if rows == 0:
+        return [FAKE, GLOBAL] + [IMAGE] * n + [FAKE]
+    out = []
+    for i in range(rows):
+        for j in range(cols):
+            out += [FAKE, _ROW_COL + 3 * i + j] + [IMAGE] * n
+        out.append(NEWLINE)
+    return out + [NEWLINE, FAKE, GLOBAL] + [IMAGE] * n + [FAKE]
+
+
+def _idefics3(config_cls, model_cls, seed: int, attn: str):
+    torch.manual_seed(seed)
+    vis = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16,
+               patch_size=4)
+    text = _llama(attn=attn)
+    cfg = config_cls(vision_config=vis, text_config=text, image_token_id=IMAGE, scale_factor=2)
+    model = _finish(model_cls(cfg), seed, attn)
+    markers = {FAKE, GLOBAL, *range(_ROW_COL, _ROW_COL + 9)}
+
+    def make_inputs(batch: int = 2, images=None, padding: str = "left", seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        images = _norm_images(batch, images)
+        rows, tiles, k = [], [], []
+        for b in range(batch):
+            row = [t if t not in markers else 3 for t in _text(gen, 2 + (3 * b) % 5)]
+            k.append(0)
+            for _ in range(images[b]):
+                r, c = _SPLITS[len(tiles) % len(_SPLITS)]
+                tiles.append(r * c + 1)
+                k[-1] += r * c + 1
+                row += idefics3_prompt(r, c, 4)
+                row += [t if t not in markers else 3 for t in _text(gen, 1 + b % 3)]
+            rows.append(row)
+        ids, mask, _ = _assemble(rows, padding)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if tiles:
+            pix = torch.zeros(batch, max(k), 3, 16, 16)
+            for b in range(batch):
+                pix[b, : k[b]] = torch.randn(k[b], 3, 16, 16, generator=gen)
+            out["pixel_values"] = pix
+        return out
+
+    return model, make_inputs
+
+
+def tiny_idefics3(seed: int = 0, attn: str = "sdpa"):
+    """Idefics3: SigLIP-style tower (16x16 px tiles, 4x4 patches, no CLS, 3 layers), pixel shuffle 2 -> 2x2
+    tokens per tile, LLaMA text (hidden 32). Image ``k`` is split as ``_SPLITS[k % 4]`` plus its global tile."""
+    return _idefics3(Idefics3Config, Idefics3ForConditionalGeneration, seed, attn)
+
+
+def tiny_smolvlm(seed: int = 0, attn: str = "sdpa"):
+    """SmolVLM: the same geometry as :func:`tiny_idefics3` through the SmolVLM classes."""
+    return _idefics3(SmolVLMConfig, SmolVLMForConditionalGeneration, seed, attn)
+
+
+# ----------------------------------------------------------------------------------------- Mistral 3 / Pixtral
+IMG_BREAK = 121
+IMG_END = 122
+_PIXTRAL_SIZES = [(16, 24), (24, 16), (16, 16), (32, 8)]  # image sizes (H, W) in pixels, cycled: 8 px per token
+
+
+def pixtral_prompt(rows: int, cols: int) -> list[int]:
+    """An image's tokens as the Pixtral processor writes them: each row of the merged grid, then a break."""
+    out = []
+    for r in range(rows):
+        out += [IMAGE] * cols + [IMG_END if r == rows - 1 else IMG_BREAK]
+    return out
+
+
+def tiny_mistral3(seed: int = 0, attn: str = "sdpa"):
+    """Mistral 3: Pixtral tower (4 px patches, axial 2-D RoPE, 3 layers, hidden 32), 2x2 patch merger, Mistral
+    text (hidden 32, no sliding window, as the released checkpoints). Image ``k`` is ``_PIXTRAL_SIZES[k % 4]``."""
+    torch.manual_seed(seed)
+    vis = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=4, head_dim=8)
+    text = MistralConfig(
+        vocab_size=VOCAB, hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1,
+        eos_token_id=2, sliding_window=None, attn_implementation=attn,
+    )
+    cfg = Mistral3Config(vision_config=vis, text_config=text, image_token_index=IMAGE, spatial_merge_size=2,
+                         vision_feature_layer=-1)
+    model = _finish(Mistral3ForConditionalGeneration(cfg), seed, attn)
+
+    def make_inputs(batch: int = 2, images=None, padding: str = "left", seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        images = _norm_images(batch, images)
+        rows, sizes = [], []
+        for b in range(batch):
+            row = _text(gen, 2 + (3 * b) % 5)
+            for _ in range(images[b]):
+                h, w = _PIXTRAL_SIZES[len(sizes) % len(_PIXTRAL_SIZES)]
+                sizes.append((h, w))
+                row += pixtral_prompt(h // 8, w // 8) + _text(gen, 1 + b % 3)
+            rows.append(row)
+        ids, mask, _ = _assemble(rows, padding)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if sizes:
+            pix = torch.zeros(len(sizes), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+            for i, (h, w) in enumerate(sizes):
+                pix[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
+            out["pixel_values"] = pix
+            out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+        return out
+
+    return model, make_inputs
+
+
 BUILDERS = {
     "llava": tiny_llava,
     "llava_next": tiny_llava_next,
@@ -427,6 +557,9 @@ BUILDERS = {
     "qwen3_vl": tiny_qwen3_vl,
     "gemma3": tiny_gemma3,
     "llava_next_video": tiny_llava_next_video,
+    "idefics3": tiny_idefics3,
+    "smolvlm": tiny_smolvlm,
+    "mistral3": tiny_mistral3,
 }
 
 
@@ -446,6 +579,18 @@ def split_samples(inputs: dict) -> list[dict]:
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     runs = [_runs(r) for r in ids]
     counts = [len(r) for r in runs]
+    pv = inputs.get("pixel_values")
+    if pv is not None and pv.dim() == 5 and "image_sizes" not in inputs:  # Idefics3 / SmolVLM: tiles per sample
+        out = []
+        for b in range(ids.shape[0]):
+            keep = mask[b].bool()
+            one = {key: inputs[key][b : b + 1, keep] for key in ("input_ids", "attention_mask")}
+            if counts[b]:
+                one["pixel_values"] = pv[b : b + 1, : counts[b]]
+            out.append(one)
+        return out
+    if pv is not None and pv.dim() == 4 and "image_sizes" in inputs:  # Mistral 3: a run per row, one [IMG_END]
+        counts = (ids == IMG_END).sum(1).tolist()
     if "image_grid_thw" in inputs:
         rows = inputs["image_grid_thw"].prod(-1).tolist()
     elif "image_sizes" in inputs:

@@ -383,7 +383,7 @@ def test_unsupported_model_lists_families():
     for family in supported_families():
         assert family in str(err.value)
     assert set(supported_families()) == {"llava", "llava_next", "onevision", "qwen2_vl", "internvl", "qwen3_vl",
-                                         "gemma3", "llava_next_video"}
+                                         "gemma3", "llava_next_video", "idefics3", "mistral3"}
 
 
 def test_bad_arguments(models):

@@ -70,7 +70,7 @@ def test_every_copy_of_a_sample_gets_its_own_images(models, family):
         if kwargs.get("past_key_values") is None or kwargs["past_key_values"].get_seq_length() == 0:
             seen.append(kwargs["inputs_embeds"].detach().clone())
 
-    lm = model.model.language_model
+    lm = adapter_for(model).language_model(model)
     method = vtcompress.get("uniform", budget=0.5)
     with torch.no_grad(), vtcompress.apply(model, method):
         hook = lm.register_forward_pre_hook(grab, with_kwargs=True)

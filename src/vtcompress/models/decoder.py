@@ -7,9 +7,9 @@ How one prefill runs (``K`` is a stage layer of a method; a method may have seve
 
 * a pre-hook on the top-level model reads ``input_ids`` (already shortened by projector-stage hooks,
   which are registered earlier) and ``attention_mask``: image placeholders are ``input_ids`` equal to the
-  config's image / video token id; pads are ``attention_mask == 0``; each contiguous placeholder run is one
-  image (every stock family separates images by text or vision start / end tokens; two images with no token
-  between them read as one);
+  config's image / video token id; pads are ``attention_mask == 0``; the family's description groups them into
+  images (``placeholder_images``: each contiguous run for most families, whose images are separated by text or
+  vision start / end tokens; Idefics3's tiles and Pixtral's rows are several runs of one image);
 * the pre-hook on ``layers[0]`` (the input embeddings) marks LLaVA-NeXT / OneVision ``image_newline`` tokens
   (placeholders whose embedding is the model's ``image_newline`` vector): they carry no patch, so they are
   never pruned and do not count towards budgets (they keep the packed grid's row layout); methods that rate
@@ -453,10 +453,8 @@ class DecoderHandle:
             raise ValueError("decoder-stage pruning returns logits for the kept positions only; labels are not "
                              "supported (compute the loss without the pruning hooks)")
         ph = torch.isin(ids, torch.tensor(self.token_ids, device=ids.device)) & pad_ok
-        # image boundaries: contiguous placeholder runs (each image's run is contiguous in every stock family;
-        # two images with no token between them read as one)
-        start = ph & ~torch.nn.functional.pad(ph[:, :-1], (1, 0), value=False)
-        img = torch.where(ph, start.long().cumsum(1) - 1, torch.full_like(ids, -1))
+        # image boundaries: the family's grouping of placeholders into images (contiguous runs for most)
+        img = self.desc.placeholder_images(self.model, ids, ph)
         self.run = _Run("prefill", ids.clone(), ph.clone(), pad_ok, ids.shape[1], ids.shape[1], ph=ph, img=img)
         # bidirectional image blocks (Gemma 3 builds them from token_type_ids) or sliding windows: the layers' own
         # masks are followed (scoring rows, re-ordered and decode-step masks) instead of a plain causal rule

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .layout import ImageLayout
@@ -470,6 +471,17 @@ class ModelDescription:
         """Extra removable hooks a decoder-stage handle installs on this family's model (removed with its own):
         e.g. keeping DeepStack injections aligned with the kept rows. ``[]`` for most families."""
         return []
+
+    def placeholder_images(self, model: nn.Module, ids: Tensor, placeholders: Tensor) -> Tensor:
+        """Which image of its row each visual placeholder belongs to: ``[B, S]`` long (``0, 1, ...`` per row, ``-1``
+        elsewhere), for ``placeholders [B, S]`` bool (the visual tokens of ``ids [B, S]``, pads excluded). The
+        decoder stage's budgets count per image by it.
+
+        The base: each contiguous run is one image (every stock family's image is contiguous, two images are
+        separated by text or start / end tokens). Families whose image is several runs (Idefics3's tiles between
+        marker tokens, Pixtral's rows between ``[IMG_BREAK]`` tokens) group them here."""
+        start = placeholders & ~torch.nn.functional.pad(placeholders[:, :-1], (1, 0), value=False)
+        return torch.where(placeholders, start.long().cumsum(1) - 1, torch.full_like(ids, -1))
 
     def layouts(self, model: nn.Module, inputs: dict, feats: list[Tensor]) -> list[ImageLayout]:
         """Per image, where each feature of its placeholder run comes from (:class:`ImageLayout`)."""

@@ -24,6 +24,7 @@ from .description import ModelDescription, PositionScheme
 __all__ = [
     "SEQUENCE_KEYS",
     "placeholder_runs",
+    "runs_to_images",
     "placeholder_slots",
     "shorten",
     "shortened_inputs",
@@ -43,6 +44,22 @@ def placeholder_runs(ids: Tensor, token_id: int) -> tuple[Tensor, Tensor]:
     is_ph = (ids == token_id).long()
     edge = torch.diff(torch.nn.functional.pad(is_ph, (1, 1)), dim=1)
     return (edge == 1).nonzero(), (edge == -1).nonzero()
+
+
+def runs_to_images(ids: Tensor, placeholders: Tensor, starts: Tensor, closes: Tensor) -> Tensor:
+    """Image index within its row (``[B, S]`` long, ``-1`` off ``placeholders``) of every placeholder, when an image
+    is several runs: ``starts [R, 2]`` the runs (row-major), ``closes [R]`` bool the run that ends each image."""
+    flag = torch.zeros_like(ids)
+    flag[starts[:, 0], starts[:, 1]] = 1
+    run_of = (flag.flatten().cumsum(0) - 1).view_as(ids)  # runs are row-major, as the flattened sequence
+    rows = starts[:, 0]
+    closed = torch.cumsum(closes.long(), 0) - closes.long()  # images closed before each run, whole batch
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]
+    base = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+    base[rows[first]] = closed[first]
+    run_img = closed - base[rows]  # counted from the row's first image
+    return torch.where(placeholders, run_img[run_of.clamp(min=0)], torch.full_like(ids, -1))
 
 
 def placeholder_slots(ids: Tensor, image_id: int, lengths: list[int]) -> tuple[Tensor, Tensor]:

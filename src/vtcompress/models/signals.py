@@ -157,28 +157,46 @@ def _signal_attention(module, query, key, value, attention_mask, scaling=None, d
     return out
 
 
+def _signal_mask(*args, config=None, **kwargs):
+    """The mask the wrapped implementation would get: towers that build their padding mask with transformers'
+    ``masking_utils`` (Idefics3 / SmolVLM's ``pixel_attention_mask``) look the mask function up by the
+    implementation's name, and a name without one receives the raw 2-D mask."""
+    from transformers.masking_utils import AttentionMaskInterface
+
+    entry = _BASES.get(id(config))
+    base = entry[0] if entry is not None else "sdpa"
+    return AttentionMaskInterface._global_mapping[base](*args, config=config, **kwargs)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     mapping = AttentionInterface._global_mapping
+    masks = AttentionMaskInterface._global_mapping
     if _ACTIVE[0] == 0:
         _SAVED.clear()
         if SIGNAL_ATTENTION in mapping:
             _SAVED["fn"] = mapping[SIGNAL_ATTENTION]
+        if SIGNAL_ATTENTION in masks:
+            _SAVED["mask"] = masks[SIGNAL_ATTENTION]
         AttentionInterface.register(SIGNAL_ATTENTION, _signal_attention)
+        AttentionMaskInterface.register(SIGNAL_ATTENTION, _signal_mask)
     _ACTIVE[0] += 1
 
 
 def _unregister() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     _ACTIVE[0] -= 1
     if _ACTIVE[0] == 0:
-        mapping = AttentionInterface._global_mapping
-        if "fn" in _SAVED:
-            mapping[SIGNAL_ATTENTION] = _SAVED.pop("fn")
-        else:
-            mapping.pop(SIGNAL_ATTENTION, None)
+        for key, mapping in (("fn", AttentionInterface._global_mapping),
+                             ("mask", AttentionMaskInterface._global_mapping)):
+            if key in _SAVED:
+                mapping[SIGNAL_ATTENTION] = _SAVED.pop(key)
+            else:
+                mapping.pop(SIGNAL_ATTENTION, None)
 
 
 @contextmanager
