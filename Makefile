@@ -56,6 +56,12 @@ $(LMMS)/.installed: pyproject.toml $(LMMS_CONSTRAINTS)
 	$(LMMS)/bin/python -m pip install -q --upgrade pip
 	$(LMMS)/bin/python -c "import torch" 2>/dev/null || $(LMMS)/bin/python -m pip install -q -c $(LMMS_CONSTRAINTS) torch==2.13.0
 	$(LMMS)/bin/python -m pip install -q -c $(LMMS_CONSTRAINTS) -e ".[lmms]"
+	# PyPI's torchvision (pulled by lmms-eval) is built against the CUDA torch and breaks `import transformers`
+	# next to the CPU one ("operator torchvision::nms does not exist"); nothing here needs it (transformers then
+	# uses its PIL image processors). A venv with a CUDA torch keeps its matching torchvision.
+	$(LMMS)/bin/python -c "import torch; assert torch.version.cuda is None" 2>/dev/null && \
+		$(LMMS)/bin/python -m pip uninstall -q -y torchvision || true
+	$(LMMS)/bin/python -c "import transformers.pipelines, lmms_eval.models as m; assert 'vtcompress' in m.list_available_models()"
 	touch $@
 
 lmms-venv: $(LMMS)/.installed

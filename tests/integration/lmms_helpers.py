@@ -2,6 +2,7 @@
 
     python lmms_helpers.py dataset OUT_DIR N        # N testbed scenes -> a DatasetDict saved with save_to_disk
     python lmms_helpers.py reference MODEL_DIR DATASET_DIR OUT.json SPEC...   # one-by-one reference answers / NLLs
+    python lmms_helpers.py bad-args MODEL_DIR LLM_DIR OUT.json    # the errors of bad --model_args
 
 Each SPEC is ``label=METHOD:BUDGET[:KEY=VALUE...]`` (``none`` for the stock model). The reference runs every
 sample alone (batch 1) through plain transformers + ``vtcompress.apply``: greedy answers with ``generate``, and
@@ -134,11 +135,46 @@ def _cached_nll(model, inputs: dict, cont: list[int], pad: int) -> float:
     return float(total / len(cont))
 
 
+BAD_ARGS = {
+    "unknown method": {"method": "visionzipp", "budget": 64},
+    "bad budget": {"method": "visionzip", "budget": "lots"},
+    "unknown method parameter": {"method": "fastv", "budget": 0.5, "fastv.layerr": 2},
+    "parameter of a method not listed": {"method": "fastv", "budget": 0.5, "visionzip.budget": 64},
+    "unknown key": {"method": "fastv", "budget": 0.5, "colour": "red"},
+    "no method": {},
+    "method none with a budget": {"method": "none", "budget": 64},
+    "bad dtype": {"method": "fastv", "budget": 0.5, "dtype": "float8"},
+}
+
+
+def bad_args(model_dir: Path, llm_dir: Path, out: Path) -> None:
+    """Each bad ``--model_args`` -> the one error message the lmms-eval model raises (nothing is loaded)."""
+    from transformers import LlamaConfig
+
+    from vtcompress.integrations.lmms_eval import VTCompressLMM
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, architectures=["LlamaForCausalLM"]).save_pretrained(llm_dir)
+    cases = {k: {"pretrained": str(model_dir), **v} for k, v in BAD_ARGS.items()}
+    cases["no pretrained"] = {"method": "fastv", "budget": 0.5}
+    cases["not a supported family"] = {"pretrained": str(llm_dir), "method": "fastv", "budget": 0.5}
+    messages = {}
+    for name, args in cases.items():
+        try:
+            VTCompressLMM(**args)
+            messages[name] = None
+        except ValueError as e:
+            messages[name] = str(e)
+    out.write_text(json.dumps(messages, indent=1))
+
+
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
     if cmd == "dataset":
         make_dataset(Path(rest[0]), int(rest[1]))
     elif cmd == "reference":
         reference(Path(rest[0]), Path(rest[1]), Path(rest[2]), rest[3:])
+    elif cmd == "bad-args":
+        bad_args(Path(rest[0]), Path(rest[1]), Path(rest[2]))
     else:
-        raise SystemExit(f"unknown command {cmd!r}; allowed: dataset, reference")
+        raise SystemExit(f"unknown command {cmd!r}; allowed: dataset, reference, bad-args")

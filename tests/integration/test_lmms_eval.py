@@ -213,8 +213,11 @@ def lmms(tmp_path_factory):
     ]
     ref = _start([python, HELPERS, "reference", model_dir, data, ref_file, "none=none",
                   f"visionzip=visionzip:{VISIONZIP_BUDGET}", f"fastv={FASTV}"], root)
+    bad = _start([python, HELPERS, "bad-args", model_dir, root / "llm", root / "bad.json"], root)
     runs = {s[0]: _collect(root, s) for s in started}
     _finish(ref)
+    _finish(bad)
+    runs["bad_args"] = json.loads((root / "bad.json").read_text())
     return runs, json.loads(ref_file.read_text())
 
 
@@ -292,3 +295,22 @@ def test_multi_round_runs_every_round_batched(lmms):
     rounds = [r["filtered_resps"] for r in runs["visionzip"]["tb_twice"]]
     expect = [a.strip() for a in ref["visionzip"]["answers"]]
     assert [list(x) for x in rounds] == [[a, a] for a in expect]
+
+
+@pytest.mark.parametrize("case,names", [
+    ("unknown method", ["'visionzipp'", "did you mean 'visionzip'"]),
+    ("bad budget", ["budget='lots'", "float in (0, 1]"]),
+    ("unknown method parameter", ["layerr", "its parameters: budget, layer"]),
+    ("parameter of a method not listed", ["visionzip.*", "fastv.KEY=VALUE"]),
+    ("unknown key", ["colour", "NAME.KEY=VALUE"]),
+    ("no method", ["method=NAME", "visionzip"]),
+    ("method none with a budget", ["method=none", "budget"]),
+    ("bad dtype", ["'float8'", "bfloat16"]),
+    ("no pretrained", ["pretrained=DIR_OR_ID"]),
+    ("not a supported family", ["LlamaForCausalLM", "LlavaForConditionalGeneration", "Qwen2VLForCondition"]),
+])
+def test_bad_model_args_raise_one_clear_error(lmms, case, names):
+    message = lmms[0]["bad_args"][case]
+    assert message is not None, f"{case}: the model was built"
+    for name in names:
+        assert name in message, message

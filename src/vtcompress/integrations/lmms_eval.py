@@ -45,13 +45,19 @@ What each request type does:
   so the choice is the one generation makes, and ``context + continuation`` then reuses that choice (an
   uncached continuation of the same prefill, see ``vtcompress.models.decoder``).
 
-Per-sample records (``--log_samples``: ``token_counts`` of each sample) carry ``input_tokens``,
+Per-sample records (``--log_samples``: the ``token_counts`` of each request) carry ``input_tokens``,
 ``output_tokens``, ``image_tokens`` (visual tokens of the uncompressed prompt), ``image_tokens_kept`` (those the
-LLM's last layer still sees), ``flops_ratio`` (analytic prefill FLOPs vs uncompressed, ``None`` where not
-modelled) and ``method``. The run's results carry the ``model_args`` (method, budget) in ``config``, and in
-``throughput``: ``avg_image_tokens``, ``avg_image_tokens_kept``, ``avg_flops_ratio`` and the versions of
-vtcompress / transformers / torch as numbers (``vtcompress_version`` ``0.1`` ...; the strings are in every record's
-``versions``).
+LLM's last layer still sees), ``flops_ratio`` (analytic prefill FLOPs vs uncompressed, from ``handle.summary()``;
+``None`` where not modelled), ``method`` (each method with its budget) and ``versions`` (vtcompress, transformers,
+torch). Multi-round responses are lists, which lmms-eval logs without counts. The run's results file carries the
+``model_args`` (method, budget) in ``config``; lmms-eval 0.7.3 keeps only numbers in its run summary, so
+``throughput`` has ``avg_image_tokens``, ``avg_image_tokens_kept``, ``avg_flops_ratio`` and ``avg_budget`` (each the
+mean over the model's calls, one per request type, of that call's mean over its requests); the versions are in the
+records and in the log line the model prints at start.
+
+Responses are ``GenerationResult`` objects: lmms-eval 0.7.3's evaluator turns a plain ``(float, bool)``
+loglikelihood pair into its string (``unwrap_generation_output``), which breaks ``multiple_choice`` for models
+that return tuples; a ``GenerationResult`` passes its value through unchanged, with its record.
 """
 
 from __future__ import annotations
@@ -60,16 +66,27 @@ import json
 import time
 from dataclasses import dataclass, field
 
-import torch
-from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
-from lmms_eval.api.model import lmms
-from lmms_eval.models.model_utils.gen_metrics import log_metrics
-from lmms_eval.models.registry_v2 import ModelManifest
-from loguru import logger
-from PIL import Image
 
-import vtcompress
-from vtcompress.compressor import Compressor
+def manifest():
+    """The entry point payload (group ``lmms_eval.models``): the model name ``vtcompress``.
+
+    Defined before this module imports lmms-eval: importing this module first starts lmms-eval's model registry,
+    which loads the entry points and so reads ``manifest`` from this module while it is still importing.
+    """
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="vtcompress", simple_class_path=f"{__name__}.VTCompressLMM")
+
+
+import torch  # noqa: E402
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts  # noqa: E402
+from lmms_eval.api.model import lmms  # noqa: E402
+from lmms_eval.models.model_utils.gen_metrics import log_metrics  # noqa: E402
+from loguru import logger  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import vtcompress  # noqa: E402
+from vtcompress.compressor import Compressor  # noqa: E402
 
 __all__ = ["VTCompressLMM", "ModelSpec", "parse_model_args", "manifest"]
 
@@ -78,11 +95,6 @@ IMAGE_MARK = "<image>"
 _MODEL_KEYS = ("pretrained", "method", "budget", "positions", "device", "device_map", "dtype", "attn_implementation",
                "revision", "trust_remote_code", "max_new_tokens", "batch_size", "max_batch_size")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def manifest() -> ModelManifest:
-    """The entry point payload (``lmms_eval.models``): the model name ``vtcompress``."""
-    return ModelManifest(model_id="vtcompress", simple_class_path=f"{__name__}.VTCompressLMM")
 
 
 # ============================================================================== model_args
@@ -102,7 +114,6 @@ class ModelSpec:
     trust_remote_code: bool = False
     max_new_tokens: int = 256
     batch_size: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 def _method_label(m: Compressor) -> str:
@@ -316,11 +327,13 @@ class VTCompressLMM(lmms):
 
         return self.handle if self.handle is not None else contextlib.nullcontext()
 
-    def _counts(self, rows: int, prompt_tokens: list[int], new_tokens: list[int]) -> list[CompressionCounts]:
-        """Per-row records of the call just made under the handle."""
-        if self.handle is None:
-            return [CompressionCounts(input_tokens=p, output_tokens=n, method="none", versions=self.versions)
-                    for p, n in zip(prompt_tokens, new_tokens, strict=True)]
+    def _counts(self, rows: int, prompt_tokens: list[int], new_tokens: list[int],
+                images: bool) -> list[CompressionCounts]:
+        """Per-row records of the call just made under the handle (``images``: the call had some)."""
+        if self.handle is None or not images:  # a text-only call runs the stock model (the summary is older)
+            zero = {} if self.handle is None else {"image_tokens": 0, "image_tokens_kept": 0, "flops_ratio": 1.0}
+            return [CompressionCounts(input_tokens=p, output_tokens=n, method=self.spec.label, versions=self.versions,
+                                      **zero) for p, n in zip(prompt_tokens, new_tokens, strict=True)]
         s = self.handle.summary()
         out = []
         for i in range(rows):
@@ -368,9 +381,15 @@ class VTCompressLMM(lmms):
             call["temperature"] = temperature if temperature > 0 else 1.0
             if top_p is not None:
                 call["top_p"] = float(top_p)
-        if gen:
-            raise ValueError(f"generation kwargs {sorted(gen)} are not understood; allowed: until, max_new_tokens, "
-                             "temperature, top_p, num_beams, do_sample")
+        if gen:  # anything else a task sets must be a generate() option (repetition_penalty, top_k, ...)
+            from transformers import GenerationConfig
+
+            known = GenerationConfig()
+            unknown = sorted(k for k in gen if not hasattr(known, k))
+            if unknown:
+                raise ValueError(f"generation kwargs {unknown} are not generate() options; allowed: until, "
+                                 "max_new_tokens, temperature, top_p, num_beams, do_sample and GenerationConfig fields")
+            call.update(gen)
         inputs = self._encode(prompts, images)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         with torch.inference_mode(), self._compressing():
@@ -384,7 +403,7 @@ class VTCompressLMM(lmms):
             texts[i] = t
         n_new = (new != pad).sum(1).tolist()
         n_prompt = inputs["attention_mask"].sum(1).tolist()
-        return texts, self._counts(len(prompts), n_prompt, n_new)
+        return texts, self._counts(len(prompts), n_prompt, n_new, any(images))
 
     def _batches(self, items: list, key):
         """Indices of ``items`` grouped by ``key(item)`` (generation kwargs), longest prompt first, in batches."""
@@ -454,7 +473,7 @@ class VTCompressLMM(lmms):
 
     # -------------------------------------------------------------------------------- loglikelihood
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
-        # lmms-eval 0.7.3 turns a plain (float, bool) response into its string; a GenerationResult passes through
+        # a GenerationResult carrying the (NLL, is_greedy) pair: lmms-eval 0.7.3 would stringify a plain tuple
         res: list[GenerationResult] = []
         t0, all_counts = time.perf_counter(), []
         for context, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
@@ -493,7 +512,7 @@ class VTCompressLMM(lmms):
                 logits = self.model(**full, use_cache=False).logits
             else:
                 logits = self.model(**full).logits
-            (counts,) = self._counts(1, [int(full["input_ids"].shape[1])], [n])
+            (counts,) = self._counts(1, [int(full["input_ids"].shape[1])], [n], bool(images))
         lp = torch.log_softmax(logits[0, -n - 1:-1].float(), dim=-1)  # [n, V]: the predictions of the n tokens
         target = tail[0].to(lp.device)
         nll = -lp.gather(1, target[:, None]).squeeze(1)
