@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-oldest lint install clean bench
+.PHONY: demo test test-oldest lint install clean bench lmms-venv test-lmms
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,5 +45,30 @@ test-oldest: $(OLD)/.installed
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prefill.py
 
+# ---- lmms-eval integration: begin ----------------------------------------------------------------------------
+# lmms-eval 0.7.3 in its own venv (.venv-lmms) with vtcompress installed editable and the `vtcompress` model
+# registered (entry point lmms_eval.models); the constraints keep the CPU torch and our transformers range.
+# tests/integration/test_lmms_eval.py (collected by `make test`) runs .venv-lmms/bin/lmms-eval: build it first.
+LMMS := .venv-lmms
+LMMS_CONSTRAINTS := .ci/constraints-lmms.txt
+$(LMMS)/.installed: pyproject.toml $(LMMS_CONSTRAINTS)
+	$(PY) -m venv $(LMMS)
+	$(LMMS)/bin/python -m pip install -q --upgrade pip
+	$(LMMS)/bin/python -c "import torch" 2>/dev/null || $(LMMS)/bin/python -m pip install -q -c $(LMMS_CONSTRAINTS) torch==2.13.0
+	$(LMMS)/bin/python -m pip install -q -c $(LMMS_CONSTRAINTS) -e ".[lmms]"
+	# PyPI's torchvision (pulled by lmms-eval) is built against the CUDA torch and breaks `import transformers`
+	# next to the CPU one ("operator torchvision::nms does not exist"); nothing here needs it (transformers then
+	# uses its PIL image processors). A venv with a CUDA torch keeps its matching torchvision.
+	$(LMMS)/bin/python -c "import torch; assert torch.version.cuda is None" 2>/dev/null && \
+		$(LMMS)/bin/python -m pip uninstall -q -y torchvision || true
+	$(LMMS)/bin/python -c "import transformers.pipelines, lmms_eval.models as m; assert 'vtcompress' in m.list_available_models()"
+	touch $@
+
+lmms-venv: $(LMMS)/.installed
+
+test-lmms: $(STAMP) $(LMMS)/.installed
+	$(BIN)/python -m pytest tests/integration/test_lmms_eval.py
+# ---- lmms-eval integration: end ------------------------------------------------------------------------------
+
 clean:
-	rm -rf $(VENV) .venv-transformers-* results .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LMMS) .venv-transformers-* results .pytest_cache .ruff_cache

@@ -99,6 +99,9 @@ class Savings:
         flops: analytic prefill FLOPs of what ran (sum over samples), ``None`` where not modelled.
         flops_full: the same for the uncompressed model on the same prompts.
         note: why ``flops`` is ``None`` (empty otherwise).
+        sample_flops: per sample, the analytic prefill FLOPs of what ran (``flops`` is their sum; empty where
+            ``flops`` is ``None``).
+        sample_flops_full: per sample, the same for the uncompressed model.
     """
 
     methods: tuple[str, ...]
@@ -111,6 +114,8 @@ class Savings:
     flops: int | None = None
     flops_full: int | None = None
     note: str = ""
+    sample_flops: tuple[int, ...] = ()
+    sample_flops_full: tuple[int, ...] = ()
 
     @property
     def flops_ratio(self) -> float | None:
@@ -265,14 +270,17 @@ def summarize(handle) -> Savings:
             layers_k.append(layer)
             prev = out
 
-    flops, flops_full, note = _flops(handle, samples, text, full, at_layer, layers_k)
+    per_sample, per_sample_full, note = _flops(handle, samples, text, full, at_layer, layers_k)
+    flops = sum(per_sample) if per_sample is not None else None
+    flops_full = sum(per_sample_full) if per_sample_full is not None else None
     return Savings(methods=labels, samples=samples, image_sample=image_sample, text_tokens=tuple(int(t) for t in text),
                    visual_full=tuple(int(f) for f in full), visual_kept=tuple(int(v) for v in at_layer[-1]),
-                   stages=tuple(stages), flops=flops, flops_full=flops_full, note=note)
+                   stages=tuple(stages), flops=flops, flops_full=flops_full, note=note,
+                   sample_flops=tuple(per_sample or ()), sample_flops_full=tuple(per_sample_full or ()))
 
 
 def _flops(handle, samples, text, full, visual_at, layers_k):
-    """Analytic prefill FLOPs of what ran and of the uncompressed model, summed over the samples."""
+    """Analytic prefill FLOPs of what ran and of the uncompressed model, one entry per sample."""
     from ..bench.flops import VLMArch, sequence_prefill_flops
 
     try:
@@ -287,15 +295,15 @@ def _flops(handle, samples, text, full, visual_at, layers_k):
     if note:
         return None, None, note
     n_layers = arch.text.layers
-    total = total_full = 0
+    total, total_full = [], []
     for s in range(samples):
         images = full[s] // per_image
         visual = [visual_at[0][s]] * n_layers
         for k, kept in zip(layers_k, visual_at[1:], strict=True):
             visual[k:] = [kept[s]] * (n_layers - k)
-        total += sequence_prefill_flops(arch, int(text[s]), visual, images=images, stages=layers_k,
-                                        selection_rows=1, vision_tokens=vision_tokens if images else None).total
-        total_full += sequence_prefill_flops(arch, int(text[s]), [full[s]] * n_layers, images=images).total
+        total.append(sequence_prefill_flops(arch, int(text[s]), visual, images=images, stages=layers_k, selection_rows=1,
+                                            vision_tokens=vision_tokens if images else None).total)
+        total_full.append(sequence_prefill_flops(arch, int(text[s]), [full[s]] * n_layers, images=images).total)
     return total, total_full, ""
 
 
