@@ -1,4 +1,4 @@
-"""vLLM out-of-tree plugin: serve LLaVA-1.5 and Qwen2-VL / Qwen2.5-VL with vtcompress's projector-stage methods.
+"""vLLM out-of-tree plugin: serve LLaVA-1.5 and Qwen2-VL with vtcompress's projector-stage methods.
 
 vLLM loads :func:`register` through the ``vllm.general_plugins`` entry point (installed with this package) in every
 process it starts; it adds model classes, each a subclass of vLLM's own class for the family whose image path
@@ -9,7 +9,6 @@ architecture (``hf_overrides``)             vLLM class it extends
 =========================================== ==================================================
 ``VtcompressLlavaForConditionalGeneration``   ``LlavaForConditionalGeneration`` (LLaVA-1.5)
 ``VtcompressQwen2VLForConditionalGeneration`` ``Qwen2VLForConditionalGeneration``
-``VtcompressQwen2_5_VLForConditionalGeneration`` ``Qwen2_5_VLForConditionalGeneration``
 =========================================== ==================================================
 
 Select one and the server-wide default with ``hf_overrides`` (:func:`hf_overrides` builds the dict)::
@@ -37,12 +36,10 @@ VLLM_VERSION = "0.32.0"
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "VtcompressLlavaForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "VtcompressQwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration": "VtcompressQwen2_5_VLForConditionalGeneration",
 }
 _MODULES = {
     "VtcompressLlavaForConditionalGeneration": "llava",
     "VtcompressQwen2VLForConditionalGeneration": "qwen2_vl",
-    "VtcompressQwen2_5_VLForConditionalGeneration": "qwen2_vl",
 }
 
 
