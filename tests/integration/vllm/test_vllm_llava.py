@@ -17,33 +17,18 @@ import vtcompress
 from test_quickstart import save_testbed_as_hf_model
 from vtcompress.integrations.vllm import hf_overrides
 from vtcompress.integrations.vllm.llava import VtcompressLlavaForConditionalGeneration as VtcompressLlava
+from vtcompress.integrations.vllm.llava import hub_layout
 from vtcompress.testbed import samples
 
 N_NEW = 4
 SERVER_DEFAULT = {"method": "visionzip", "budget": 0.25}
 
 
-def hub_layout(path) -> None:
-    """Rewrite the saved weights in the Hub's llava-hf key layout (``vision_tower.vision_model.*``), the one stock
-    vLLM 0.32 loads; transformers loads both, and so does the plugin (:func:`test_plugin_loads_both_layouts`)."""
-    from safetensors.torch import load_file, save_file
-
-    f = path / "model.safetensors"
-    weights = load_file(f)
-    save_file({_hub(k): v for k, v in weights.items()}, f,
-              metadata={"format": "pt"})
-
-
-def _hub(key: str) -> str:
-    return key.replace("vision_tower.", "vision_tower.vision_model.", 1) if key.startswith("vision_tower.") and \
-        not key.startswith("vision_tower.vision_model.") else key
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("llava")
     save_testbed_as_hf_model(path)
-    hub_layout(path)
+    hub_layout(path)  # the layout stock vLLM loads; the plugin loads both (test_plugin_loads_both_layouts)
     return path
 
 

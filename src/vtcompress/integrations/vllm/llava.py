@@ -30,7 +30,23 @@ from .host import CompressingModelMixin, CompressingProcessorMixin, check_count,
 from .signals import capture_clip, check_parallel
 from .spec import SPEC_FIELD, RequestSpec, kept_count
 
-__all__ = ["VtcompressLlavaForConditionalGeneration", "VtcompressLlavaProcessor"]
+__all__ = ["VtcompressLlavaForConditionalGeneration", "VtcompressLlavaProcessor", "hub_layout"]
+
+_TRANSFORMERS5_TOWER = re.compile(r"^((?:model\.)?)vision_tower\.(?!vision_model\.)")
+
+
+def hub_layout(path) -> None:
+    """Rewrite ``path/model.safetensors`` of a LLaVA saved by transformers 5 (``[model.]vision_tower.<encoder|...>``)
+    in the Hub's llava-hf layout (``vision_tower.vision_model.*``), the one STOCK vLLM 0.32 loads (this plugin's
+    class loads both)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    f = Path(path) / "model.safetensors"
+    weights = load_file(f)
+    save_file({_TRANSFORMERS5_TOWER.sub(r"\g<1>vision_tower.vision_model.", k): v for k, v in weights.items()}, f,
+              metadata={"format": "pt"})
 
 
 def _grid(vision_config) -> tuple[int, int]:
@@ -73,7 +89,7 @@ class VtcompressLlavaForConditionalGeneration(CompressingModelMixin, LlavaForCon
     # a LLaVA saved by transformers 5 holds its CLIP tower as ``[model.]vision_tower.<embeddings|encoder|...>`` while
     # vLLM 0.32 (and the Hub's llava-hf checkpoints) expect ``vision_tower.vision_model.*``: both layouts load
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_regex={
-        re.compile(r"^((?:model\.)?)vision_tower\.(?!vision_model\.)"): r"\g<1>vision_tower.vision_model."}) \
+        _TRANSFORMERS5_TOWER: r"\g<1>vision_tower.vision_model."}) \
         | LlavaForConditionalGeneration.hf_to_vllm_mapper
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:

@@ -53,13 +53,14 @@ class RequestSpec:
         return "stock (no compression)" if self.method is None else f"{self.method}(budget={self.budget!r})"
 
 
-def _allowed() -> list[str]:
+@functools.cache
+def _allowed() -> tuple[str, ...]:
     """Training-free projector-stage methods (trainable ones need weights the served checkpoint lacks)."""
-    return sorted(r["name"] for r in method_info() if r["stage"] == "projector" and not r["trainable"])
+    return tuple(sorted(r["name"] for r in method_info() if r["stage"] == "projector" and not r["trainable"]))
 
 
 def _check_method(name) -> str:
-    if not isinstance(name, str):
+    if not isinstance(name, str) or not name:
         raise ValueError(f"{METHOD_KEY}={name!r}: a method name (str) is required; allowed: {', '.join(_allowed())}")
     allowed = _allowed()
     if name in allowed:
