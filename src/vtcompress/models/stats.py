@@ -301,7 +301,8 @@ def _flops(handle, samples, text, full, visual_at, layers_k):
         visual = [visual_at[0][s]] * n_layers
         for k, kept in zip(layers_k, visual_at[1:], strict=True):
             visual[k:] = [kept[s]] * (n_layers - k)
-        total.append(sequence_prefill_flops(arch, int(text[s]), visual, images=images, stages=layers_k, selection_rows=1,
+        total.append(sequence_prefill_flops(arch, int(text[s]), visual, images=images, stages=layers_k,
+                                            selection_rows=1,
                                             vision_tokens=vision_tokens if images else None).total)
         total_full.append(sequence_prefill_flops(arch, int(text[s]), [full[s]] * n_layers, images=images).total)
     return total, total_full, ""
