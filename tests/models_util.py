@@ -60,6 +60,7 @@ __all__ = [
     "tiny_smolvlm",
     "tiny_mistral3",
     "BUILDERS",
+    "tiny_qwen3_vl_moe",
 ]
 
 VOCAB = 128
@@ -547,6 +548,11 @@ def tiny_mistral3(seed: int = 0, attn: str = "sdpa"):
     return model, make_inputs
 
 
+def tiny_qwen3_vl_moe(seed: int = 0, attn: str = "sdpa"):
+    """Qwen3-VL-MoE: :func:`tiny_qwen3_vl` with a mixture-of-experts LLM."""
+    return tiny_qwen3_vl(seed, attn, moe=True)
+
+
 BUILDERS = {
     "llava": tiny_llava,
     "llava_next": tiny_llava_next,
@@ -555,6 +561,7 @@ BUILDERS = {
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "internvl": tiny_internvl,
     "qwen3_vl": tiny_qwen3_vl,
+    "qwen3_vl_moe": tiny_qwen3_vl_moe,
     "gemma3": tiny_gemma3,
     "llava_next_video": tiny_llava_next_video,
     "idefics3": tiny_idefics3,

@@ -247,11 +247,11 @@ def test_qwen2_vl_table_formats(qwen_table, tmp_path):
 def test_qwen2_vl_cli(tmp_path, image_dir, monkeypatch):
     """The CLI on a saved Qwen2-VL directory; its processor comes from the same constructor as above (the stock
     AutoProcessor cannot load a Qwen2-VL processor without torchvision)."""
-    import vtcompress.bench.cli as cli
+    import vtcompress.loading as loading  # the one loader of the command lines
 
     model, processor = qwen2_vl_with_processor()
     model.save_pretrained(tmp_path / "model")
-    monkeypatch.setattr(cli, "load_processor", lambda spec: processor)
+    monkeypatch.setattr(loading, "load_processor", lambda spec: processor)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"what is in picture {i} ?" for i in range(len(SIZES))) + "\n\n")
     code = bench_main(["--model", str(tmp_path / "model"), "--images", str(image_dir), "--prompts", str(prompts),

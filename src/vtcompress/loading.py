@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LoadedModel", "load_model"]
+import torch
+
+__all__ = ["LoadedModel", "load_hf_model", "load_model", "load_processor"]
 
 
 @dataclass
@@ -76,12 +78,13 @@ def load_model(spec: str | Path | None = "testbed", device: str = "cpu", *,
         raise ValueError(
             f"--model {str(spec)!r}: expected 'testbed', 'none' or a local directory with a saved model (config.json)"
         )
-    from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    model = AutoModelForImageTextToText.from_pretrained(str(path)).to(device).eval()
     has_processor = any((path / f).is_file() for f in ("preprocessor_config.json", "processor_config.json"))
     if has_processor:
-        return LoadedModel(model, processor=AutoProcessor.from_pretrained(str(path)), name=str(path))
+        model, processor, name = load_hf_model(str(path), device)
+        return LoadedModel(model, processor=processor, name=name)
+    model = AutoModelForImageTextToText.from_pretrained(str(path)).to(device).eval()
     tok = AutoTokenizer.from_pretrained(str(path))
     tok.padding_side = "left"
     vision = getattr(model.config, "vision_config", None)
@@ -89,3 +92,49 @@ def load_model(spec: str | Path | None = "testbed", device: str = "cpu", *,
     if not isinstance(size, int):
         raise ValueError(f"{str(spec)!r} has no processor config and its vision config gives no square image_size")
     return LoadedModel(model, tokenizer=tok, image_size=size, name=str(path))
+
+
+def load_processor(spec: str):
+    """``AutoProcessor.from_pretrained(spec)`` (a directory or a Hub id); its tokenizer alone where no processor
+    is saved (a testbed-style model)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(spec)
+    except (OSError, ValueError):  # no image processor saved: the tokenizer, if there is one, says the rest
+        return AutoTokenizer.from_pretrained(spec)
+
+
+def load_hf_model(spec: str, device: str = "cpu", dtype: str = "auto"):
+    """A supported model and its processor from a directory or a Hub id: ``(model, processor, description)``.
+
+    ``dtype``: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"`` or ``"float16"``. A model without an
+    image processor must be testbed-style (its tokenizer then encodes as the testbed does).
+    """
+    from transformers import AutoModelForImageTextToText
+
+    from .bench.fidelity import has_image_processing
+    from .bench.sweep import is_testbed_style
+    from .models import adapter_for
+
+    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype {dtype!r}; allowed: {', '.join(dtypes)}")
+    path = Path(spec)
+    if path.exists() and not (path / "config.json").is_file():
+        raise ValueError(f"--model {spec!r}: no config.json there (expected a directory saved by save_pretrained, "
+                         "or a Hugging Face Hub id)")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtypes[dtype])
+    except OSError as e:  # neither a local directory nor a reachable Hub id
+        raise ValueError(f"--model {spec!r} is not a local directory and could not be loaded as a Hub id: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    model = model.to(device).eval()
+    adapter_for(model)  # an unsupported family: one message with the supported ones
+    processor = load_processor(spec)
+    if not has_image_processing(processor) and not is_testbed_style(model.config):
+        raise ValueError(
+            f"--model {spec!r}: AutoProcessor gave a {type(processor).__name__} with no image processor; save the "
+            "model's processor next to it (processor.save_pretrained(DIR)); the Qwen2-VL / Qwen2.5-VL processors "
+            "also need torchvision installed")
+    return model, processor, str(spec)

@@ -22,10 +22,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
+from ..loading import load_hf_model, load_processor
 from .plot import write_gallery
-from .sweep import DEFAULT_BUDGETS, DEFAULT_SAMPLES, check_params, geometry, is_testbed_style, method_class, run_sweep
+from .sweep import DEFAULT_BUDGETS, DEFAULT_SAMPLES, check_params, geometry, method_class, run_sweep
 from .table import write_outputs
 
 __all__ = ["bench_main", "load_hf_model", "load_model", "load_processor"]
@@ -71,51 +70,6 @@ def _check_testbed_geometry(path) -> None:
             "your own images")
 
 
-def load_processor(spec: str):
-    """``AutoProcessor.from_pretrained(spec)`` (a directory or a Hub id); its tokenizer alone where no processor
-    is saved (a testbed-style model)."""
-    from transformers import AutoProcessor, AutoTokenizer
-
-    try:
-        return AutoProcessor.from_pretrained(spec)
-    except (OSError, ValueError):  # no image processor saved: the tokenizer, if there is one, says the rest
-        return AutoTokenizer.from_pretrained(spec)
-
-
-def load_hf_model(spec: str, device: str = "cpu", dtype: str = "auto"):
-    """A supported model and its processor from a directory or a Hub id: ``(model, processor, description)``.
-
-    ``dtype``: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"`` or ``"float16"``. A model without an
-    image processor must be testbed-style (its tokenizer then encodes as the testbed does).
-    """
-    from transformers import AutoModelForImageTextToText
-
-    from ..models import adapter_for
-    from .fidelity import has_image_processing
-
-    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"--dtype {dtype!r}; allowed: {', '.join(dtypes)}")
-    path = Path(spec)
-    if path.exists() and not (path / "config.json").is_file():
-        raise ValueError(f"--model {spec!r}: no config.json there (expected a directory saved by save_pretrained, "
-                         "or a Hugging Face Hub id)")
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtypes[dtype])
-    except OSError as e:  # neither a local directory nor a reachable Hub id
-        raise ValueError(f"--model {spec!r} is not a local directory and could not be loaded as a Hub id: "
-                         f"{' '.join(str(e).split())[:300]}") from None
-    model = model.to(device).eval()
-    adapter_for(model)  # an unsupported family: one message with the supported ones
-    processor = load_processor(spec)
-    if not has_image_processing(processor) and not is_testbed_style(model.config):
-        raise ValueError(
-            f"--model {spec!r}: AutoProcessor gave a {type(processor).__name__} with no image processor; save the "
-            "model's processor next to it (processor.save_pretrained(DIR)); the Qwen2-VL / Qwen2.5-VL processors "
-            "also need torchvision installed")
-    return model, processor, str(spec)
-
-
 def _parse_budgets(text: str) -> list[int | float]:
     from ..compressor import parse_budget
 
@@ -126,20 +80,18 @@ def _parse_budgets(text: str) -> list[int | float]:
 
 
 def _parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict]:
-    import ast
+    """``--param METHOD.KEY=VALUE`` items (the grammar of :func:`vtcompress.compressor.parse_params`), per method
+    swept. The bench sweeps several methods, so a key names its method."""
+    from ..compressor import parse_params
 
     out: dict[str, dict] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        name, dot, field = key.partition(".")
-        if not sep or not dot or not name or not field:
-            raise ValueError(f"--param {item!r}: expected METHOD.KEY=VALUE, e.g. fastv.layer=1")
+    for key, value in parse_params(items).items():
+        name, _, field = key.partition(".")
+        if not field:
+            raise ValueError(f"--param {key}={value!r}: expected METHOD.KEY=VALUE, e.g. fastv.layer=1")
         if name not in methods:
-            raise ValueError(f"--param {item!r}: method {name!r} is not among the methods swept")
-        try:
-            out.setdefault(name, {})[field] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out.setdefault(name, {})[field] = value
+            raise ValueError(f"--param {key}={value!r}: method {name!r} is not among the methods swept")
+        out.setdefault(name, {})[field] = value
     for name, kw in out.items():
         check_params(name, kw)
     return out

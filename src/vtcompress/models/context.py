@@ -32,8 +32,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
+from transformers.generation.utils import ALL_CACHE_NAMES
 
 __all__ = [
+    "CACHE_KWARG",
+    "cache_in",
     "activate",
     "activate_model_scope",
     "deactivate",
@@ -52,6 +55,20 @@ __all__ = [
     "record_of",
     "set_record",
 ]
+
+#: The keyword a KV cache travels under in ``generate`` / ``forward`` calls: ``past_key_values`` up to transformers
+#: 5.23, ``cache`` from 5.24 (which still accepts the old name and renames it). Read from transformers itself.
+CACHE_KWARG: str = ALL_CACHE_NAMES[0]
+
+
+def cache_in(kwargs: dict):
+    """The KV cache of a call's keyword arguments (``cache`` or ``past_key_values``, whichever the caller used)."""
+    for key in ("cache", "past_key_values"):
+        value = kwargs.get(key)
+        if value is not None:
+            return value
+    return None
+
 
 #: the handles (ApplyHandle, DecoderHandle) active in the current context, outermost first
 _ACTIVE: ContextVar[tuple] = ContextVar("vtcompress_active_handles", default=())
@@ -207,7 +224,7 @@ class GenerateDispatch:
             return stock(*args, **kwargs)
         handles = [h for h in active_handles(model) if hasattr(h, "_generate")]  # ApplyHandles
         if not handles:
-            past = kwargs.get("past_key_values")
+            past = cache_in(kwargs)
             rec = record_of(past)
             if rec is not None:
                 raise rec.outside_error()

@@ -84,7 +84,7 @@ from torch import Tensor, nn
 from ..compressor import Compressor, StageContext
 from ..ops import flag_indices as _compact  # positions of the True entries of a [B, L] flag, left-aligned
 from ..tokens import VisualTokens
-from .context import activate, deactivate, detach_hook, is_active
+from .context import activate, cache_in, deactivate, detach_hook, is_active
 from .description import ModelDescription, PositionScheme, visual_token_ids
 from .registry import description_for
 
@@ -421,7 +421,7 @@ class DecoderHandle:
             raise ValueError(f"decoder-stage layers changed inside the apply block ({'; '.join(changed)}): the "
                              "hooks were planned for the old ones; leave the block and apply the method again")
         ids = kwargs.get("input_ids", args[0] if args else None)
-        past = kwargs.get("past_key_values")
+        past = cache_in(kwargs)
         if past is not None and getattr(past, "is_compileable", False):
             raise ValueError(f"decoder-stage pruning needs a growing cache (DynamicCache): layers from K on hold fewer "
                              f"tokens; got {type(past).__name__} (do not pass cache_implementation='static')")
@@ -911,7 +911,7 @@ class DecoderHandle:
         seq = torch.cat([d.keep, tail], dim=1)
         seq_ok = torch.cat([d.ok, torch.ones_like(tail, dtype=torch.bool)], dim=1)
         n = seq.shape[1]
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         layers = getattr(cache, "layers", None)
         idx = getattr(self.desc.llm_attention(self.layers[j]), "layer_idx", j)
         keys = getattr(layers[idx], "keys", None) if layers is not None and idx < len(layers) else None

@@ -13,10 +13,12 @@ from torch import Tensor, nn
 
 from ..compressor import Compressor
 from .context import (
+    CACHE_KWARG,
     CacheRecord,
     activate,
     activate_model_scope,
     active_handles,
+    cache_in,
     deactivate,
     detach_hook,
     install,
@@ -241,7 +243,7 @@ class ApplyHandle:
             ref = kwargs.get("inputs_embeds")
         if ref is None:
             return None
-        past = kwargs.get("past_key_values")
+        past = cache_in(kwargs)
         n = ref.shape[1] + (past.get_seq_length() if past is not None else 0)
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = torch.ones(ref.shape[0], n, dtype=torch.long, device=ref.device)
@@ -254,7 +256,7 @@ class ApplyHandle:
         model = self.model
         gen = type(model).generate.__get__(model)
         kwargs = _generate_kwargs(args, kwargs)
-        past = kwargs.get("past_key_values")
+        past = cache_in(kwargs)
         rec = record_of(past)
         decoders = [h._decoder for h in handles if getattr(h, "_decoder", None) is not None]
         if rec is not None:  # the next turn of a conversation whose cache was filled under compression
@@ -277,7 +279,7 @@ class ApplyHandle:
             orig, call = None, dict(kwargs)
         shaped = orig is not None or bool(decoders) or rec is not None  # the cache will differ from stock
         if shaped and past is None and _returns_cache(model, call):
-            call["past_key_values"] = new_cache(model)
+            call[CACHE_KWARG] = new_cache(model)
         elif shaped and past is not None:
             mark_cache(past)  # the caller's own DynamicCache refuses, too, to be continued outside the block
         out = gen(**call)
@@ -290,9 +292,9 @@ class ApplyHandle:
                 out = full
             else:
                 out.sequences = full
-        cache = call.get("past_key_values")
+        cache = cache_in(call)
         if cache is None and not isinstance(out, Tensor):
-            cache = getattr(out, "past_key_values", None)
+            cache = getattr(out, CACHE_KWARG, None)
         if shaped and cache is not None:
             set_record(cache, _make_record(model, handles, decoders, kwargs["input_ids"] if orig is None else orig,
                                            call, seqs, cache, rec))

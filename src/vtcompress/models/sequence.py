@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .context import cache_in
 from .description import ModelDescription, PositionScheme
 
 __all__ = [
@@ -157,7 +158,7 @@ def full_positions(model: nn.Module, desc: ModelDescription, inputs: dict, ids: 
     m = mask.long()
     if for_generate:  # what generate() builds from the attention mask
         return (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
-    past = inputs.get("past_key_values")
+    past = cache_in(inputs)
     start = past.get_seq_length() if past is not None else 0
     return (torch.arange(ids.shape[1], device=ids.device) + start)[None].expand(ids.shape[0], -1)
 
