@@ -16,6 +16,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 import vtcompress
 from models_util import BUILDERS, _assemble, _prompts, tiny_llava_next, tiny_onevision
 from vtcompress.models import adapter_for
+from vtcompress.models.context import cache_in
 
 # ------------------------------------------------------------------------------------------ beams
 
@@ -67,7 +68,8 @@ def test_every_copy_of_a_sample_gets_its_own_images(models, family):
     seen = []
 
     def grab(module, args, kwargs):
-        if kwargs.get("past_key_values") is None or kwargs["past_key_values"].get_seq_length() == 0:
+        cache = cache_in(kwargs)
+        if cache is None or cache.get_seq_length() == 0:
             seen.append(kwargs["inputs_embeds"].detach().clone())
 
     lm = adapter_for(model).language_model(model)

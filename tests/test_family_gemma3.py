@@ -16,6 +16,7 @@ from family_checks import GEN, every_projector_method_with_fastv
 from models_util import GEMMA3_WINDOW, IMAGE, tiny_gemma3
 from vtcompress import ScoreCompressor, VisualTokens, get
 from vtcompress.models import adapter_for
+from vtcompress.models.context import cache_in
 from vtcompress.models.decoder import attach_decoder
 
 SEEN: list[VisualTokens] = []
@@ -153,7 +154,7 @@ def _reference_generate(model, inputs: dict, dropped: torch.Tensor, layer: int, 
 
     def make_hook(j):
         def hook(mod, args, kwargs):
-            cache = kwargs.get("past_key_values")
+            cache = cache_in(kwargs)  # `past_key_values` up to transformers 5.23, `cache` from 5.24
             # this layer's own count (the cache's total would already include the earlier layers of this forward)
             past = cache.layers[j].get_seq_length() if cache is not None else 0
             hidden = args[0] if args else kwargs["hidden_states"]
