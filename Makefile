@@ -38,7 +38,7 @@ test: lint $(LMMS)/.installed $(VLLM_VENV)/.installed
 # The suite on the OLDEST transformers the pyproject range admits, in its own venv (`make test` runs the newest
 # release the range admits). Same torch. tests/integration is left out here: lmms-eval and vLLM run in their own
 # venvs, whatever this one holds, and `make test` already ran them.
-OLDEST_TRANSFORMERS ?= 5.20.0
+OLDEST_TRANSFORMERS ?= 5.21.0
 OLD := .venv-transformers-$(OLDEST_TRANSFORMERS)
 $(OLD)/.installed: pyproject.toml
 	$(PY) -m venv $(OLD)
