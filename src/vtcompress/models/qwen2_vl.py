@@ -52,7 +52,7 @@ class Qwen2VLAdapter(ModelDescription):
 
     def grid(self, model, thw=None) -> tuple[int, int]:
         if thw is None:
-            raise ValueError("Qwen2-VL grids differ per image; pass image_grid_thw")
+            raise ValueError(f"{self.family}: grids differ per image; pass image_grid_thw")
         m = self.merge(model)
         t, h, w = (int(v) for v in thw)
         return (t * h // m, w // m)

@@ -37,58 +37,20 @@ import torch
 from torch import Tensor, nn
 
 from .context import detach_hook, is_active
-from .description import ExtraInjection, Modality, ModelDescription, PositionScheme, TokenLayout
-from .layout import ImageLayout
+from .description import ExtraInjection, ModelDescription
+from .qwen2_vl import Qwen2VLAdapter
 from .registry import register_adapter
 
 __all__ = ["Qwen3VLAdapter", "DeepStackInjection", "follow_rows"]
 
 
-class Qwen3VLAdapter(ModelDescription):
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen2-VL's native grids, merger and M-RoPE (the base description), plus the DeepStack levels."""
+
     family = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     model_types = ("qwen3_vl", "qwen3_vl_moe")
-    position_scheme = PositionScheme.MROPE
-    vision_position_scheme = PositionScheme.ROPE_2D
-    vision_tower_path = "visual"
-    vision_layers_path = "blocks"
-    vision_attention_path = "attn"
-    projector_path = "visual.merger"
-    runtime_state = ("rope_deltas",)
     extra_injections = (ExtraInjection(name="deepstack", output_field="deepstack_features", first_layer=0),)
-    modalities = (
-        Modality(name="image", token_id_keys=("image_token_id",), input_keys=("pixel_values", "image_grid_thw"),
-                 encode_fn="get_image_features", layout=TokenLayout.NATIVE,
-                 encoder_only_keys=("mm_token_type_ids", "image_grid_thw")),
-        Modality(name="video", token_id_keys=("video_token_id",), input_keys=("pixel_values_videos", "video_grid_thw"),
-                 encode_fn="get_video_features", layout=TokenLayout.FRAMES),
-    )
-
-    def num_prefix_tokens(self, model) -> int:
-        return 0
-
-    def feature_layer(self, model) -> int:
-        return -1  # the merger reads the last block; the DeepStack levels follow the merged tokens
-
-    def merge(self, model) -> int:
-        return int(model.config.vision_config.spatial_merge_size)
-
-    def grid(self, model, thw=None) -> tuple[int, int]:
-        if thw is None:
-            raise ValueError("Qwen3-VL grids differ per image; pass image_grid_thw")
-        m = self.merge(model)
-        t, h, w = (int(v) for v in thw)
-        return (t * h // m, w // m)
-
-    def layouts(self, model, inputs, feats: list[Tensor]) -> list[ImageLayout]:
-        out = []
-        for f, thw in zip(feats, inputs["image_grid_thw"], strict=True):
-            grid = self.grid(model, thw)
-            if grid[0] * grid[1] != f.shape[0]:
-                raise ValueError(f"an image of grid_thw {thw.tolist()} has {f.shape[0]} features; expected "
-                                 f"{grid[0] * grid[1]}")
-            out.append(ImageLayout.single(grid, int(f.shape[0]), f.device))
-        return out
 
     def extra_features(self, model, out) -> list[list[Tensor]]:
         """The DeepStack levels ``[level][image]`` ``[L_i, D]``, token for token with ``pooler_output``."""
@@ -116,11 +78,6 @@ class Qwen3VLAdapter(ModelDescription):
         sig = sig.reshape(-1, unit, sig.shape[-1])
         sig = sig.sum(1) if reduce == "sum" else sig.mean(1)
         return list(torch.split(sig, [int(f.shape[0]) for f in feats], dim=0))
-
-    def rope_index(self, model, input_ids, mm_token_type_ids, *, attention_mask, **grids):
-        pos, _ = self.base(model).get_rope_index(input_ids, mm_token_type_ids, attention_mask=attention_mask,
-                                                 **grids)
-        return pos
 
     def decoder_hooks(self, model, decoder) -> list:
         return DeepStackInjection(model, decoder, self).handles
