@@ -149,8 +149,9 @@ def full_positions(model: nn.Module, desc: ModelDescription, inputs: dict, ids: 
         if tt is None:  # what the processor returns: 1 for image, 2 for video placeholders
             video = desc.token_id(model, "video")
             tt = (ids == desc.image_token_id(model)).to(torch.int) + 2 * (ids == video).to(torch.int)
-        return desc.rope_index(model, ids, tt, image_grid_thw=inputs.get("image_grid_thw"),
-                               video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
+        grids = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                 if inputs.get(k) is not None}  # second_per_grid_ts: Qwen2.5-VL's video time scale
+        return desc.rope_index(model, ids, tt, attention_mask=mask, **grids)
     if given is not None:
         return given.expand(ids.shape[0], -1) if given.shape[0] == 1 else given
     if positions == "compact":
