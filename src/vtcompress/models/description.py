@@ -249,6 +249,9 @@ class ModelDescription:
     encoder_stage: bool = False
     #: runtime attributes the stock ``generate`` keeps on the base model (put back when the last apply leaves)
     runtime_state: tuple[str, ...] = ()
+    #: projector-stage methods compress this family's videos frame by frame (:meth:`video_layouts`); otherwise
+    #: videos pass through the encoder / projector stages untouched (the decoder stage still prunes them)
+    video_projector_stage: bool = False
 
     # ============================================================================ matching
     def matches(self, model: nn.Module) -> bool:
@@ -486,6 +489,10 @@ class ModelDescription:
     def layouts(self, model: nn.Module, inputs: dict, feats: list[Tensor]) -> list[ImageLayout]:
         """Per image, where each feature of its placeholder run comes from (:class:`ImageLayout`)."""
         raise NotImplementedError(f"the {self.family} description has no layouts()")
+
+    def video_layouts(self, model: nn.Module, inputs: dict, feats: list[Tensor]) -> list[ImageLayout]:
+        """Per video, its features ``[L_i, D]`` as frames: one view per frame (:attr:`video_projector_stage`)."""
+        raise NotImplementedError(f"the {self.family} description has no video_layouts()")
 
     def signal_to_features(self, model: nn.Module, inputs: dict, records: list[Tensor], reduce: str,
                            feats: list[Tensor]) -> list[Tensor]:

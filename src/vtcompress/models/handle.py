@@ -31,7 +31,7 @@ from .context import (
     uninstall,
 )
 from .description import PositionScheme
-from .pipeline import CompressedInputs, _compress, resolve_methods, resolve_positions
+from .pipeline import CompressedInputs, _compress, has_visual_inputs, resolve_methods, resolve_positions
 from .registry import adapter_for, description_for
 from .sequence import continue_inputs
 
@@ -213,14 +213,14 @@ class ApplyHandle:
             return None
         if not (self.installed and is_active(self)):
             return None
-        if not args and kwargs.get("pixel_values") is None:
+        if not args and not has_visual_inputs(self.adapter, self.methods, kwargs):
             return self._explicit_mask(kwargs)
         if args:
             if len(args) > 1 or not isinstance(args[0], Tensor):
                 raise ValueError("with vtcompress.apply, call the model with keyword arguments (input_ids=..., "
                                  "pixel_values=...)")
             kwargs = {"input_ids": args[0], **kwargs}
-        if kwargs.get("pixel_values") is None:
+        if not has_visual_inputs(self.adapter, self.methods, kwargs):
             return self._explicit_mask(kwargs) or ((), kwargs)
         res = _compress(self.model, self.adapter, self.methods, kwargs, positions=self.positions,
                         for_generate=False)
@@ -267,7 +267,7 @@ class ApplyHandle:
                 if d in decoders:
                     d.run = run  # the decoder stage's decision for this cache (another prefill may have run since)
             orig = kwargs["input_ids"] if coords == "orig" else None
-        elif self._compressing and kwargs.get("pixel_values") is not None:
+        elif self._compressing and has_visual_inputs(self.adapter, self.methods, kwargs):
             if past is not None and past.get_seq_length() > 0:
                 raise ValueError("under vtcompress.apply, images go with an empty cache (or none): this "
                                  "past_key_values already holds tokens that vtcompress did not compress")

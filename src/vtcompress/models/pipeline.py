@@ -100,6 +100,8 @@ __all__ = [
     "CompressedInputs",
     "compress_inputs",
     "compress_features",
+    "compresses_videos",
+    "has_visual_inputs",
     "resolve_methods",
     "resolve_positions",
     "feature_signal_layer",
@@ -142,6 +144,9 @@ class CompressedInputs:
         keep: ``[B, S]`` bool over the ORIGINAL sequence: which columns survived (pads included).
         image_sample: ``[num_images]`` long, the sample each image belongs to.
         num_tokens: ``[num_images, 2]`` long, placeholder tokens per image before and after.
+        video_tokens / video_sample / video_num_tokens: the same for the videos the projector stage compressed
+            (families with :attr:`~vtcompress.models.description.ModelDescription.video_projector_stage`): one
+            :class:`VisualTokens` per FRAME of each video, in its frame's grid.
     """
 
     inputs: dict
@@ -149,6 +154,9 @@ class CompressedInputs:
     keep: Tensor | None = None
     image_sample: Tensor | None = None
     num_tokens: Tensor | None = None
+    video_tokens: list[list[VisualTokens]] = field(default_factory=list)
+    video_sample: Tensor | None = None
+    video_num_tokens: Tensor | None = None
 
     def tokens_of(self, image: int = 0, view: int = 0) -> VisualTokens:
         """The surviving tokens of view ``view`` of image ``image`` (both in placeholder order):
@@ -345,10 +353,25 @@ class _Signals:
     text_mask: Tensor | None = None
 
 
+def compresses_videos(desc: ModelDescription, methods: Sequence[Compressor], inputs: dict) -> bool:
+    """Whether this call's videos go through the projector-stage methods (the family compresses videos frame by
+    frame, :attr:`ModelDescription.video_projector_stage`, and there are projector-stage methods)."""
+    video = desc.video if desc is not None else None
+    return (video is not None and desc.video_projector_stage and inputs.get(video.pixel_key) is not None
+            and any(m.stage == "projector" for m in methods))
+
+
+def has_visual_inputs(desc: ModelDescription, methods: Sequence[Compressor], inputs: dict) -> bool:
+    """Whether a call under the encoder / projector-stage ``methods`` has anything to compress."""
+    return inputs.get("pixel_values") is not None or compresses_videos(desc, methods, inputs)
+
+
 def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: dict, *, positions: str | None,
               for_generate: bool) -> CompressedInputs:
     positions = resolve_positions(positions, methods, desc)
-    if inputs.get("pixel_values") is None:
+    has_images = inputs.get("pixel_values") is not None
+    videos = compresses_videos(desc, methods, inputs)
+    if not has_images and not videos:
         return CompressedInputs(inputs=dict(inputs))
     ids = inputs.get("input_ids")
     if not isinstance(ids, Tensor) or ids.dim() != 2:
@@ -359,47 +382,80 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
     proj_methods = [m for m in methods if m.stage == "projector"]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    image_id = desc.image_token_id(model)
-
-    out, feats, enc_rows, signals, vision = _encode(model, desc, methods, inputs)
-    flat, samples = placeholder_slots(ids, image_id, [int(f.shape[0]) for f in feats])
-    if "text" in _needs(proj_methods):
-        signals.text, signals.text_mask = _text_signal(model, ids, mask, image_id, samples)
-    layouts = desc.layouts(model, inputs, feats)
-    views = _views(layouts, proj_methods)
-    work = feats if vision is None else vision.feats  # the features the methods act on
-    results, orders = _compress_views(model, views, layouts, work, signals, enc_rows, proj_methods,
-                                      space=None if vision is None else vision.ok)
-    new_feats, kept_slots, tokens = _kept_features(layouts, views, results, work,
-                                                   orders if positions == "compact" else None)
-    if vision is not None:
-        new_feats = vision.project(new_feats, kept_slots, feats)
-
     keep = torch.ones_like(ids, dtype=torch.bool)
-    if kept_slots:
-        keep.view(-1)[flat] = torch.cat(kept_slots).to(ids.device)
-    new_inputs = shortened_inputs(model, desc, inputs, ids, mask, keep, positions, for_generate)
-    extra = desc.extra_features(model, out)
-    if extra:
-        if vision is not None or enc_rows is not None:
-            raise ValueError(f"{desc.family} features carry extra per-token levels, which follow the projected "
-                             "features only: use projector-stage methods that act on the projected features")
-        mm = {"image": desc.wrap(out, new_feats, _follow(model, views, layouts, work, signals, proj_methods,
-                                                         extra, new_feats, positions == "compact", kept_slots))}
-    else:
-        mm = {"image": desc.wrap(out, new_feats)}
-    # the stock forward takes either raw pixels or encoder outputs: videos (not compressed) are encoded here too
+    mm: dict = {}
+    tokens, samples, counts = [], None, []
+    if has_images:
+        image_id = desc.image_token_id(model)
+        out, feats, enc_rows, signals, vision = _encode(model, desc, methods, inputs)
+        flat, samples = placeholder_slots(ids, image_id, [int(f.shape[0]) for f in feats])
+        if "text" in _needs(proj_methods):
+            signals.text, signals.text_mask = _text_signal(model, ids, mask, image_id, samples)
+        layouts = desc.layouts(model, inputs, feats)
+        views = _views(layouts, proj_methods)
+        work = feats if vision is None else vision.feats  # the features the methods act on
+        results, orders = _compress_views(model, views, layouts, work, signals, enc_rows, proj_methods,
+                                          space=None if vision is None else vision.ok)
+        new_feats, kept_slots, tokens = _kept_features(layouts, views, results, work,
+                                                       orders if positions == "compact" else None)
+        if vision is not None:
+            new_feats = vision.project(new_feats, kept_slots, feats)
+        if kept_slots:
+            keep.view(-1)[flat] = torch.cat(kept_slots).to(ids.device)
+        extra = desc.extra_features(model, out)
+        if extra:
+            if vision is not None or enc_rows is not None:
+                raise ValueError(f"{desc.family} features carry extra per-token levels, which follow the projected "
+                                 "features only: use projector-stage methods that act on the projected features")
+            mm["image"] = desc.wrap(out, new_feats, _follow(model, views, layouts, work, signals, proj_methods,
+                                                            extra, new_feats, positions == "compact", kept_slots))
+        else:
+            mm["image"] = desc.wrap(out, new_feats)
+        counts = [(int(k.numel()), int(k.sum())) for k in kept_slots]
     video = desc.video
-    video_keys = []
-    if video is not None and inputs.get(video.pixel_key) is not None and desc.encode_fn(model, "video") is not None:
+    video_keys, video_tokens, video_sample, video_counts = [], [], None, []
+    if videos:
+        vout, vfeats, vkept, video_tokens, vflat, video_sample = _compress_videos(model, desc, proj_methods,
+                                                                                  inputs, ids)
+        if vkept:
+            keep.view(-1)[vflat] = torch.cat(vkept).to(ids.device)
+        mm["video"] = desc.wrap(vout, vfeats)
+        video_counts = [(int(k.numel()), int(k.sum())) for k in vkept]
+        video_keys = list(desc.encoder_kwargs(model, inputs, "video"))
+    elif video is not None and inputs.get(video.pixel_key) is not None and desc.encode_fn(model, "video") is not None:
+        # the stock forward takes either raw pixels or encoder outputs: videos not compressed are encoded here too
         mm["video"] = desc.encode(model, inputs, "video")
         video_keys = list(desc.encoder_kwargs(model, inputs, "video"))
-    for k in list(desc.encoder_kwargs(model, inputs)) + list(desc.encoder_only_keys) + video_keys:
+    new_inputs = shortened_inputs(model, desc, inputs, ids, mask, keep, positions, for_generate)
+    image_keys = list(desc.encoder_kwargs(model, inputs)) + list(desc.encoder_only_keys) if has_images else []
+    for k in image_keys + video_keys:
         new_inputs.pop(k, None)
     new_inputs["mm_encoder_outputs"] = mm
-    counts = [(int(k.numel()), int(k.sum())) for k in kept_slots]
     return CompressedInputs(inputs=new_inputs, tokens=tokens, keep=keep, image_sample=samples,
-                            num_tokens=torch.tensor(counts, dtype=torch.long).reshape(-1, 2))
+                            num_tokens=torch.tensor(counts, dtype=torch.long).reshape(-1, 2),
+                            video_tokens=video_tokens, video_sample=video_sample,
+                            video_num_tokens=torch.tensor(video_counts, dtype=torch.long).reshape(-1, 2))
+
+
+def _compress_videos(model, desc: ModelDescription, proj_methods: list[Compressor], inputs: dict, ids: Tensor):
+    """The projector-stage methods on every frame of every video (one view per frame, so an int budget is split
+    over the clip's frames and a fraction applies to each frame; :func:`split_budget`). Returns the stock video
+    output, the kept features per video, the kept flag of each placeholder slot per video, the per-frame tokens,
+    the placeholders' flat positions and each video's sample."""
+    needs = _needs(proj_methods)
+    if needs:
+        names = [m.name for m in proj_methods if set(getattr(m, "needs", ())) & needs]
+        raise ValueError(f"method(s) {names} need {sorted(str(n) for n in needs)}, which are not captured for "
+                         "videos: compress videos with methods that read the features alone (e.g. divprune, tome, "
+                         "random, uniform, avg_pool)")
+    out = desc.encode(model, inputs, "video")
+    feats = desc.features(model, inputs, out)
+    flat, sample = placeholder_slots(ids, desc.token_id(model, "video"), [int(f.shape[0]) for f in feats])
+    layouts = desc.video_layouts(model, inputs, feats)
+    views = _views(layouts, proj_methods)
+    results, _ = _compress_views(model, views, layouts, feats, _Signals(), None, proj_methods)
+    new_feats, kept_slots, tokens = _kept_features(layouts, views, results, feats, None)
+    return out, new_feats, kept_slots, tokens, flat, sample
 
 
 def _encode(model, desc: ModelDescription, methods: list[Compressor], inputs: dict):

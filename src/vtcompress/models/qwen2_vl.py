@@ -33,6 +33,7 @@ class Qwen2VLAdapter(ModelDescription):
     vision_attention_path = "attn"
     projector_path = "visual.merger"
     runtime_state = ("rope_deltas",)
+    video_projector_stage = True
     modalities = (
         Modality(name="image", token_id_keys=("image_token_id",), input_keys=("pixel_values", "image_grid_thw"),
                  encode_fn="get_image_features", layout=TokenLayout.NATIVE,
@@ -65,6 +66,20 @@ class Qwen2VLAdapter(ModelDescription):
                 raise ValueError(f"an image of grid_thw {thw.tolist()} has {f.shape[0]} features; expected "
                                  f"{grid[0] * grid[1]}")
             out.append(ImageLayout.single(grid, int(f.shape[0]), f.device))
+        return out
+
+    def video_layouts(self, model, inputs, feats: list[Tensor]) -> list[ImageLayout]:
+        """A video of ``video_grid_thw`` ``(t, h, w)`` is ``t`` frames (after the temporal patch merge) of
+        ``(h / m, w / m)`` merged tokens, frame after frame in raster order: one view per frame."""
+        m = self.merge(model)
+        out = []
+        for f, thw in zip(feats, inputs["video_grid_thw"], strict=True):
+            t, h, w = (int(v) for v in thw)
+            grid = (h // m, w // m)
+            if t * grid[0] * grid[1] != f.shape[0]:
+                raise ValueError(f"a video of grid_thw {thw.tolist()} has {f.shape[0]} features; expected "
+                                 f"{t * grid[0] * grid[1]}")
+            out.append(ImageLayout.tiles(grid, t, f.device))
         return out
 
     def signal_to_features(self, model, inputs, records, reduce, feats):

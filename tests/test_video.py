@@ -1,0 +1,184 @@
+"""Videos through the projector stage (Qwen2-VL / Qwen2.5-VL): spatial methods act frame by frame.
+
+A video of ``video_grid_thw`` ``(t, h, w)`` reaches the LLM as ``t`` frames of ``(h/2, w/2)`` merged tokens; each
+frame is one view of the clip, so a float budget keeps that fraction of every frame and an int budget is tokens
+per clip, split evenly over its frames (the earliest frames take the remainder). Kept tokens keep their stock
+M-RoPE positions (Qwen2.5-VL's ``second_per_grid_ts`` included).
+"""
+
+import pytest
+import torch
+
+import vtcompress
+from models_util import IMAGE, PAD, tiny_qwen2_5_vl, tiny_qwen2_vl
+from vtcompress import VisualTokens
+from vtcompress.models.sequence import full_positions
+
+torch.set_num_threads(1)
+VIDEO, START, END = 121, 122, 123
+GEN = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+#: spatial methods that read the features alone (the signal-reading ones are refused for videos)
+METHODS = ["random", "uniform", "divprune", "tome", "avg_pool", "max_pool", "bilinear"]
+BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def model(request):
+    return BUILDERS[request.param]()[0]
+
+
+def _sample(model, items, text: int, seed: int) -> dict:
+    """One unpadded sample: ``text`` tokens, then each ``("image" | "video", (t, h, w))`` between vision
+    start / end tokens, then 3 more tokens."""
+    cfg = model.config.vision_config
+    dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, IMAGE, (text,), generator=gen).tolist()
+    out: dict = {}
+    for kind, thw in items:
+        token = IMAGE if kind == "image" else VIDEO
+        ids += [START] + [token] * (thw[0] * thw[1] * thw[2] // 4) + [END]
+        key, grid = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos",
+                                                                                  "video_grid_thw")
+        # one row per patch of the (t, h, w) grid; a row holds temporal_patch_size frames of a patch (dim)
+        pix = torch.randn(thw[0] * thw[1] * thw[2], dim, generator=gen)
+        out[key] = torch.cat([out[key], pix]) if key in out else pix
+        out[grid] = torch.cat([out.get(grid, torch.zeros(0, 3, dtype=torch.long)), torch.tensor([list(thw)])])
+        if kind == "video" and "qwen2_5" in type(model).__name__.lower():
+            out["second_per_grid_ts"] = torch.cat([out.get("second_per_grid_ts", torch.zeros(0)),
+                                                   torch.tensor([2.0])])
+    ids += torch.randint(3, IMAGE, (3,), generator=gen).tolist()
+    types = [1 if t == IMAGE else 2 if t == VIDEO else 0 for t in ids]
+    out.update(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+               mm_token_type_ids=torch.tensor([types]))
+    return out
+
+
+def _batch(samples: list[dict]) -> dict:
+    """Left-pad the samples into one batch (visual inputs concatenated in sample order)."""
+    length = max(s["input_ids"].shape[1] for s in samples)
+    out = {}
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        out[key] = torch.stack([torch.nn.functional.pad(s[key][0], (length - s[key].shape[1], 0), value=0)
+                                for s in samples])
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        parts = [s[key] for s in samples if key in s]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+VIDEO_THW = (3, 4, 4)  # 3 frames (after the temporal merge) of 2 x 2 merged tokens
+
+
+def test_full_budget_is_the_stock_model_for_every_method(model):
+    inputs = _batch([_sample(model, [("video", VIDEO_THW), ("image", (1, 4, 6))], 4, 0),
+                     _sample(model, [("image", (1, 4, 4))], 7, 1)])
+    with torch.no_grad():
+        ref, ref_ids = model(**inputs).logits, model.generate(**inputs, **GEN)
+        for name in METHODS:
+            with vtcompress.apply(model, vtcompress.get(name, budget=1.0)):
+                assert torch.equal(model(**inputs).logits, ref), name
+                assert torch.equal(model.generate(**inputs, **GEN), ref_ids), name
+
+
+@pytest.mark.parametrize("name", ["divprune", "tome", "avg_pool"])
+def test_mixed_batch_equals_one_by_one_and_cached_equals_uncached(model, name):
+    """Sample 0 a video, sample 1 an image, sample 2 text only; left-padded, three prompt lengths."""
+    samples = [_sample(model, [("video", VIDEO_THW)], 3, 0), _sample(model, [("image", (1, 4, 4))], 6, 1),
+               _sample(model, [], 9, 2)]
+    method = vtcompress.get(name, budget=0.5)
+    with torch.no_grad(), vtcompress.apply(model, method):
+        batch_ids = model.generate(**_batch(samples), **GEN)
+        uncached = model.generate(**_batch(samples), **GEN, use_cache=False)
+        alone = [model.generate(**s, **GEN)[0, -GEN["max_new_tokens"]:] for s in samples]
+    assert torch.equal(batch_ids, uncached)
+    for b, ids in enumerate(alone):
+        assert torch.equal(batch_ids[b, -GEN["max_new_tokens"]:], ids), b
+
+
+def test_kept_counts_per_frame_and_per_clip(model):
+    inputs = _sample(model, [("video", VIDEO_THW)], 4, 0)  # 3 frames of 4 tokens
+    res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=0.5), **inputs)
+    assert res.video_num_tokens.tolist() == [[12, 6]]
+    assert [int(t.counts[0]) for t in res.video_tokens[0]] == [2, 2, 2]
+    res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=5), **inputs)
+    assert res.video_num_tokens.tolist() == [[12, 5]]
+    assert [int(t.counts[0]) for t in res.video_tokens[0]] == [2, 2, 1]
+    assert int((res.inputs["input_ids"] == VIDEO).sum()) == 5
+    assert res.tokens == [] and res.num_tokens.shape == (0, 2)  # no image in this call
+
+
+def test_each_frame_is_compressed_as_an_image_of_its_grid(model):
+    """A frame's survivors are the method run on that frame's features alone (the frames go through as a batch
+    of views)."""
+    inputs = _sample(model, [("video", VIDEO_THW)], 4, 0)
+    method = vtcompress.get("divprune", budget=0.5)
+    res = vtcompress.compress_inputs(model, method, **inputs)
+    with torch.no_grad():
+        feats = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
+                                               return_dict=True).pooler_output[0]
+    for f, frame in enumerate(feats.reshape(VIDEO_THW[0], 4, -1)):
+        alone = method(VisualTokens.from_features(frame[None], (2, 2))).sort_by_pos()
+        got = res.video_tokens[0][f]
+        assert torch.equal(got.pos[got.mask], alone.pos[alone.mask]), f
+        torch.testing.assert_close(got.x[got.mask], alone.x[alone.mask], rtol=0, atol=0)
+
+
+def test_kept_tokens_keep_their_stock_positions(model):
+    inputs = _batch([_sample(model, [("video", VIDEO_THW), ("image", (1, 4, 4))], 4, 0),
+                     _sample(model, [("video", (2, 4, 4))], 8, 1)])
+    res = vtcompress.compress_inputs(model, vtcompress.get("random", budget=0.5), **inputs)
+    desc = vtcompress.models.adapter_for(model)
+    full = full_positions(model, desc, inputs, inputs["input_ids"], inputs["attention_mask"], "original", False)
+    got = res.inputs["position_ids"][-3:]
+    for b in range(2):
+        kept = res.keep[b] & inputs["attention_mask"][b].bool()
+        real = res.inputs["attention_mask"][b].bool()
+        assert torch.equal(got[:, b, real], full[:, b, kept]), b
+
+
+def test_signal_methods_are_refused_for_videos(model):
+    inputs = _sample(model, [("video", VIDEO_THW)], 4, 0)
+    with pytest.raises(ValueError, match="not captured for videos"):
+        vtcompress.compress_inputs(model, vtcompress.get("fastervlm", budget=0.5), **inputs)
+
+
+def test_restoration_after_video_compression(model):
+    inputs = _sample(model, [("video", VIDEO_THW)], 4, 0)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtcompress.apply(model, vtcompress.get("divprune", budget=0.25)):
+            squeezed = model(**inputs).logits
+        after = model(**inputs).logits
+    assert squeezed.shape[1] < ref.shape[1]
+    assert torch.equal(after, ref)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_fastv_composed_with_a_projector_method_on_videos(model):
+    samples = [_sample(model, [("video", VIDEO_THW)], 3, 0), _sample(model, [("image", (1, 4, 4))], 6, 1)]
+    methods = [vtcompress.get("divprune", budget=0.5), vtcompress.get("fastv", budget=0.5, layer=1)]
+    with torch.no_grad(), vtcompress.apply(model, methods):
+        batch_ids = model.generate(**_batch(samples), **GEN)
+        alone = [model.generate(**s, **GEN)[0, -GEN["max_new_tokens"]:] for s in samples]
+    for b, ids in enumerate(alone):
+        assert torch.equal(batch_ids[b, -GEN["max_new_tokens"]:], ids), b
+
+
+def test_qwen3_vl_videos_pass_through_untouched():
+    """Qwen3-VL's videos carry DeepStack levels that no method follows yet: the projector stage leaves them as the
+    stock model encodes them, while the image of the same call is compressed."""
+    from models_util import tiny_qwen3_vl
+
+    model = tiny_qwen3_vl()[0]
+    # one temporal slot: Qwen3-VL's prompts hold one vision block per frame (with its timestamp)
+    video_only = _sample(model, [("video", (1, 4, 4))], 4, 0)
+    both = _sample(model, [("video", (1, 4, 4)), ("image", (1, 4, 4))], 4, 0)
+    with torch.no_grad():
+        ref = model(**video_only).logits
+        with vtcompress.apply(model, vtcompress.get("divprune", budget=0.5)):
+            assert torch.equal(model(**video_only).logits, ref)
+            res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=0.5), **both)
+    assert res.video_tokens == [] and res.num_tokens.tolist() == [[4, 2]]
+    assert int((res.inputs["input_ids"] == VIDEO).sum()) == 4
