@@ -660,9 +660,9 @@ def test_beam_search_and_several_returns(models, family):
     assert torch.equal(out[:, :s], inputs["input_ids"].repeat_interleave(2, dim=0))
 
 
-def test_qwen_images_compressed_next_to_an_uncompressed_video(models):
-    """A batch with images and a video: the images are compressed, the video passes through (encoded with the
-    model's own get_video_features, since the stock forward takes pixels or encoder outputs, not both)."""
+def test_qwen_images_compressed_next_to_a_video(models):
+    """A batch with images and a video: both are compressed (the video frame by frame, an int budget per clip;
+    tests/test_video.py), and both reach the stock forward as encoder outputs."""
     model, make = models["qwen2_vl"]
     inputs = make(batch=2, images=[1, 1])
     vc = model.config.vision_config
@@ -688,5 +688,6 @@ def test_qwen_images_compressed_next_to_an_uncompressed_video(models):
         model(**res.inputs)
     assert set(res.inputs["mm_encoder_outputs"]) == {"image", "video"}
     assert "pixel_values_videos" not in res.inputs
-    assert int((res.inputs["input_ids"] == 121).sum()) == 8  # the video keeps all its tokens
+    assert int((res.inputs["input_ids"] == 121).sum()) == 2  # 2 tokens for the clip: one per frame
+    assert res.video_num_tokens.tolist() == [[8, 2]]
     assert res.num_tokens[:, 1].tolist() == [2, 2]

@@ -182,3 +182,53 @@ def test_qwen3_vl_videos_pass_through_untouched():
             res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=0.5), **both)
     assert res.video_tokens == [] and res.num_tokens.tolist() == [[4, 2]]
     assert int((res.inputs["input_ids"] == VIDEO).sum()) == 4
+
+
+# ------------------------------------------------------------------------------------------- LLaVA-OneVision
+def _ov_video(frames: int, text: int, seed: int) -> dict:
+    """One OneVision sample with a video of ``frames`` 16 px frames: 4 x 4 patches pooled 2 x 2 per frame by the
+    model, plus the video's newline."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, IMAGE, (text,), generator=gen).tolist() + [VIDEO] * (frames * 4 + 1) + [8, 9, 10]
+    return dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                pixel_values_videos=torch.randn(1, frames, 3, 16, 16, generator=gen))
+
+
+@pytest.fixture(scope="module")
+def onevision():
+    from models_util import tiny_onevision
+
+    return tiny_onevision()
+
+
+def test_onevision_full_budget_and_kept_counts(onevision):
+    model, _ = onevision
+    inputs = _ov_video(3, 4, 0)
+    with torch.no_grad():
+        ref, ref_ids = model(**inputs).logits, model.generate(**inputs, **GEN)
+        for name in METHODS:
+            with vtcompress.apply(model, vtcompress.get(name, budget=1.0)):
+                assert torch.equal(model(**inputs).logits, ref), name
+                assert torch.equal(model.generate(**inputs, **GEN), ref_ids), name
+    res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=0.5), **inputs)
+    assert res.video_num_tokens.tolist() == [[13, 7]]  # 2 of 4 per frame, and the newline
+    assert [int(t.counts[0]) for t in res.video_tokens[0]] == [2, 2, 2]
+    res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=4), **inputs)
+    assert res.video_num_tokens.tolist() == [[13, 5]]  # 4 tokens for the clip (2, 1, 1) and the newline
+
+
+def test_onevision_video_batch_equals_one_by_one(onevision):
+    """Sample 0 a video of 3 frames, sample 1 text only; left-padded, different prompt lengths."""
+    model, _ = onevision
+    video, text = _ov_video(3, 3, 0), _ov_video(1, 8, 1)
+    text = {k: text[k][:, :8] for k in ("input_ids", "attention_mask")}
+    length = video["input_ids"].shape[1]
+    batch = {k: torch.cat([video[k], torch.nn.functional.pad(text[k], (length - 8, 0))])
+             for k in ("input_ids", "attention_mask")}
+    batch["pixel_values_videos"] = video["pixel_values_videos"]
+    with torch.no_grad(), vtcompress.apply(model, vtcompress.get("tome", budget=0.5)):
+        got = model.generate(**batch, **GEN)
+        alone = [model.generate(**s, **GEN)[0, -GEN["max_new_tokens"]:] for s in (video, text)]
+        assert torch.equal(got, model.generate(**batch, **GEN, use_cache=False))
+    for b, ids in enumerate(alone):
+        assert torch.equal(got[b, -GEN["max_new_tokens"]:], ids), b

@@ -494,6 +494,14 @@ class ModelDescription:
         """Per video, its features ``[L_i, D]`` as frames: one view per frame (:attr:`video_projector_stage`)."""
         raise NotImplementedError(f"the {self.family} description has no video_layouts()")
 
+    def video_features(self, model: nn.Module, inputs: dict, out) -> list[Tensor]:
+        """Per-video features ``[L_i, D]`` from ``get_video_features``' output, in placeholder order."""
+        return list(out.pooler_output)
+
+    def wrap_video(self, out, feats: list[Tensor]):
+        """``mm_encoder_outputs["video"]`` carrying the compressed per-video features (as :meth:`wrap`)."""
+        return self.wrap(out, feats)
+
     def signal_to_features(self, model: nn.Module, inputs: dict, records: list[Tensor], reduce: str,
                            feats: list[Tensor]) -> list[Tensor]:
         """Map signals recorded in the encoder's token order onto each image's features: ``[L_i, C]``.

@@ -419,7 +419,7 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
                                                                                   inputs, ids)
         if vkept:
             keep.view(-1)[vflat] = torch.cat(vkept).to(ids.device)
-        mm["video"] = desc.wrap(vout, vfeats)
+        mm["video"] = desc.wrap_video(vout, vfeats)
         video_counts = [(int(k.numel()), int(k.sum())) for k in vkept]
         video_keys = list(desc.encoder_kwargs(model, inputs, "video"))
     elif video is not None and inputs.get(video.pixel_key) is not None and desc.encode_fn(model, "video") is not None:
@@ -449,7 +449,7 @@ def _compress_videos(model, desc: ModelDescription, proj_methods: list[Compresso
                          "videos: compress videos with methods that read the features alone (e.g. divprune, tome, "
                          "random, uniform, avg_pool)")
     out = desc.encode(model, inputs, "video")
-    feats = desc.features(model, inputs, out)
+    feats = desc.video_features(model, inputs, out)
     flat, sample = placeholder_slots(ids, desc.token_id(model, "video"), [int(f.shape[0]) for f in feats])
     layouts = desc.video_layouts(model, inputs, feats)
     views = _views(layouts, proj_methods)
