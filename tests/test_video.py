@@ -232,3 +232,16 @@ def test_onevision_video_batch_equals_one_by_one(onevision):
         assert torch.equal(got, model.generate(**batch, **GEN, use_cache=False))
     for b, ids in enumerate(alone):
         assert torch.equal(got[b, -GEN["max_new_tokens"]:], ids), b
+
+
+def test_summary_counts_videos(model):
+    inputs = _batch([_sample(model, [("video", VIDEO_THW), ("image", (1, 4, 4))], 4, 0),
+                     _sample(model, [], 8, 1)])
+    with torch.no_grad(), vtcompress.apply(model, vtcompress.get("divprune", budget=0.5)) as handle:
+        model(**inputs)
+    got = handle.summary()
+    per = {s.per: s for s in got.stages}
+    assert per["image"].tokens_in == (4,) and per["image"].tokens_out == (2,)
+    assert per["video"].tokens_in == (12,) and per["video"].tokens_out == (6,)
+    assert got.visual_full == (16, 0) and got.visual_kept == (8, 0)
+    assert "12 -> 6 video tokens" in str(got)

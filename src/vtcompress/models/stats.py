@@ -47,8 +47,8 @@ class StageSavings:
         stage: ``"projector"``, ``"encoder"``, ``"encoder+projector"`` (the stages before the LLM, counted
             together on each image's placeholder run) or ``"decoder"``.
         methods: names of the stage's methods, in the order they ran.
-        per: ``"image"`` (placeholder order) or ``"sample"`` (batch order): what one entry of ``tokens_in`` /
-            ``tokens_out`` counts.
+        per: ``"image"`` / ``"video"`` (placeholder order) or ``"sample"`` (batch order): what one entry of
+            ``tokens_in`` / ``tokens_out`` counts.
         tokens_in: tokens entering the stage, one int per image / sample.
         tokens_out: tokens it kept (decoder: present from ``layer`` on).
         layer: the decoder layer ``K`` of a decoder stage (``None`` before the LLM).
@@ -76,7 +76,7 @@ class StageSavings:
 
     def __str__(self) -> str:
         where = f"layer {self.layer}, {'+'.join(self.methods)}" if self.layer is not None else "+".join(self.methods)
-        what = "image tokens" if self.stage != "decoder" else "visual tokens"
+        what = "visual tokens" if self.stage == "decoder" else f"{'video' if self.per == 'video' else 'image'} tokens"
         pairs = [f"{a} -> {b}" for a, b in zip(self.tokens_in, self.tokens_out, strict=True)]
         shown = ", ".join(pairs[:6]) + (f", ... ({len(pairs)} {self.per}s)" if len(pairs) > 6 else "")
         total = f"; total {self.total_in} -> {self.total_out}" if len(pairs) > 1 else ""
@@ -232,21 +232,30 @@ def summarize(handle) -> Savings:
 
     # --- before the LLM: per image
     if last is not None:
-        image_id = handle.adapter.image_token_id(model)
-        counts = last.num_tokens.tolist()
+        visual_ids = [handle.adapter.image_token_id(model)]
+        counts = last.num_tokens.tolist() if last.num_tokens is not None else []
+        video_counts = last.video_num_tokens.tolist() if last.video_num_tokens is not None else []
         kinds = sorted({m.stage for m in before}, key=("encoder", "projector").index)
-        stages.append(StageSavings(stage="+".join(kinds), methods=tuple(m.name for m in before), per="image",
-                                   tokens_in=tuple(c[0] for c in counts), tokens_out=tuple(c[1] for c in counts)))
-        image_sample = tuple(int(s) for s in last.image_sample.tolist())
+        names = tuple(m.name for m in before)
+        if counts:
+            stages.append(StageSavings(stage="+".join(kinds), methods=names, per="image",
+                                       tokens_in=tuple(c[0] for c in counts), tokens_out=tuple(c[1] for c in counts)))
+        if video_counts:  # videos compressed at the projector stage count as visual tokens too
+            visual_ids.append(handle.adapter.token_id(model, "video"))
+            stages.append(StageSavings(stage="projector", methods=tuple(m.name for m in before
+                                                                        if m.stage == "projector"), per="video",
+                                       tokens_in=tuple(c[0] for c in video_counts),
+                                       tokens_out=tuple(c[1] for c in video_counts)))
+        image_sample = tuple(int(s) for s in last.image_sample.tolist()) if last.image_sample is not None else ()
+        video_sample = tuple(int(s) for s in last.video_sample.tolist()) if last.video_sample is not None else ()
         samples = int(ids.shape[0])
-        is_ph = (ids == image_id) & mask.bool()
+        is_ph = torch.isin(ids, torch.tensor(visual_ids, device=ids.device)) & mask.bool()
         into_llm = is_ph.sum(1).tolist()
         text = (mask.bool().sum(1) - is_ph.sum(1)).tolist()
         full = list(into_llm)  # a sample without an image: what entered the LLM is what its prompt had
-        with_image = sorted(set(image_sample))
-        for s in with_image:
+        for s in sorted(set(image_sample) | set(video_sample)):
             full[s] = 0
-        for (n0, _), s in zip(counts, image_sample, strict=True):
+        for (n0, _), s in zip(counts + video_counts, image_sample + video_sample, strict=True):
             full[s] += n0
     else:
         image_sample = ()
