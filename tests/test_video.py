@@ -1,4 +1,5 @@
-"""Videos through the projector stage (Qwen2-VL / Qwen2.5-VL): spatial methods act frame by frame.
+"""Videos through the projector stage (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video): spatial methods
+act frame by frame.
 
 A video of ``video_grid_thw`` ``(t, h, w)`` reaches the LLM as ``t`` frames of ``(h/2, w/2)`` merged tokens; each
 frame is one view of the clip, so a float budget keeps that fraction of every frame and an int budget is tokens
@@ -138,10 +139,13 @@ def test_kept_tokens_keep_their_stock_positions(model):
         assert torch.equal(got[:, b, real], full[:, b, kept]), b
 
 
-def test_signal_methods_are_refused_for_videos(model):
-    inputs = _sample(model, [("video", VIDEO_THW)], 4, 0)
-    with pytest.raises(ValueError, match="not captured for videos"):
-        vtcompress.compress_inputs(model, vtcompress.get("fastervlm", budget=0.5), **inputs)
+def test_signal_methods_compress_the_images_and_leave_the_videos(model):
+    """Vision signals are not captured for video frames: under FasterVLM the image shrinks, the video passes
+    through as the stock model encodes it."""
+    inputs = _sample(model, [("video", VIDEO_THW), ("image", (1, 4, 4))], 4, 0)
+    res = vtcompress.compress_inputs(model, vtcompress.get("fastervlm", budget=0.5), **inputs)
+    assert res.num_tokens.tolist() == [[4, 2]] and res.video_tokens == []
+    assert int((res.inputs["input_ids"] == VIDEO).sum()) == 12
 
 
 def test_restoration_after_video_compression(model):
@@ -245,3 +249,35 @@ def test_summary_counts_videos(model):
     assert per["video"].tokens_in == (12,) and per["video"].tokens_out == (6,)
     assert got.visual_full == (16, 0) and got.visual_kept == (8, 0)
     assert "12 -> 6 video tokens" in str(got)
+
+
+# ------------------------------------------------------------------------------------------- LLaVA-NeXT-Video
+def test_llava_next_video_clips(onevision):
+    """Frames pooled 4x4 -> 2x2 by the model's vision_resampler, one view each: budget 1.0 is the stock model for
+    every feature-only method, counts per frame / per clip, and a video + text batch equals one by one."""
+    from models_util import tiny_llava_next_video
+
+    model, _ = tiny_llava_next_video()
+    gen = torch.Generator().manual_seed(0)
+    ids = [5, 6, 7] + [VIDEO] * 12 + [8, 9]  # 3 frames of 2 x 2 pooled tokens
+    video = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                 pixel_values_videos=torch.randn(1, 3, 3, 16, 16, generator=gen))
+    with torch.no_grad():
+        ref, ref_ids = model(**video).logits, model.generate(**video, **GEN)
+        for name in METHODS:
+            with vtcompress.apply(model, vtcompress.get(name, budget=1.0)):
+                assert torch.equal(model(**video).logits, ref), name
+                assert torch.equal(model.generate(**video, **GEN), ref_ids), name
+    res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=0.5), **video)
+    assert res.video_num_tokens.tolist() == [[12, 6]]
+    res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=4), **video)
+    assert [int(t.counts[0]) for t in res.video_tokens[0]] == [2, 1, 1]
+    text = dict(input_ids=torch.tensor([[5, 6, 7, 8, 9]]), attention_mask=torch.ones(1, 5, dtype=torch.long))
+    batch = {k: torch.cat([video[k], torch.nn.functional.pad(text[k], (len(ids) - 5, 0))])
+             for k in ("input_ids", "attention_mask")}
+    batch["pixel_values_videos"] = video["pixel_values_videos"]
+    with torch.no_grad(), vtcompress.apply(model, vtcompress.get("tome", budget=0.5)):
+        got = model.generate(**batch, **GEN)
+        alone = [model.generate(**video, **GEN), model.generate(**text, **GEN)]
+    for b, one in enumerate(alone):
+        assert torch.equal(got[b, -GEN["max_new_tokens"]:], one[0, -GEN["max_new_tokens"]:]), b

@@ -4,17 +4,20 @@ Images are exactly LLaVA-NeXT's (see :mod:`vtcompress.models.llava_next`): the s
 crops, MLP projector, the model's own ``pack_image_features`` with ``image_newline``), so the layout map, the
 signals and the vision-space point of action (VisionZip / PruMerge before ``multi_modal_projector``) are LLaVA-NeXT's.
 
-Videos (``pixel_values_videos``, placeholder ``video_token_id``) are not compressed by the encoder- / projector-stage
-methods: they pass through untouched. The stock forward takes either raw pixels or encoder outputs, so a call that
-compresses its images encodes the videos with the model's own ``get_video_features`` (the same call, with the
-config's defaults, that the stock forward makes: ``vision_resampler`` pooling, then the projector) and hands them on
-as ``mm_encoder_outputs["video"]``; the LLM receives every video token the stock model gives it
-(``tests/test_family_llava_next_video.py`` checks this against the stock model).
+Videos (``pixel_values_videos [V, F, 3, H, W]``, placeholder ``video_token_id``): the model's own
+``get_video_features`` encodes each frame as one crop, pools it (``vision_resampler``, stride
+``spatial_pool_stride``) and projects it; the projector stage compresses those pooled frames, each a view of its
+square pooled grid (no newline). Methods act on the projected frame tokens (the pooling changes the token grid).
 """
 
 from __future__ import annotations
 
+import math
+
+from torch import Tensor
+
 from .description import Modality, TokenLayout
+from .layout import ImageLayout
 from .llava_next import LlavaNextAdapter
 from .registry import register_adapter
 
@@ -27,10 +30,31 @@ class LlavaNextVideoDescription(LlavaNextAdapter):
     model_types = ("llava_next_video",)
     modalities = (
         *LlavaNextAdapter.modalities,
-        # described, not compressed: passed through (encoded with the model's own get_video_features)
         Modality(name="video", token_id_keys=("video_token_id", "video_token_index"),
                  input_keys=("pixel_values_videos",), encode_fn="get_video_features", layout=TokenLayout.FRAMES),
     )
+    video_projector_stage = True
+
+    def video_layouts(self, model, inputs, feats: list[Tensor]) -> list[ImageLayout]:
+        """``F`` views, one per frame, of its square pooled grid."""
+        frames = int(inputs["pixel_values_videos"].shape[1])
+        out = []
+        for f in feats:
+            side = math.isqrt(int(f.shape[0]) // frames)
+            if side * side * frames != f.shape[0]:
+                raise ValueError(f"a clip of {frames} frames has {f.shape[0]} features, not {frames} square pooled "
+                                 "frame grids")
+            out.append(ImageLayout.tiles((side, side), frames, f.device))
+        return out
+
+    def video_features(self, model, inputs, out) -> list[Tensor]:
+        return [f.reshape(-1, f.shape[-1]) for f in out.pooler_output]  # one [F * h * w, D] per clip
+
+    def wrap_video(self, out, feats: list[Tensor]):
+        # the stock forward flattens each entry's first two dims: one [1, K, D] per clip
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=[f[None] for f in feats])
 
 
 register_adapter(LlavaNextVideoDescription())

@@ -354,11 +354,15 @@ class _Signals:
 
 
 def compresses_videos(desc: ModelDescription, methods: Sequence[Compressor], inputs: dict) -> bool:
-    """Whether this call's videos go through the projector-stage methods (the family compresses videos frame by
-    frame, :attr:`ModelDescription.video_projector_stage`, and there are projector-stage methods)."""
+    """Whether this call's videos go through the projector-stage methods: the family compresses videos frame by
+    frame (:attr:`ModelDescription.video_projector_stage`) and every projector-stage method reads the features
+    alone. Vision signals ([CLS] / attention received, keys) are not captured for video frames, so under a method
+    that reads them the videos pass through untouched (as on the families without video compression) while the
+    images are compressed; ``handle.summary()`` then shows no video stage."""
     video = desc.video if desc is not None else None
+    proj = [m for m in methods if m.stage == "projector"]
     return (video is not None and desc.video_projector_stage and inputs.get(video.pixel_key) is not None
-            and any(m.stage == "projector" for m in methods))
+            and bool(proj) and not _needs(proj))
 
 
 def has_visual_inputs(desc: ModelDescription, methods: Sequence[Compressor], inputs: dict) -> bool:
@@ -442,12 +446,6 @@ def _compress_videos(model, desc: ModelDescription, proj_methods: list[Compresso
     over the clip's frames and a fraction applies to each frame; :func:`split_budget`). Returns the stock video
     output, the kept features per video, the kept flag of each placeholder slot per video, the per-frame tokens,
     the placeholders' flat positions and each video's sample."""
-    needs = _needs(proj_methods)
-    if needs:
-        names = [m.name for m in proj_methods if set(getattr(m, "needs", ())) & needs]
-        raise ValueError(f"method(s) {names} need {sorted(str(n) for n in needs)}, which are not captured for "
-                         "videos: compress videos with methods that read the features alone (e.g. divprune, tome, "
-                         "random, uniform, avg_pool)")
     out = desc.encode(model, inputs, "video")
     feats = desc.video_features(model, inputs, out)
     flat, sample = placeholder_slots(ids, desc.token_id(model, "video"), [int(f.shape[0]) for f in feats])
