@@ -1,5 +1,6 @@
-"""LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration``): LLaVA-NeXT's images are compressed, videos pass
-through untouched."""
+"""LLaVA-NeXT-Video (``LlavaNextVideoForConditionalGeneration``): LLaVA-NeXT's images are compressed; under a
+signal-reading method (FasterVLM here) the videos pass through untouched (videos under feature-only methods are
+compressed frame by frame: tests/test_video.py)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _capture_embeds(model):
     return seen, hook
 
 
-def test_videos_pass_through_untouched(lnv):
+def test_videos_pass_through_untouched_under_a_signal_method(lnv):
     """Budget 1.0 with an image and a video per sample is the stock model bit for bit; under compression every video
     placeholder stays and the LLM receives exactly the stock model's video embeddings, while the images shrink."""
     model, make = lnv
