@@ -18,8 +18,10 @@ NOT_IDENTITY = {"prumerge", "prumerge_plus", "pixel_unshuffle"}
 
 
 def projector_methods() -> list[str]:
-    """Every registered projector-stage method (trainable ones included)."""
-    return vtcompress.list_methods(stage="projector")
+    """Every registered projector-stage method acting on images (trainable ones included; temporal methods act on
+    clips: tests/test_temporal.py)."""
+    temporal = set(vtcompress.list_methods(family="temporal"))
+    return [n for n in vtcompress.list_methods(stage="projector") if n not in temporal]
 
 
 def needs_grid(method) -> bool:

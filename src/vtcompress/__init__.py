@@ -8,6 +8,7 @@ from .compressor import (
     ScoreCompressor,
     Signal,
     Stage,
+    TemporalCompressor,
     get,
     list_methods,
     method_class,
@@ -31,6 +32,7 @@ def __getattr__(name: str):
 __all__ = [
     "Compressor",
     "ScoreCompressor",
+    "TemporalCompressor",
     "EncoderCompressor",
     "DecoderCompressor",
     "Stage",

@@ -35,6 +35,7 @@ __all__ = [
     "Compressor",
     "ProjectorCompressor",
     "ScoreCompressor",
+    "TemporalCompressor",
     "EncoderCompressor",
     "DecoderCompressor",
     "StageContext",
@@ -103,7 +104,7 @@ class SignalLayer(_StrEnum):
 
 
 STAGES = tuple(Stage)
-FAMILIES = ("transformation", "similarity", "attention", "query", "baseline")
+FAMILIES = ("transformation", "similarity", "attention", "query", "temporal", "baseline")
 #: the projector / encoder-stage signals the mechanics provide from the vision tower and the prompt
 SIGNALS = (Signal.CLS_ATTN, Signal.KEYS, Signal.TEXT)
 
@@ -245,6 +246,9 @@ class Compressor:
     #: the output features are wider than the input (pixel unshuffle: ``f * f * D``): the LLM of a stock model
     #: cannot read them without a projector trained after the method (``vtcompress.apply`` refuses, saying so).
     widens: ClassVar[bool] = False
+    #: the method acts across the frames of a clip (:class:`TemporalCompressor`); the others act on one frame at
+    #: a time (a clip given to them is split into frames: :meth:`VisualTokens.split_frames`).
+    temporal: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -287,7 +291,33 @@ class Compressor:
                     f"method {self.name!r} needs the {signal!r} signal, which these tokens do not carry "
                     f"(apply it through vtcompress.apply on a model that provides it, or pass {signal}=...)"
                 )
+        if tokens.frames > 1 and not self.temporal:
+            return self._per_frame(tokens)
         return self.compress(tokens)
+
+    def _per_frame(self, clip: VisualTokens) -> VisualTokens:
+        """A spatial method on a clip: on every frame, a fraction budget kept of each frame, an int budget (tokens
+        per clip) split evenly over the frames (the first ``budget % T`` frames keep one more)."""
+        t = clip.frames
+        frames = clip.split_frames()
+        if not isinstance(self.budget, int) or self.budget % t == 0:
+            per = self if not isinstance(self.budget, int) else dataclasses.replace(self, budget=self.budget // t)
+            if isinstance(self.budget, int) and self.budget < t:
+                raise ValueError(f"budget={self.budget} tokens per clip is below one token per frame of its "
+                                 f"{t} frames: the spatial method {self.name!r} keeps at least one per frame")
+            return VisualTokens.join_frames(per.compress(frames), t)
+        q, r = divmod(self.budget, t)
+        if q == 0:
+            raise ValueError(f"budget={self.budget} tokens per clip is below one token per frame of its {t} "
+                             f"frames: the spatial method {self.name!r} keeps at least one per frame")
+        rows = torch.arange(frames.batch_size, device=clip.x.device)
+        more = (rows % t) < r
+        big, small = rows[more], rows[~more]
+        parts = [dataclasses.replace(self, budget=q + 1).compress(frames.take_rows(big)),
+                 dataclasses.replace(self, budget=q).compress(frames.take_rows(small))]
+        joined = VisualTokens.cat_rows(parts)
+        inverse = torch.cat([big, small]).argsort()
+        return VisualTokens.join_frames(joined.take_rows(inverse), t)
 
     def __enter__(self):
         raise ValueError(_APPLY_HINT.format(what=f"`with {self.name or type(self).__name__}:`"))
@@ -368,6 +398,20 @@ class ScoreCompressor(Compressor):
         scores = self.score(tokens)
         idx, valid = topk_sorted(scores, self.keep_counts(tokens), tokens.mask)
         return tokens.select(idx, valid)
+
+
+@dataclass
+class TemporalCompressor(Compressor):
+    """Base of temporal methods (:mod:`vtcompress.methods.temporal`): they act across the frames of a clip.
+
+    :meth:`compress` receives clip tokens (``frames = T``; ``pos`` / ``assign`` over the clip, frame after frame)
+    of the projected video features, one row per video. The budget counts per clip: an ``int`` is the tokens kept
+    of the clip, a ``float`` the fraction of its tokens. On the projector stage of a model, images (one frame, no
+    time axis) pass through a temporal method untouched; videos get it.
+    """
+
+    family: ClassVar[str] = "temporal"
+    temporal: ClassVar[bool] = True
 
 
 #: the projector stage's base class is :class:`Compressor` itself (its defaults describe that stage); this name

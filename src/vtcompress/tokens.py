@@ -1,7 +1,13 @@
 """`VisualTokens`: the one data structure every compression method maps to and from.
 
-All tensors are batch-first. ``B`` is the number of images (one row per image), ``N`` the number of
-tokens now, ``N0`` the number of patches of the original grid (``grid[0] * grid[1]``).
+All tensors are batch-first. ``B`` is the number of images (one row per image) or clips (one row per video),
+``N`` the number of tokens now, ``N0`` the number of patches of the original grid (``frames * grid[0] * grid[1]``).
+
+A clip has a time axis: ``frames = T`` frames of the same ``grid = (H, W)``, its patches numbered frame after
+frame (``pos = t * H * W + raster index``), so ``pos`` and ``assign`` run over the whole clip and a token merged
+across frames keeps the position of its anchor patch. Spatial methods act on one frame at a time
+(:meth:`VisualTokens.split_frames` / :meth:`VisualTokens.join_frames`); temporal methods
+(:mod:`vtcompress.methods.temporal`) act on the clip. An image is a clip of one frame.
 
 Invariants every method keeps (and the table-driven tests check):
 
@@ -44,6 +50,13 @@ def _check_pair(name: str, value) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def _check_frames(value) -> int:
+    """``frames``: a positive int, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"frames must be a positive int (1 for an image, T for a clip); got {value!r}")
+    return int(value)
+
+
 def _slot_sum(v: Tensor, slot: Tensor, m: int) -> Tensor:
     """``[B, m, Q]``: the rows of ``v [B, N, Q]`` summed per slot ``slot [B, N]`` in ``[0, m]`` (slot ``m``: a dump
     slot, cut off). One ``index_add_`` on the flattened batch (about twice as fast on CPU as a ``scatter_add_``
@@ -68,11 +81,11 @@ class VisualTokens:
         x: ``[B, N, D]`` features (floating point).
         mask: ``[B, N]`` bool, True for valid tokens (ragged batches are right-padded).
         pos: ``[B, N]`` long, index in the original ``grid`` (raster order) of each token's anchor patch.
-        grid: ``(H, W)`` of the original patch grid; ``H * W == N0``.
+        grid: ``(H, W)`` of the original patch grid of one frame; ``frames * H * W == N0``.
         size: ``[B, N]`` float, number of original patches each token stands for.
         assign: ``[B, N0]`` long, output token of each original patch, ``-1`` if dropped.
-        layout: ``(h, w)`` when the current tokens still form a full regular grid (``h * w == N``), else
-            ``None`` (after pruning). Grid operations (pooling, unshuffle) need it.
+        layout: ``(h, w)`` when the current tokens still form a full regular grid in every frame
+            (``frames * h * w == N``), else ``None`` (after pruning). Grid operations (pooling, unshuffle) need it.
         cls_attn: optional ``[B, N]`` attention each token receives from the vision encoder's [CLS]
             (or mean attention received, for encoders without [CLS]).
         keys: optional ``[B, N, Dk]`` attention keys of the tokens (head-averaged) from the vision encoder.
@@ -81,6 +94,7 @@ class VisualTokens:
         attn: optional ``[B, N, Q]`` attention each token receives from ``Q`` chosen query rows of an LLM
             decoder layer (decoder stage: FastV's last token ``Q = 1``, SparseVLM's prompt tokens); when
             ``Q`` rows are prompt tokens, ``text_mask [B, Q]`` marks the valid ones.
+        frames: ``T``, the frames of a clip (1 for an image); the time axis of ``pos`` / ``assign``.
     """
 
     x: Tensor
@@ -95,6 +109,7 @@ class VisualTokens:
     text: Tensor | None = None
     text_mask: Tensor | None = None
     attn: Tensor | None = None
+    frames: int = 1
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -107,23 +122,30 @@ class VisualTokens:
         keys: Tensor | None = None,
         text: Tensor | None = None,
         text_mask: Tensor | None = None,
+        frames: int = 1,
     ) -> VisualTokens:
         """Wrap the full, uncompressed patch features ``x [B, N, D]`` of a ``grid`` (default: square).
 
-        ``mask`` marks valid patches; ``pos``, ``size`` and ``assign`` start as the identity.
+        ``mask`` marks valid patches; ``pos``, ``size`` and ``assign`` start as the identity. A clip passes
+        ``frames = T`` and its ``T * H * W`` features frame after frame (``grid`` is one frame's).
         """
         if not isinstance(x, Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"features must be a tensor of shape [B, N, D]; got {shape}")
         b, n, _ = x.shape
+        frames = _check_frames(frames)
+        if n % frames:
+            raise ValueError(f"{n} tokens do not split into frames={frames} frames of equal size")
         if grid is None:
-            side = int(round(n**0.5))
-            if side * side != n:
-                raise ValueError(f"{n} tokens do not form a square grid; pass grid=(H, W) with H * W == {n}")
+            side = int(round((n // frames)**0.5))
+            if side * side * frames != n:
+                what = f"{n} tokens" if frames == 1 else f"{n // frames} tokens per frame"
+                raise ValueError(f"{what} do not form a square grid; pass grid=(H, W) with H * W == {n // frames}")
             grid = (side, side)
         grid = (int(grid[0]), int(grid[1]))
-        if grid[0] * grid[1] != n:
-            raise ValueError(f"grid {grid} has {grid[0] * grid[1]} patches but the features have N={n} tokens")
+        if frames * grid[0] * grid[1] != n:
+            raise ValueError(f"grid {grid} x frames={frames} has {frames * grid[0] * grid[1]} patches but the "
+                             f"features have N={n} tokens")
         dev = x.device
         pos = torch.arange(n, device=dev).expand(b, n).clone()
         if mask is None:
@@ -133,7 +155,7 @@ class VisualTokens:
         size = mask.to(torch.float32)
         tokens = cls(
             x=x, mask=mask, pos=pos, grid=grid, size=size, assign=assign, layout=grid,
-            cls_attn=cls_attn, keys=keys, text=text, text_mask=text_mask,
+            cls_attn=cls_attn, keys=keys, text=text, text_mask=text_mask, frames=frames,
         )
         tokens.validate()
         return tokens
@@ -150,8 +172,17 @@ class VisualTokens:
 
     @property
     def num_patches(self) -> int:
-        """``N0``: patches of the original grid."""
+        """``N0``: patches of the original grid (of every frame of a clip)."""
+        return self.frames * self.grid[0] * self.grid[1]
+
+    @property
+    def frame_patches(self) -> int:
+        """``H * W``: patches of one frame."""
         return self.grid[0] * self.grid[1]
+
+    def frame_of(self) -> Tensor:
+        """``[B, N]`` long: the frame of each token's anchor patch (``pos // (H * W)``)."""
+        return torch.div(self.pos, self.frame_patches, rounding_mode="floor")
 
     @property
     def counts(self) -> Tensor:
@@ -179,7 +210,122 @@ class VisualTokens:
 
     def _batched(self) -> dict[str, Tensor | None]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("grid", "layout")}
+                if f.name not in ("grid", "layout", "frames")}
+
+    def take_rows(self, idx: Tensor | list[int]) -> VisualTokens:
+        """The rows ``idx`` of the batch (images or clips), in that order."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.x.device)
+        return self.replace(**{name: (t[idx] if t is not None else None) for name, t in self._batched().items()})
+
+    @classmethod
+    def cat_rows(cls, parts: list[VisualTokens]) -> VisualTokens:
+        """Rows of same-grid, same-frames ``parts`` in one batch, right-padded to the longest (layout kept only
+        when every part has the same one)."""
+        first = parts[0]
+        if any(p.grid != first.grid or p.frames != first.frames for p in parts):
+            raise ValueError("cat_rows needs parts of one grid and one frame count; got "
+                             f"{sorted({(p.grid, p.frames) for p in parts})}")
+        n = max(p.num_tokens for p in parts)
+        fields = {}
+        for name in first._batched():
+            ts = [getattr(p, name) for p in parts]
+            if any(t is None for t in ts):
+                if not all(t is None for t in ts):
+                    raise ValueError(f"cat_rows: field {name!r} is set in some parts and not in others")
+                fields[name] = None
+                continue
+            if name in ("assign", "text", "text_mask"):
+                if name != "assign" and len({t.shape[1] for t in ts}) > 1:
+                    raise ValueError(f"cat_rows: field {name!r} has different lengths across parts")
+                fields[name] = torch.cat(ts)
+                continue
+            pad = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, n - t.shape[1])) for t in ts]
+            fields[name] = torch.cat(pad)
+        layouts = {p.layout for p in parts}
+        layout = layouts.pop() if len(layouts) == 1 and all(p.num_tokens == n for p in parts) else None
+        return first.replace(**fields, layout=layout)
+
+    # ------------------------------------------------------------------ the time axis
+    def split_frames(self) -> VisualTokens:
+        """The frames of each clip as rows of their own: ``[B, N]`` clip tokens of ``T`` frames -> ``[B * T, M]``
+        one-frame tokens (row ``b * T + t`` is frame ``t`` of clip ``b``; ``pos`` / ``assign`` local to the frame;
+        prompt fields repeated). What a spatial method sees of a clip; :meth:`join_frames` undoes it.
+
+        Every token must stand for patches of its own frame only: a token merged across frames has no one frame
+        to go to (``ValueError``; apply spatial methods before a temporal merging method).
+        """
+        b, n = self.mask.shape
+        t_, hw = self.frames, self.frame_patches
+        dev = self.x.device
+        frame = torch.where(self.mask, self.frame_of(), torch.full_like(self.pos, t_))  # padding -> frame T
+        patch_frame = torch.arange(t_, device=dev).repeat_interleave(hw)  # [N0]
+        if bool((self.assign >= 0).any()):
+            owner = frame.gather(1, self.assign.clamp(min=0))
+            cross = (self.assign >= 0) & (owner != patch_frame[None])
+            if bool(cross.any()):
+                raise ValueError(
+                    "these clip tokens merge patches of different frames (a temporal merging method ran): a "
+                    "spatial method acts on one frame at a time, so run it before the temporal method")
+        cnt = torch.zeros(b, t_ + 1, dtype=torch.long, device=dev).scatter_add_(1, frame, torch.ones_like(frame))
+        start = cnt.cumsum(1) - cnt
+        rank = torch.arange(n, device=dev)[None] - start.gather(1, frame)  # index within its frame
+        m = max(1, int(cnt[:, :t_].max())) if b and n else 1
+        rows = torch.arange(b, device=dev)[:, None] * t_ + frame
+        dump = b * t_ * m
+        dest = torch.where(self.mask, rows * m + rank, torch.full_like(rank, dump)).reshape(-1)
+
+        def spread(t: Tensor, fill=0) -> Tensor:
+            out = torch.full((dump + 1, *t.shape[2:]), fill, dtype=t.dtype, device=dev)
+            out.index_copy_(0, dest, t.reshape(b * n, *t.shape[2:]))
+            return out[:dump].view(b * t_, m, *t.shape[2:])
+
+        fields = {name: spread(t) for name, t in self._batched().items()
+                  if t is not None and name not in ("assign", "text", "text_mask", "mask", "pos")}
+        mask = spread(self.mask, False)
+        pos = spread(self.pos - frame.clamp(max=t_ - 1) * hw)
+        local = torch.where(self.mask, rank, torch.full_like(rank, -1))  # [B, N]: each token's index in its frame
+        assign = torch.where(self.assign >= 0, local.gather(1, self.assign.clamp(min=0)), self.assign)
+        fields["assign"] = assign.view(b * t_, hw)
+        for name in ("text", "text_mask"):
+            v = getattr(self, name)
+            fields[name] = v.repeat_interleave(t_, 0) if v is not None else None
+        layout = self.layout if self.layout is not None and m == self.layout[0] * self.layout[1] else None
+        return self.replace(**fields, mask=mask, pos=pos, layout=layout, frames=1)
+
+    @classmethod
+    def join_frames(cls, tokens: VisualTokens, frames: int) -> VisualTokens:
+        """Rows of single frames back into clips: ``[B * T, M]`` (row ``b * T + t``: frame ``t`` of clip ``b``)
+        -> ``[B, N]`` clip tokens of ``T = frames`` frames, valid tokens first in frame order. The inverse of
+        :meth:`split_frames`."""
+        t_ = _check_frames(frames)
+        bt, m = tokens.mask.shape
+        if tokens.frames != 1 or bt % t_:
+            raise ValueError(f"join_frames needs one-frame rows, a multiple of frames={t_}; got {bt} rows of "
+                             f"frames={tokens.frames}")
+        b, hw = bt // t_, tokens.frame_patches
+        dev = tokens.x.device
+        cnt = tokens.counts.view(b, t_)
+        offset = (cnt.cumsum(1) - cnt).reshape(bt, 1)  # tokens of the clip's earlier frames
+        frame = torch.arange(t_, device=dev).repeat(b)[:, None]  # [B*T, 1]
+        mask = tokens.mask.reshape(b, t_ * m)
+        order = (~mask).to(torch.int8).argsort(dim=1, stable=True)  # valid first, frames in order
+        n = max(1, int(cnt.sum(1).max())) if b else 1
+        order = order[:, :n]
+
+        def gather(t: Tensor) -> Tensor:
+            return _gather_rows(t.reshape(b, t_ * m, *t.shape[2:]), order)
+
+        fields = {name: gather(t) for name, t in tokens._batched().items()
+                  if t is not None and name not in ("assign", "text", "text_mask", "pos")}
+        fields["pos"] = gather(torch.where(tokens.mask, tokens.pos + frame * hw, torch.zeros_like(tokens.pos)))
+        assign = torch.where(tokens.assign >= 0, tokens.assign + offset, tokens.assign)
+        fields["assign"] = assign.reshape(b, t_ * hw)
+        for name in ("text", "text_mask"):
+            v = getattr(tokens, name)
+            fields[name] = v[::t_] if v is not None else None
+        layout = tokens.layout if tokens.layout is not None and n == t_ * tokens.layout[0] * tokens.layout[1] \
+            else None
+        return tokens.replace(**fields, layout=layout, frames=t_)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -200,7 +346,8 @@ class VisualTokens:
             raise ValueError(f"features must be floating point (float32/bfloat16/float16); got dtype {x.dtype}")
         b, n, _ = x.shape
         grid = _check_pair("grid", self.grid)
-        n0 = grid[0] * grid[1]
+        frames = _check_frames(self.frames)
+        n0 = frames * grid[0] * grid[1]
         for name in ("mask", "pos", "size", "assign"):
             if not isinstance(getattr(self, name), Tensor):
                 raise ValueError(f"{name} must be a tensor; got {type(getattr(self, name)).__name__}")
@@ -218,14 +365,16 @@ class VisualTokens:
             raise ValueError(f"size must be floating point (patches a token stands for); got dtype {self.size.dtype}")
         if tuple(self.assign.shape) != (b, n0):
             raise ValueError(
-                f"assign must have shape [B, N0] = {(b, n0)} for grid {grid}; got {tuple(self.assign.shape)}"
+                f"assign must have shape [B, N0] = {(b, n0)} for grid {grid} x frames={frames}; got "
+                f"{tuple(self.assign.shape)}"
             )
         if self.assign.dtype != torch.long:
             raise ValueError(f"assign must have dtype torch.int64; got {self.assign.dtype}")
         if self.layout is not None:
             layout = _check_pair("layout", self.layout)
-            if layout[0] * layout[1] != n:
-                raise ValueError(f"layout {layout} does not match N={n} tokens (h * w must equal N)")
+            if frames * layout[0] * layout[1] != n:
+                what = "h * w" if frames == 1 else f"frames={frames} x h * w"
+                raise ValueError(f"layout {layout} does not match N={n} tokens ({what} must equal N)")
             if layout[0] > grid[0] or layout[1] > grid[1]:
                 raise ValueError(f"layout {layout} does not fit in the original grid {grid}: a grid of tokens "
                                  "derived from it has at most its rows and columns")

@@ -1,0 +1,1 @@
+"""Placeholder for the fastvid temporal method (merged into temporal.py when done)."""

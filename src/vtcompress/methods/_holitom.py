@@ -1,0 +1,1 @@
+"""Placeholder for the holitom temporal method (merged into temporal.py when done)."""
