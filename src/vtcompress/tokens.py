@@ -144,8 +144,8 @@ class VisualTokens:
             grid = (side, side)
         grid = (int(grid[0]), int(grid[1]))
         if frames * grid[0] * grid[1] != n:
-            raise ValueError(f"grid {grid} x frames={frames} has {frames * grid[0] * grid[1]} patches but the "
-                             f"features have N={n} tokens")
+            what = f"grid {grid}" if frames == 1 else f"grid {grid} x frames={frames}"
+            raise ValueError(f"{what} has {frames * grid[0] * grid[1]} patches but the features have N={n} tokens")
         dev = x.device
         pos = torch.arange(n, device=dev).expand(b, n).clone()
         if mask is None:
