@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from .compressor import FAMILIES, METHODS, Stage
 
-__all__ = ["ModelInfo", "list_models", "stage_kinds", "trainable_methods", "widening_methods",
+__all__ = ["ModelInfo", "list_models", "stage_kinds", "temporal_methods", "trainable_methods", "widening_methods",
            "support_rows", "support_markdown",
            "markdown_table", "main"]
 
@@ -44,37 +44,46 @@ class ModelInfo:
         status: ``"supported"`` (held to the test matrix) or ``"experimental"``.
         model_classes: the top-level ``...ForConditionalGeneration`` classes it serves.
         stages: the stages whose methods run on it, in pipeline order.
+        videos: its videos go through the projector stage (spatial methods frame by frame, the temporal methods
+            across frames).
+        video_input: it takes videos at all (without ``videos``, they reach only the decoder stage).
     """
 
     family: str
     status: str
     model_classes: tuple[str, ...]
     stages: tuple[Stage, ...]
+    videos: bool = False
+    video_input: bool = False
 
 
-def _model_families() -> list[tuple[str, str, tuple[str, ...], bool]]:
-    """``(family, status, model classes, encoder stage)`` per registered family: the ONE place that reads the
-    model-family registry of :mod:`vtcompress.models`."""
+def _model_families() -> list[tuple[str, str, tuple[str, ...], bool, str | None]]:
+    """``(family, status, model classes, encoder stage, video stage)`` per registered family (the video stage:
+    ``"projector"``, ``"decoder"`` when videos reach only the LLM, ``None`` without videos): the ONE place that
+    reads the model-family registry of :mod:`vtcompress.models`."""
     from . import models
 
     listing = getattr(models, "list_families", None)
     if listing is not None:  # the family descriptions' own listing
-        return [(f.family, f.status, tuple(f.model_classes), bool(f.encoder_stage)) for f in listing()]
+        return [(f.family, f.status, tuple(f.model_classes), bool(f.encoder_stage),
+                 "projector" if f.video_stage else "decoder" if "video" in f.modalities else None)
+                for f in listing()]
     # the adapter registry (every registered adapter is a supported family)
     import importlib
 
     names = models.supported_families()
     adapters = {a.family: a for a in importlib.import_module(f"{__package__}.models.apply")._ADAPTERS}
-    return [(n, "supported", tuple(adapters[n].model_classes), bool(adapters[n].supports_encoder_stage()))
-            for n in names]
+    return [(n, "supported", tuple(adapters[n].model_classes), bool(adapters[n].supports_encoder_stage()),
+             "projector" if getattr(adapters[n], "video_projector_stage", False) else None) for n in names]
 
 
 def list_models() -> list[ModelInfo]:
     """Every registered model family with its status and the stages it runs, in registration order."""
     out = []
-    for family, status, classes, encoder in _model_families():
+    for family, status, classes, encoder, videos in _model_families():
         stages = tuple(s for s in Stage if s != Stage.ENCODER or encoder)
-        out.append(ModelInfo(family=family, status=status, model_classes=classes, stages=stages))
+        out.append(ModelInfo(family=family, status=status, model_classes=classes, stages=stages,
+                             videos=videos == "projector", video_input=videos is not None))
     return out
 
 
@@ -84,13 +93,19 @@ def _by_kind(keep) -> list[tuple[str, type]]:
 
 
 def stage_kinds(stage: Stage | str) -> dict[str, list[str]]:
-    """The registered training-free methods of ``stage`` by kind (method family, in taxonomy order):
-    ``{kind: [names]}``."""
+    """The registered training-free methods of ``stage`` acting on images by kind (method family, in taxonomy
+    order): ``{kind: [names]}``. The temporal methods (clips only) are :func:`temporal_methods`."""
     stage = Stage(stage)
     out: dict[str, list[str]] = {}
-    for name, cls in _by_kind(lambda c: c.stage == stage and not c.trainable and not c.widens):
+    for name, cls in _by_kind(lambda c: c.stage == stage and not c.trainable and not c.widens and not c.temporal):
         out.setdefault(cls.family, []).append(name)
     return out
+
+
+def temporal_methods() -> list[str]:
+    """The registered temporal methods: they compress videos across frames, on the families whose videos reach
+    the projector stage (:attr:`ModelInfo.videos`)."""
+    return [n for n, _ in _by_kind(lambda c: c.temporal)]
 
 
 def widening_methods() -> list[str]:
@@ -115,19 +130,22 @@ def _cell(kinds: dict[str, list[str]]) -> str:
 
 
 def support_rows() -> list[dict[str, str]]:
-    """One row per model family: ``family``, ``status``, ``models`` and one column per stage holding the kinds of
-    training-free method that run there and their count (``"-"`` where the family does not run the stage)."""
+    """One row per model family: ``family``, ``status``, ``models``, one column per stage holding the kinds of
+    training-free method that run there on images and their count (``"-"`` where the family does not run the
+    stage), and ``videos``: what compresses its videos."""
     kinds = {s: stage_kinds(s) for s in Stage}
     return [
         {"family": f"`{m.family}`", "status": m.status, "models": ", ".join(m.model_classes),
-         **{str(s): _cell(kinds[s]) if s in m.stages else "-" for s in Stage}}
+         **{str(s): _cell(kinds[s]) if s in m.stages else "-" for s in Stage},
+         "videos": (f"frame by frame + temporal ({len(temporal_methods())})" if m.videos
+                    else "decoder stage only" if m.video_input else "-")}
         for m in list_models()
     ]
 
 
 #: columns of the support table: row key -> header
 COLUMNS = {"family": "family", "status": "status", "models": "model classes",
-           **{str(s): f"{s} stage" for s in Stage}}
+           **{str(s): f"{s} stage" for s in Stage}, "videos": "videos (projector stage)"}
 
 
 def support_markdown() -> str:
@@ -140,6 +158,8 @@ def support_markdown() -> str:
     for s in Stage:
         groups = "; ".join(f"{kind}: {', '.join(f'`{n}`' for n in names)}" for kind, names in stage_kinds(s).items())
         lines.append(f"- {s} stage: {groups or 'none'}")
+    temporal = ", ".join(f"`{n}`" for n in temporal_methods())
+    lines.append(f"- temporal (videos, across frames; where videos reach the projector stage): {temporal or 'none'}")
     train = trainable_methods()
     names = ", ".join(f"`{n}`" for n in train["any grid"] + train["grid-bound"])
     bound = ", ".join(f"`{n}`" for n in train["grid-bound"])

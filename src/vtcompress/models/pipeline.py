@@ -384,6 +384,15 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
     if inputs.get("mm_encoder_outputs"):
         raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
     proj_methods = [m for m in methods if m.stage == "projector"]
+    temporal = [m for m in proj_methods if m.temporal]
+    if temporal and not desc.video_projector_stage:
+        raise ValueError(
+            f"method {temporal[0].name!r} is temporal (it compresses videos across frames), and the {desc.family} "
+            "description does not compress videos at the projector stage; temporal methods run on: "
+            + ", ".join(f.family for f in list_families() if f.video_stage))
+    # images have no time axis: the temporal methods pass them through, the others compress them
+    image_methods = [m for m in methods if not m.temporal]
+    image_proj = [m for m in proj_methods if not m.temporal]
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     keep = torch.ones_like(ids, dtype=torch.bool)
@@ -391,14 +400,14 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
     tokens, samples, counts = [], None, []
     if has_images:
         image_id = desc.image_token_id(model)
-        out, feats, enc_rows, signals, vision = _encode(model, desc, methods, inputs)
+        out, feats, enc_rows, signals, vision = _encode(model, desc, image_methods, inputs)
         flat, samples = placeholder_slots(ids, image_id, [int(f.shape[0]) for f in feats])
-        if "text" in _needs(proj_methods):
+        if "text" in _needs(image_proj):
             signals.text, signals.text_mask = _text_signal(model, ids, mask, image_id, samples)
         layouts = desc.layouts(model, inputs, feats)
-        views = _views(layouts, proj_methods)
+        views = _views(layouts, image_proj)
         work = feats if vision is None else vision.feats  # the features the methods act on
-        results, orders = _compress_views(model, views, layouts, work, signals, enc_rows, proj_methods,
+        results, orders = _compress_views(model, views, layouts, work, signals, enc_rows, image_proj,
                                           space=None if vision is None else vision.ok)
         new_feats, kept_slots, tokens = _kept_features(layouts, views, results, work,
                                                        orders if positions == "compact" else None)
@@ -411,7 +420,7 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
             if vision is not None or enc_rows is not None:
                 raise ValueError(f"{desc.family} features carry extra per-token levels, which follow the projected "
                                  "features only: use projector-stage methods that act on the projected features")
-            mm["image"] = desc.wrap(out, new_feats, _follow(model, views, layouts, work, signals, proj_methods,
+            mm["image"] = desc.wrap(out, new_feats, _follow(model, views, layouts, work, signals, image_proj,
                                                             extra, new_feats, positions == "compact", kept_slots))
         else:
             mm["image"] = desc.wrap(out, new_feats)
@@ -450,10 +459,54 @@ def _compress_videos(model, desc: ModelDescription, proj_methods: list[Compresso
     feats = desc.video_features(model, inputs, out)
     flat, sample = placeholder_slots(ids, desc.token_id(model, "video"), [int(f.shape[0]) for f in feats])
     layouts = desc.video_layouts(model, inputs, feats)
-    views = _views(layouts, proj_methods)
-    results, _ = _compress_views(model, views, layouts, feats, _Signals(), None, proj_methods)
+    if any(m.temporal for m in proj_methods):
+        views = _clip_views(layouts, proj_methods)
+        results = _compress_clips(model, views, layouts, feats, proj_methods)
+    else:
+        views = _views(layouts, proj_methods)
+        results, _ = _compress_views(model, views, layouts, feats, _Signals(), None, proj_methods)
     new_feats, kept_slots, tokens = _kept_features(layouts, views, results, feats, None)
     return out, new_feats, kept_slots, tokens, flat, sample
+
+
+def _clip_views(layouts: list[ImageLayout], proj_methods: list[Compressor]) -> list[_View]:
+    """One view per video, its frames' patches frame after frame (under a temporal method the video is one clip:
+    :class:`VisualTokens` with ``frames = T``; every budget counts per clip)."""
+    views = []
+    for i, lay in enumerate(layouts):
+        if len(set(lay.grids)) != 1:
+            raise ValueError(f"video {i} has frames of different grids {sorted(set(lay.grids))}; a clip for a "
+                             "temporal method needs one grid for every frame")
+        index = []
+        for v in range(len(lay.grids)):
+            idx = ((lay.view == v) & (lay.patch >= 0)).nonzero().squeeze(1)
+            index.append(idx[torch.argsort(lay.patch[idx])])
+        views.append(_View(i, 0, torch.cat(index), tuple(m.budget for m in proj_methods)))
+    return views
+
+
+def _compress_clips(model, views: list[_View], layouts: list[ImageLayout], feats: list[Tensor],
+                    proj_methods: list[Compressor]) -> list[VisualTokens]:
+    """The projector-stage methods on each video as one clip (spatial methods frame by frame, temporal ones
+    across frames); clips of one shape and budgets go through as one batch. Returns one clip row per video."""
+    groups: dict[tuple, list[int]] = {}
+    for u, view in enumerate(views):
+        lay = layouts[view.image]
+        groups.setdefault((lay.grids[0], len(lay.grids), view.budgets), []).append(u)
+    results: dict[int, VisualTokens] = {}
+    for (grid, frames, _budgets), members in groups.items():
+        tok = VisualTokens.from_features(torch.stack([feats[views[u].image][views[u].index] for u in members]),
+                                         grid, frames=frames)
+        d = tok.x.shape[-1]
+        for m in proj_methods:
+            tok = m(tok)
+            if tok.x.shape[-1] != d:
+                raise ValueError(f"method {m.name!r} changed the feature width from {d} to {tok.x.shape[-1]}; the "
+                                 f"LLM of {type(model).__name__} takes {d}-wide video features")
+        tok = tok.sort_by_pos()
+        for r, u in enumerate(members):
+            results[u] = tok.row(r)
+    return [results[u] for u in range(len(views))]
 
 
 def _encode(model, desc: ModelDescription, methods: list[Compressor], inputs: dict):

@@ -60,6 +60,8 @@ class FamilyInfo:
         modalities: the visual inputs it describes (``("image",)``, ``("image", "video")``).
         position_scheme: the LLM's positions (``"1d"``, ``"mrope"``).
         encoder_stage: encoder-stage (inside the tower) methods flow through its feature path.
+        video_stage: its videos go through the projector stage (spatial methods frame by frame, temporal methods
+            across frames).
         source: ``"builtin"`` or ``"entry point <name>"`` or ``"register_adapter"``.
     """
 
@@ -70,6 +72,7 @@ class FamilyInfo:
     position_scheme: str
     encoder_stage: bool
     source: str
+    video_stage: bool = False
 
 
 def register_adapter(description: ModelDescription | type[ModelDescription], *, source: str = "register_adapter"):
@@ -164,7 +167,8 @@ def list_families() -> list[FamilyInfo]:
     _load()
     return [FamilyInfo(family=d.family, model_classes=tuple(d.model_classes), status=d.status,
                        modalities=tuple(m.name for m in d.modalities), position_scheme=str(d.position_scheme.value),
-                       encoder_stage=bool(d.supports_encoder_stage()), source=_SOURCES.get(id(d), "register_adapter"))
+                       encoder_stage=bool(d.supports_encoder_stage()), source=_SOURCES.get(id(d), "register_adapter"),
+                       video_stage=bool(d.video_projector_stage))
             for d in _FAMILIES]
 
 
