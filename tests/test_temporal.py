@@ -278,3 +278,22 @@ def test_llava_next_video_clips():
                 assert torch.equal(model.generate(**video, **GEN), ref_ids), name
         res = vtcompress.compress_inputs(model, EVS(budget=0.5), **video)
         assert res.video_num_tokens.tolist() == [[16, 8]]
+
+
+def test_a_temporal_method_composed_with_fastv(model):
+    """EVS on the videos, then FastV inside the LLM on every visual run: a batch equals one by one."""
+    samples = [_sample(model, [("video", CLIP)], 3, 0), _sample(model, [("image", (1, 4, 4)), ("video", (2, 4, 4))],
+                                                                 6, 1)]
+    methods = [EVS(budget=0.5), vtcompress.get("fastv", budget=0.5, layer=1)]
+    with torch.no_grad(), vtcompress.apply(model, methods):
+        batch_ids = model.generate(**_batch(samples), **GEN)
+        alone = [model.generate(**s, **GEN)[0, -GEN["max_new_tokens"]:] for s in samples]
+    for b, ids in enumerate(alone):
+        assert torch.equal(batch_ids[b, -GEN["max_new_tokens"]:], ids), b
+
+
+def test_the_vllm_plugin_refuses_temporal_methods():
+    from vtcompress.integrations.vllm.spec import _check_method
+
+    with pytest.raises(ValueError, match="temporal method"):
+        _check_method("evs")

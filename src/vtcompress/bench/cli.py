@@ -163,9 +163,9 @@ def bench_main(argv: list[str] | None = None) -> int:
         if args.methods:
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         elif args.images:  # trainable methods' shipped weights are the testbed's: they cannot run elsewhere
-            methods = [m for m in valid if not getattr(method_class(m), "trainable", False)]
-        else:
-            methods = valid
+            methods = [m for m in valid if not method_class(m).trainable and not method_class(m).temporal]
+        else:  # the testbed's images have no time axis: the temporal methods are for videos
+            methods = [m for m in valid if not method_class(m).temporal]
         bad = [m for m in methods if m not in valid]
         if bad:
             raise ValueError(f"--methods: unknown {', '.join(bad)}; valid names: {', '.join(sorted(valid))}")

@@ -55,8 +55,10 @@ class RequestSpec:
 
 @functools.cache
 def _allowed() -> tuple[str, ...]:
-    """Training-free projector-stage methods (trainable ones need weights the served checkpoint lacks)."""
-    return tuple(sorted(r["name"] for r in method_info() if r["stage"] == "projector" and not r["trainable"]))
+    """Training-free projector-stage methods acting on images (trainable ones need weights the served checkpoint
+    lacks; temporal ones act on videos, which the plugin does not compress)."""
+    return tuple(sorted(r["name"] for r in method_info() if r["stage"] == "projector" and not r["trainable"]
+                        and r["family"] != "temporal"))
 
 
 def _check_method(name) -> str:
@@ -81,6 +83,9 @@ def _check_method(name) -> str:
             f"{METHOD_KEY}={name!r} is an encoder-stage method (it merges inside the vision tower, whose vLLM "
             "implementation fixes the token count); the vLLM plugin serves projector-stage methods: "
             + ", ".join(m for m in allowed if m not in _ADAPTIVE))
+    if name in list_methods(family="temporal"):
+        raise ValueError(f"{METHOD_KEY}={name!r} is a temporal method (it compresses videos across frames); the "
+                         "vLLM plugin compresses images only: " + ", ".join(m for m in allowed if m not in _ADAPTIVE))
     if name in list_methods(stage="projector"):
         raise ValueError(f"{METHOD_KEY}={name!r} is trainable (it needs its trained weights inside the model); the "
                          f"vLLM plugin serves the training-free projector-stage methods: "
