@@ -297,3 +297,9 @@ def test_the_vllm_plugin_refuses_temporal_methods():
 
     with pytest.raises(ValueError, match="temporal method"):
         _check_method("evs")
+
+
+def test_a_temporal_method_reading_vision_signals_is_refused_on_videos(model):
+    inputs = _sample(model, [("video", CLIP)], 4, 0)
+    with pytest.raises(ValueError, match="not captured for video frames"):
+        vtcompress.compress_inputs(model, vtcompress.get("fastvid", budget=0.5, saliency="cls_attn"), **inputs)

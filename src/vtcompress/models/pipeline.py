@@ -390,6 +390,11 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
             f"method {temporal[0].name!r} is temporal (it compresses videos across frames), and the {desc.family} "
             "description does not compress videos at the projector stage; temporal methods run on: "
             + ", ".join(f.family for f in list_families() if f.video_stage))
+    if temporal and _needs(proj_methods) and desc.video is not None and inputs.get(desc.video.pixel_key) is not None:
+        raise ValueError(
+            f"methods {[m.name for m in proj_methods]} read the vision signals {sorted(_needs(proj_methods))}, which "
+            "are not captured for video frames, so the videos would pass the temporal method "
+            f"{temporal[0].name!r} untouched; use feature-only settings (e.g. fastvid saliency='features')")
     # images have no time axis: the temporal methods pass them through, the others compress them
     image_methods = [m for m in methods if not m.temporal]
     image_proj = [m for m in proj_methods if not m.temporal]
