@@ -374,15 +374,6 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
               for_generate: bool) -> CompressedInputs:
     positions = resolve_positions(positions, methods, desc)
     has_images = inputs.get("pixel_values") is not None
-    videos = compresses_videos(desc, methods, inputs)
-    if not has_images and not videos:
-        return CompressedInputs(inputs=dict(inputs))
-    ids = inputs.get("input_ids")
-    if not isinstance(ids, Tensor) or ids.dim() != 2:
-        raise ValueError("compressing images needs input_ids [B, S] (to find the image placeholders); "
-                         f"got {type(ids).__name__ if not isinstance(ids, Tensor) else tuple(ids.shape)}")
-    if inputs.get("mm_encoder_outputs"):
-        raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
     proj_methods = [m for m in methods if m.stage == "projector"]
     temporal = [m for m in proj_methods if m.temporal]
     if temporal and not desc.video_projector_stage:
@@ -395,6 +386,15 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
             f"methods {[m.name for m in proj_methods]} read the vision signals {sorted(_needs(proj_methods))}, which "
             "are not captured for video frames, so the videos would pass the temporal method "
             f"{temporal[0].name!r} untouched; use feature-only settings (e.g. fastvid saliency='features')")
+    videos = compresses_videos(desc, methods, inputs)
+    if not has_images and not videos:
+        return CompressedInputs(inputs=dict(inputs))
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, Tensor) or ids.dim() != 2:
+        raise ValueError("compressing images needs input_ids [B, S] (to find the image placeholders); "
+                         f"got {type(ids).__name__ if not isinstance(ids, Tensor) else tuple(ids.shape)}")
+    if inputs.get("mm_encoder_outputs"):
+        raise ValueError("pass either pixel_values or mm_encoder_outputs, not both")
     # images have no time axis: the temporal methods pass them through, the others compress them
     image_methods = [m for m in methods if not m.temporal]
     image_proj = [m for m in proj_methods if not m.temporal]

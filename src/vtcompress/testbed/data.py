@@ -313,6 +313,42 @@ def samples(split: str, n: int, seed: int = 0, skill: str | None = None) -> list
     return out
 
 
+def make_clip(frames: int, seed: int = 0) -> tuple[list[np.ndarray], list[list[dict]]]:
+    """A deterministic ``frames``-frame clip of testbed scenes, for drawing temporal compression.
+
+    One textured background (the same pixels in every frame), one large object moving ``PATCH`` px (one patch)
+    to the right per frame (wrapping back to the left edge after 9 steps), and a second large object that
+    appears at frame ``frames // 2`` and stays put. Colours and shapes come from ``seed``; each object's pixel
+    noise is drawn once, so a patch changes between frames only where an object moves or appears.
+
+    Returns the frames (uint8 ``(IMAGE_SIZE, IMAGE_SIZE, 3)`` each) and, per frame, its objects (dicts as
+    :class:`Sample`'s: shape, colour, size, box, centre, r).
+    """
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be an int >= 1; got {frames!r}")
+    rng = np.random.default_rng(seed)
+    background = _background(rng)
+    c1, c2 = (COLOUR_NAMES[int(i)] for i in rng.choice(len(COLOUR_NAMES), 2, replace=False))
+    s1, s2 = (SHAPES[int(i)] for i in rng.choice(len(SHAPES), 2, replace=False))
+    r = 10.0
+    noise = rng.normal(0, 6, size=background.shape)
+    tints = {c1: rng.normal(0, 10, size=3), c2: rng.normal(0, 10, size=3)}
+    out, objects = [], []
+    for t in range(frames):
+        placed = [{"shape": s1, "colour": c1, "centre": (12.0 + PATCH * (t % 9), 28.0)}]
+        if t >= frames // 2:
+            placed.append({"shape": s2, "colour": c2, "centre": (68.0, 70.0)})
+        img = background.copy()
+        for o in placed:
+            cx, cy = o["centre"]
+            m = _shape_mask(o["shape"], cx, cy, r)
+            img[m] = (np.array(COLOURS[o["colour"]], dtype=np.float64) + tints[o["colour"]])[None, :] + noise[m]
+            o.update(size="large", r=r, box=(int(cx - r), int(cy - r), int(np.ceil(cx + r)), int(np.ceil(cy + r))))
+        out.append(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+        objects.append(placed)
+    return out, objects
+
+
 # ----------------------------------------------------------------------------------------------- extra QA
 
 

@@ -20,6 +20,12 @@ Inputs are the provenance fields of :class:`~vtcompress.tokens.VisualTokens` (``
 (pruning inside the LLM at one or several layers) give one panel per pruning layer, drawn side by side by
 :func:`panel_grid` with a title above each.
 
+A **clip** (``VisualTokens`` with ``frames = T``) is drawn by :func:`clip_strip` as its ``T`` frames side by
+side (wrapped into rows of 8), each frame's map as above with group sizes counted over the whole clip; a patch
+merged into a token anchored in ANOTHER frame (temporal merging) is tinted with that token's colour and hatched
+with :data:`CROSS_FRAME` diagonals. Each frame is captioned with its index and the tokens anchored in it; a title
+line above and a legend below. ``vtcompress show --clip T`` draws a testbed clip through a method.
+
 Three modules: :mod:`~vtcompress.viz.render` draws (numpy / PIL only), :mod:`~vtcompress.viz.runner` runs a
 method on one image through a model (its inputs, the vision tower and LLM under the method) and returns the
 tokens to draw, :mod:`~vtcompress.viz.cli` is the command line ``vtcompress show`` (:func:`show_main`), which
@@ -28,13 +34,16 @@ loaded by :func:`vtcompress.loading.load_model`) and writes the map as a PNG.
 """
 
 from ..loading import LoadedModel, load_model
-from .cli import DEFAULT_METHODS, default_methods, show_main
+from .cli import DEFAULT_METHODS, default_clip_methods, default_methods, show_main
 from .render import (
+    CROSS_FRAME,
     DIM_FACTOR,
     GRID_SHADE,
     OUTLINE,
     PALETTE,
     TINT_ALPHA,
+    clip_panels,
+    clip_strip,
     panel_grid,
     panel_title,
     patch_states,
@@ -44,6 +53,8 @@ from .render import (
 from .runner import (
     DEFAULT_QUESTION,
     build_methods,
+    clip_strips,
+    clip_tokens,
     gallery,
     method_panels,
     method_stages,
@@ -76,4 +87,10 @@ __all__ = [
     "method_panels",
     "default_methods",
     "DEFAULT_METHODS",
+    "CROSS_FRAME",
+    "clip_panels",
+    "clip_strip",
+    "clip_strips",
+    "clip_tokens",
+    "default_clip_methods",
 ]

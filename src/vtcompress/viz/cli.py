@@ -12,9 +12,9 @@ from PIL import Image
 from ..compressor import METHODS, list_methods, parse_budget, parse_params
 from ..loading import load_model
 from .render import open_image, panel_grid
-from .runner import DEFAULT_QUESTION, method_panels
+from .runner import DEFAULT_QUESTION, clip_strips, method_panels
 
-__all__ = ["show_main", "default_methods", "DEFAULT_METHODS"]
+__all__ = ["show_main", "default_methods", "default_clip_methods", "DEFAULT_METHODS"]
 
 
 def _parse_grid(text: str) -> tuple[int, int]:
@@ -50,6 +50,10 @@ def show_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-panel", action="store_true", help="first panel: the image as the model saw it")
     parser.add_argument("--skip-errors", action="store_true", help="a method that cannot run gets a dimmed panel "
                         "with the reason instead of stopping (always on when no method is named)")
+    parser.add_argument("--clip", type=int, metavar="T", help="draw a T-frame testbed clip (one object moving a "
+                        "patch per frame, one appearing at frame T//2; --sample N picks its scene seed, default 0) as "
+                        "a strip of frames, one strip per method (default methods: the temporal ones); --cols: "
+                        "frames per row")
     parser.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, ...)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     try:
@@ -68,7 +72,12 @@ def show_main(argv: list[str] | None = None) -> int:
 def _show(args) -> Path:
     if args.method and args.methods:
         raise ValueError("give --method NAME or --methods a,b,c, not both")
-    if (args.image is None) == (args.sample is None):
+    if args.clip is not None:
+        if args.image is not None:
+            raise ValueError("--clip draws a testbed clip; give no IMAGE with it (--sample N picks the scene seed)")
+        if isinstance(args.clip, bool) or args.clip < 1 or args.clip > 64:
+            raise ValueError(f"--clip {args.clip}: give a number of frames from 1 to 64")
+    elif (args.image is None) == (args.sample is None):
         raise ValueError("give an IMAGE path or --sample N (a testbed test image), exactly one of them")
     budget = parse_budget(args.budget)
     grid = _parse_grid(args.grid)
@@ -79,14 +88,20 @@ def _show(args) -> Path:
     elif args.method:
         methods = [args.method]
     else:
-        methods = default_methods()
+        methods = default_methods() if args.clip is None else default_clip_methods()
     if not methods:
         raise ValueError(f"no method to draw; registered methods: {', '.join(list_methods()) or 'none'}")
     path = Path(args.out)
     if path.suffix.lower() != ".png":
         raise ValueError(f"--out {args.out!r}: the map is written as PNG; give a path ending in .png")
     question = args.question
-    if args.sample is not None:
+    if args.clip is not None:
+        from ..testbed.data import make_clip
+
+        if args.sample is not None and args.sample < 0:
+            raise ValueError(f"--sample {args.sample}: a clip's scene seed is >= 0")
+        images = [Image.fromarray(f, "RGB") for f in make_clip(args.clip, args.sample or 0)[0]]
+    elif args.sample is not None:
         from ..testbed.data import SKILLS, make_sample, sample_seed
 
         if args.sample < 0:
@@ -102,6 +117,13 @@ def _show(args) -> Path:
     loaded = load_model(args.model, device=args.device)
     if args.model == "testbed":
         methods = [_shipped_checkpoint(m, budget, params) for m in methods]
+    if args.clip is not None:
+        strips = clip_strips(loaded, images, methods, budget, question or DEFAULT_QUESTION, grid, params, args.cell,
+                             args.cols, input_strip=args.input_panel, skip_errors=args.skip_errors or not named)
+        out = strips[0] if len(strips) == 1 else panel_grid([("", s) for s in strips], 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out.save(path, format="PNG")
+        return path
     panels = method_panels(loaded, image, methods, budget, question or DEFAULT_QUESTION, grid, params, args.cell,
                            input_panel=args.input_panel, skip_errors=args.skip_errors or not named)
     cols = args.cols if args.cols is not None else min(len(panels), 4)
@@ -139,3 +161,8 @@ def default_methods() -> list[str]:
     """The methods ``vtcompress show`` draws when none is named: :data:`DEFAULT_METHODS` that are registered."""
     names = set(list_methods())
     return [m for m in DEFAULT_METHODS if m in names]
+
+
+def default_clip_methods() -> list[str]:
+    """The methods ``vtcompress show --clip T`` draws when none is named: the registered temporal methods."""
+    return list_methods(family="temporal")

@@ -16,7 +16,16 @@ from PIL import Image
 from ..compressor import Stage
 from ..loading import LoadedModel
 from ..tokens import VisualTokens
-from .render import DIM_FACTOR, TARGET_SIDE, panel_grid, panel_title, patch_states, to_pil, token_map
+from .render import (
+    DIM_FACTOR,
+    TARGET_SIDE,
+    clip_strip,
+    panel_grid,
+    panel_title,
+    patch_states,
+    to_pil,
+    token_map,
+)
 
 __all__ = [
     "DEFAULT_QUESTION",
@@ -28,6 +37,8 @@ __all__ = [
     "build_methods",
     "method_panels",
     "gallery",
+    "clip_tokens",
+    "clip_strips",
 ]
 
 # ----------------------------------------------------------------------------------------------- models
@@ -376,3 +387,111 @@ def gallery(
     panels = method_panels(_as_loaded(model, tokenizer), pil, methods, budget, question, params=params, cell=cell,
                            skip_errors=skip_errors)
     return panel_grid(panels, cols if cols is not None else min(len(panels), 4))
+
+
+# ----------------------------------------------------------------------------------------------- clips
+
+
+@torch.no_grad()
+def clip_tokens(
+    loaded: LoadedModel | None,
+    images: Sequence[Image.Image],
+    question: str = DEFAULT_QUESTION,
+    grid: tuple[int, int] = (12, 12),
+) -> VisualTokens:
+    """The clip ``VisualTokens`` (one row, ``frames = len(images)``) of ``images`` as frames of one video.
+
+    Each frame is encoded exactly as the model encodes an image (its inputs by :func:`model_inputs`, the
+    model's own ``get_image_features``: vision tower and projector) and its patch features (a [CLS] feature
+    left out) are the frame's grid; ``loaded=None``: the raw pixel patches on ``grid`` (:func:`pixel_tokens`).
+    Models whose image is several views (anyres grids, tiles) or has row separators are refused
+    (``ValueError``): a frame must be one grid.
+    """
+    if not images:
+        raise ValueError("a clip needs at least one frame image")
+    per_frame, fgrid = [], None
+    for image in images:
+        if loaded is None:
+            tokens = pixel_tokens(image, grid)
+            feats, g = tokens.x[0], tokens.grid
+        else:
+            feats, layout = _first_image_features(loaded.model, model_inputs(loaded, image, question))
+            if len(layout.grids) != 1 or bool(layout.sep.any()):
+                raise ValueError(f"{type(loaded.model).__name__} encodes an image as {len(layout.grids)} view(s) "
+                                 "with separators; --clip draws models whose image is one grid of patches")
+            g = layout.grids[0]
+            patch = layout.patch.to(feats.device)
+            keep = patch >= 0
+            order = patch[keep].argsort()
+            feats = feats[keep][order]
+            if feats.shape[0] != g[0] * g[1]:
+                raise ValueError(f"the image features have {feats.shape[0]} patches, not the {g[0] * g[1]} of "
+                                 f"their grid {g}")
+        if fgrid is not None and g != fgrid:
+            raise ValueError(f"the frames have different grids ({fgrid} and {g}); a clip is one grid per frame")
+        fgrid = g
+        per_frame.append(feats.float().cpu())
+    x = torch.cat(per_frame)[None]
+    return VisualTokens.from_features(x, grid=fgrid, frames=len(images))
+
+
+def _run_on_clip(method, clip: VisualTokens, no_model: bool) -> VisualTokens:
+    if method.stage == Stage.DECODER:
+        raise ValueError(f"method {method.name!r} prunes inside the LLM (decoder stage); a clip strip draws "
+                         "projector-, encoder-stage and temporal methods")
+    if no_model:
+        _no_model_check(method)
+    if method.needs:
+        raise ValueError(f"method {method.name!r} reads the {', '.join(repr(n) for n in method.needs)} signal, "
+                         "which is not captured for video frames (on a model, videos pass through such a method "
+                         "untouched); a clip strip draws methods that read the features alone")
+    out = method(clip)
+    if not isinstance(out, VisualTokens) or out.frames != clip.frames:
+        raise ValueError(f"method {method.name!r} did not return clip tokens of {clip.frames} frames")
+    return out
+
+
+def clip_strips(
+    loaded: LoadedModel | None,
+    images: Sequence[Image.Image],
+    methods: Sequence[Any],
+    budget: int | float | None,
+    question: str = DEFAULT_QUESTION,
+    grid: tuple[int, int] = (12, 12),
+    params: dict | None = None,
+    cell: int | None = None,
+    cols: int | None = None,
+    input_strip: bool = False,
+    skip_errors: bool = False,
+) -> list[Image.Image]:
+    """One :func:`~vtcompress.viz.render.clip_strip` per method on the clip of ``images`` (frames encoded by
+    :func:`clip_tokens`); a spatial method acts frame by frame, a temporal one across the frames. Each strip is
+    titled ``"<method>  budget <b>: k / N0 tokens kept (T frames)"``. ``input_strip``: first the plain frames.
+    ``skip_errors``: a method that raises ``ValueError`` / ``NotImplementedError`` gets a strip of dimmed frames
+    titled with the reason (unknown names and parameters always raise)."""
+    built = build_methods(methods, budget, params)
+    clip = clip_tokens(loaded, images, question, grid)
+    frames = [image.resize((loaded.image_size,) * 2, Image.Resampling.BICUBIC)
+              if loaded is not None and loaded.image_size and image.size != (loaded.image_size,) * 2 else image
+              for image in images]
+    t = clip.frames
+    strips = []
+    if input_strip:
+        strips.append(clip_strip(frames, clip, cell=cell, cols=cols, legend=False,
+                                 title=f"input: {t} frames, {clip.num_patches} patches"))
+    for method in built:
+        label = method.name + (" [untrained]" if getattr(method, "untrained", False) else "")
+        try:
+            out = _run_on_clip(method, clip, loaded is None)
+        except (ValueError, NotImplementedError) as exc:
+            if not skip_errors:
+                raise
+            reason = str(exc) if len(str(exc)) <= 120 else str(exc)[:117] + "..."
+            none = clip.select(torch.zeros(1, 0, dtype=torch.long))
+            strips.append(clip_strip(frames, none, cell=cell, cols=cols, legend=False,
+                                     title=f"{label}  budget {method.budget}: not drawn: {reason}"))
+            continue
+        title = (f"{label}  budget {method.budget}: {int(out.counts[0])} / {out.num_patches} tokens kept "
+                 f"({t} frames)")
+        strips.append(clip_strip(frames, out, cell=cell, cols=cols, title=title))
+    return strips
