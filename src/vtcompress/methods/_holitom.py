@@ -42,6 +42,9 @@ def _dpc_knn(feat: Tensor, valid: Tensor, num: Tensor, knn: Tensor) -> tuple[Ten
     g, n, d = feat.shape
     f = feat.float()
     dist = torch.cdist(f, f) / (d**0.5)  # [G, n, n], as the reference
+    # a token's distance to itself is 0 (cdist's matrix-product path, taken for more than 25 tokens, leaves rounding
+    # noise there, which with k = 1 would decide the centre): exact, and independent of the group's padding
+    dist.diagonal(dim1=1, dim2=2).zero_()
     inf = torch.tensor(float("inf"), device=f.device)
     col = valid[:, None, :]
     # local density: exp(-mean squared distance to the k nearest tokens of the group, itself included)
@@ -50,9 +53,12 @@ def _dpc_knn(feat: Tensor, valid: Tensor, num: Tensor, knn: Tensor) -> tuple[Ten
     take = torch.arange(kmax, device=f.device) < knn[:, None, None]
     sq = torch.where(take, near**2, torch.zeros((), device=f.device))
     density = (-(sq.sum(-1) / knn.clamp(min=1)[:, None].to(sq.dtype))).exp()  # [G, n]
-    # the reference adds torch.rand * 1e-6 to the density here to break ties at random: left out (deterministic);
-    # exact ties then follow its strict '>' below (neither token is the other's denser neighbour)
-    higher = col & (density[:, None, :] > density[:, :, None])  # [G, i, j]: token j is denser than token i
+    # the reference adds torch.rand * 1e-6 to the density "to ensure no tokens have the same density" (ties are
+    # structural: with k = 1 every density is exp(0) = 1; with k = 2 mutual nearest neighbours tie): we break exact
+    # ties deterministically instead, the lower index counting as denser
+    ar = torch.arange(n, device=f.device)
+    di, dj = density[:, :, None], density[:, None, :]
+    higher = col & ((dj > di) | ((dj == di) & (ar[None, None, :] < ar[None, :, None])))  # [G, i, j]: j denser
     pair = valid[:, :, None] & col
     dist_max = torch.where(pair, dist, -inf).flatten(1).amax(1)  # the group's largest distance
     delta = torch.where(higher, dist, dist_max[:, None, None]).amin(-1)  # distance to the nearest denser token
@@ -64,7 +70,6 @@ def _dpc_knn(feat: Tensor, valid: Tensor, num: Tensor, knn: Tensor) -> tuple[Ten
     # every other token joins its nearest centre (argmin: the first, i.e. lowest-index, centre on ties, as the
     # reference's argmin over its ascending-sorted centres)
     nearest = torch.where(center[:, None, :], dist, inf).argmin(-1)
-    ar = torch.arange(n, device=f.device)
     owner = torch.where(center, ar[None], nearest)
     owner = torch.where(valid & (num > 0)[:, None], owner, torch.full_like(owner, -1))
     joins = (owner >= 0) & ~center
@@ -126,8 +131,10 @@ class HoliTom(TemporalCompressor):
     ``cls_attn`` signal on the tokens (the mean attention each token receives, as the reference's SigLIP
     ``attn_weights.mean(1).mean(1)`` pooled like the features) and ``contextual=0`` is the reference's default.
 
-    Differences from the reference code: the density's random tie-break noise (``torch.rand * 1e-6``) is left out,
-    so the method is deterministic (it equals the reference with that noise off); the reference's contextual path
+    Differences from the reference code: the density's random tie-break (``+ torch.rand * 1e-6``, "to ensure no
+    tokens have the same density") is a deterministic one, the lower index counting as denser on an exact tie (ties
+    are structural: a group of one cluster has ``k = 1``, every density ``exp(0)``), and a token's distance to itself
+    is exactly 0 (``cdist`` leaves rounding noise there for more than 25 tokens); the reference's contextual path
     (any ``D > 0`` with clusters) raises, its ``pos.masked_select(mask.unsqueeze(-1))`` broadcasting a ``[F, L]``
     tensor with an ``[F, L, 1]`` mask: we do what it means, ``pos.masked_select(mask)``; ties in ``topk`` go to the
     lower index. Left out: the inner-LLM merging (``HOLITOM_k`` / ``HOLITOM_r``, ``holitom/modeling_qwen2.py``:
@@ -147,7 +154,8 @@ class HoliTom(TemporalCompressor):
                             "prepare_inputs_labels_for_multimodal)")
     matches_reference: ClassVar[str] = (
         "deviation: outer-LLM merging only (the inner-LLM merging, HOLITOM_k / HOLITOM_r, is left out); the same "
-        "segments, merged tokens and features as the reference with its random 1e-6 density noise off; default "
+        "segments, merged tokens and features as the reference, its random density tie-break (+ rand * 1e-6) made "
+        "deterministic (lower index denser); default "
         "contextual=1.0 (feature-only DPC-KNN for dynamic tokens; the reference's D=0 ranks them by vision attention: "
         "contextual=0 with cls_attn); the reference's contextual-path pos bug (it raises for D > 0) fixed")
 
