@@ -137,9 +137,10 @@ class HoliTom(TemporalCompressor):
     is exactly 0 (``cdist`` leaves rounding noise there for more than 25 tokens); the reference's contextual path
     (any ``D > 0`` with clusters) raises, its ``pos.masked_select(mask.unsqueeze(-1))`` broadcasting a ``[F, L]``
     tensor with an ``[F, L, 1]`` mask: we do what it means, ``pos.masked_select(mask)``; ties in ``topk`` go to the
-    lower index. Left out: the inner-LLM merging (``HOLITOM_k`` / ``HOLITOM_r``, ``holitom/modeling_qwen2.py``:
-    merging visual tokens inside the LLM by their hidden-state similarity at a decoder layer), which needs the
-    LLM's hidden states, not available at this stage.
+    lower index. Left out: the inner-LLM merging (``HOLITOM_k`` / ``HOLITOM_r``, ``holitom/modeling_qwen2.py``
+    ``Qwen2Model_holitom.forward``: at decoder layer ``k`` the visual tokens keep the ``1 - r`` of highest
+    last-token attention of layer ``k - 1`` and each other one is averaged into its most cosine-similar kept hidden
+    state), which needs the LLM's attention and hidden states, not available at this stage.
     """
 
     budget: int | float = 0.5
@@ -201,7 +202,7 @@ class HoliTom(TemporalCompressor):
         t_, n = _full_clip(tokens, self.name)
         b, _, d = tokens.x.shape
         dev = tokens.x.device
-        x = tokens.x.view(b, t_, n, d)
+        x = tokens.x.reshape(b, t_, n, d)
         xn = F.normalize(x, p=2, dim=-1)  # the reference normalises, then takes cosine_similarity (kept as is)
         sim = F.cosine_similarity(xn[:, :-1], xn[:, 1:], dim=-1)  # [B, T - 1, n]
         broken = (~(sim > self.tau)).to(torch.long)
@@ -275,14 +276,14 @@ class HoliTom(TemporalCompressor):
                 raise ValueError(f"holitom with contextual={self.contextual} keeps the dynamic tokens of highest "
                                  "vision-encoder attention: it needs the cls_attn signal, which these tokens do not "
                                  "carry (contextual=1.0 needs features only)")
-            attn = tokens.cls_attn.view(b * t_, n)
+            attn = tokens.cls_attn.reshape(b * t_, n)
             pick, ok = topk_sorted(attn, dom.view(-1), ~static.view(b * t_, n))
             if pick.shape[1]:
                 dominant.view(b * t_, n).scatter_(1, pick, ok)
 
         # contextual tokens: DPC-KNN within each frame's remaining dynamic tokens
         num = ctx.view(-1)
-        c_dyn, o_dyn, m_dyn = _dpc_knn(tokens.x.view(b * t_, n, d), (~static & ~dominant).view(b * t_, n), num,
+        c_dyn, o_dyn, m_dyn = _dpc_knn(tokens.x.reshape(b * t_, n, d), (~static & ~dominant).view(b * t_, n), num,
                                        num.clamp(max=self.k))
         frame = torch.arange(t_, device=dev)[None, :, None]
         ar_n = torch.arange(n, device=dev)
@@ -299,7 +300,7 @@ class HoliTom(TemporalCompressor):
             frame_g = gid[(rows + start).view(-1)]  # [B * T] the static group of each frame, -1 in one-frame segments
             inside = frame_g >= 0
             xs = torch.zeros(groups, n, d, dtype=torch.float32, device=dev).index_add_(
-                0, frame_g[inside], tokens.x.view(b * t_, n, d)[inside].float())
+                0, frame_g[inside], tokens.x.reshape(b * t_, n, d)[inside].float())
             width = (end - start + 1).view(-1)[window.view(-1)].to(torch.float32)
             xs = xs / width[:, None, None]
             g_static = static.view(b * t_, n)[window.view(-1)]
