@@ -1,4 +1,4 @@
-"""Reference parity: DyCoke's temporal token merging (TTM) stage vs :class:`vtcompress.methods._dycoke.DyCoke`.
+"""Reference parity: DyCoke's temporal token merging (TTM) stage vs :class:`vtcompress.methods.temporal.DyCoke`.
 
 The reference below is re-typed from reading the authors' code: github KD-TAO/DyCoke, ``llava/model/llava_arch.py``,
 ``dycole_ttm`` (HEAD dd74634; the function as last changed by 35cc532 "Update ttm code", which made an odd frame use
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import vtcompress
 from methods_util import check_invariants
 from vtcompress import VisualTokens
-from vtcompress.methods._dycoke import DyCoke
+from vtcompress.methods.temporal import DyCoke
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import vtcompress as vc
 from vtcompress import VisualTokens
 from vtcompress.compressor import Signal
-from vtcompress.methods._fastvid import FastVID
+from vtcompress.methods.temporal import FastVID
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Reference parity: HoliTom's outer-LLM merging vs :class:`vtcompress.methods._holitom.HoliTom`.
+"""Reference parity: HoliTom's outer-LLM merging vs :class:`vtcompress.methods.temporal.HoliTom`.
 
 The reference below is re-typed from reading the authors' code: github cokeshao/HoliTom (HEAD e9b2972),
 ``holitom/llava_arch.py``, class ``LlavaMetaForCausalLM_holitom``: the video branch of
@@ -28,7 +28,7 @@ import torch
 import vtcompress
 from methods_util import check_invariants
 from vtcompress import VisualTokens
-from vtcompress.methods._holitom import HoliTom
+from vtcompress.methods.temporal import HoliTom
 
 torch.set_num_threads(1)
 

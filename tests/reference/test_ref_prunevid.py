@@ -1,4 +1,4 @@
-"""Reference parity: PruneVid (Visual-AI/PruneVid) vs :class:`vtcompress.methods._prunevid.PruneVid`.
+"""Reference parity: PruneVid (Visual-AI/PruneVid) vs :class:`vtcompress.methods.temporal.PruneVid`.
 
 The reference functions below are re-typed from reading the authors' code, github Visual-AI/PruneVid commit
 b12600c6176c606ee4b6b7d9e26f4aa46d0dfd42, ``models/pllava/modeling_pllava.py`` (the same code is in ModelTC/llmc
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import einsum
 
 from vtcompress import VisualTokens
-from vtcompress.methods._prunevid import PruneVid, dpc_knn, refine_runs
+from vtcompress.methods.temporal import PruneVid, dpc_knn, refine_runs
 
 torch.set_num_threads(1)
 
