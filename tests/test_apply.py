@@ -441,7 +441,9 @@ def test_anyres_builder_family(models):
 
 # ------------------------------------------------------------------------------------------ registered methods
 def _registered_projector_methods() -> list[str]:
-    return [r["name"] for r in vtcompress.method_info() if r["stage"] == "projector" and not r["trainable"]]
+    """The training-free projector-stage methods acting on images (the temporal ones: tests/test_temporal.py)."""
+    return [r["name"] for r in vtcompress.method_info() if r["stage"] == "projector" and not r["trainable"]
+            and r["family"] != "temporal"]
 
 
 def _build(name: str, budget):

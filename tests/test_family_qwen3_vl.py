@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 def _training_free_projector_methods() -> list[str]:
     names = []
     for name, cls in sorted(METHODS.items()):
-        if cls.stage == Stage.PROJECTOR and not getattr(cls, "trainable", False):
+        if cls.stage == Stage.PROJECTOR and not getattr(cls, "trainable", False) and not cls.temporal:
             names.append(name)
     return names
 

@@ -26,6 +26,7 @@ from ..loading import load_hf_model, load_processor
 from .plot import write_gallery
 from .sweep import DEFAULT_BUDGETS, DEFAULT_SAMPLES, check_params, geometry, method_class, run_sweep
 from .table import write_outputs
+from .video import VIDEO_BUDGETS, VIDEO_FRAMES
 
 __all__ = ["bench_main", "load_hf_model", "load_model", "load_processor"]
 
@@ -120,9 +121,16 @@ def _parser() -> argparse.ArgumentParser:
                                                   "'Describe the image in one sentence.')")
     p.add_argument("--methods", help="comma-separated method names (default: every registered method; with "
                                      "--images every training-free one)")
-    p.add_argument("--budgets", default=",".join(str(b) for b in DEFAULT_BUDGETS),
-                   help="comma-separated budgets: fractions of the image tokens in (0, 1] or ints "
-                        "(default %(default)s)")
+    p.add_argument("--budgets", default=None,
+                   help="comma-separated budgets: fractions of the image tokens in (0, 1] or ints (default "
+                        f"{','.join(str(b) for b in DEFAULT_BUDGETS)}; with --video fractions of the clip's tokens "
+                        f"or ints per clip, default {','.join(str(b) for b in VIDEO_BUDGETS)})")
+    p.add_argument("--video", action="store_true",
+                   help="the clip testbed: every method that compresses clips (temporal ones across frames, "
+                        "feature-only spatial ones frame by frame) on labelled clip questions; writes "
+                        "bench_video.md/json/png")
+    p.add_argument("--frames", default=",".join(str(t) for t in VIDEO_FRAMES),
+                   help="with --video: comma-separated clip lengths (default %(default)s)")
     p.add_argument("--samples", type=_positive, default=None,
                    help=f"testbed: test samples (default {DEFAULT_SAMPLES}); with --images: the first N images "
                         "(default all)")
@@ -158,7 +166,8 @@ def bench_main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        budgets = _parse_budgets(args.budgets)
+        default = VIDEO_BUDGETS if args.video else DEFAULT_BUDGETS
+        budgets = _parse_budgets(args.budgets if args.budgets is not None else ",".join(str(b) for b in default))
         valid = list_methods()
         if args.methods:
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -169,6 +178,11 @@ def bench_main(argv: list[str] | None = None) -> int:
         bad = [m for m in methods if m not in valid]
         if bad:
             raise ValueError(f"--methods: unknown {', '.join(bad)}; valid names: {', '.join(sorted(valid))}")
+        if args.video:
+            from .video import clip_methods, video_main
+
+            methods = methods if args.methods else clip_methods()
+            return video_main(args, methods, budgets, _parse_params(args.param, methods))
         params = _parse_params(args.param, methods)
         if not args.images:
             for flag in ("prompts", "prompt"):

@@ -22,6 +22,7 @@ FAMILY_STYLE: dict[str, tuple[str, str]] = {
     "similarity": ("Greens", "o8H*"),
     "attention": ("Reds", "^v<>"),
     "query": ("Purples", "Dd"),
+    "temporal": ("YlOrBr", "sovD^"),
     "baseline": ("Greys", "xX+1"),
 }
 _OTHER = ("Oranges", "ps*h")

@@ -48,25 +48,33 @@ class LlavaAdapter(ModelDescription):
     def prefill_arch(self, config):
         """A ``LlavaConfig`` (CLIP or SigLIP tower, Llama / Mistral / Qwen2-style LLM) as a
         :class:`~vtcompress.bench.flops.VLMArch`."""
-        from ..bench.flops import TextArch, VisionArch, VLMArch
+        return llava_style_arch(config)
 
-        vc, tc = config.vision_config, config.text_config
-        vtype = getattr(vc, "model_type", "")
-        if vtype not in ("clip_vision_model", "siglip_vision_model"):
-            raise ValueError(f"vision tower {vtype!r} is not modelled; allowed: clip_vision_model, siglip_vision_model")
-        vision = VisionArch.from_config(vc, prefix=1 if vtype == "clip_vision_model" else 0,
-                                        pooling_head=vtype == "siglip_vision_model" and getattr(vc, "vision_use_head",
-                                                                                                True))
-        layer = config.vision_feature_layer
-        n_feature_layers = 1 if isinstance(layer, int) else len(layer)
-        feature_layer = layer if isinstance(layer, int) else min(layer, key=lambda i: i % (vision.layers + 1))
-        strategy = getattr(config, "vision_feature_select_strategy", "default")
-        if strategy not in ("default", "full"):
-            raise ValueError(f"vision_feature_select_strategy={strategy!r}; allowed: default, full")
-        text = TextArch.from_config(tc)
-        projector = ((vision.hidden * n_feature_layers, text.hidden), (text.hidden, text.hidden))
-        return VLMArch(vision=vision, projector=projector, text=text, feature_layer=int(feature_layer),
-                       keep_prefix=strategy == "full")
+
+def llava_style_arch(config):
+    """The :class:`~vtcompress.bench.flops.VLMArch` of a LLaVA-style config (``vision_config`` of a CLIP or SigLIP
+    tower, ``text_config``, ``vision_feature_layer``, ``vision_feature_select_strategy``): one tower pass per image
+    (or per video frame), an MLP projector, the LLM. LLaVA-1.5's images and LLaVA-OneVision's video frames (single
+    crops of the tower) are counted by it."""
+    from ..bench.flops import TextArch, VisionArch, VLMArch
+
+    vc, tc = config.vision_config, config.text_config
+    vtype = getattr(vc, "model_type", "")
+    if vtype not in ("clip_vision_model", "siglip_vision_model"):
+        raise ValueError(f"vision tower {vtype!r} is not modelled; allowed: clip_vision_model, siglip_vision_model")
+    vision = VisionArch.from_config(vc, prefix=1 if vtype == "clip_vision_model" else 0,
+                                    pooling_head=vtype == "siglip_vision_model" and getattr(vc, "vision_use_head",
+                                                                                            True))
+    layer = config.vision_feature_layer
+    n_feature_layers = 1 if isinstance(layer, int) else len(layer)
+    feature_layer = layer if isinstance(layer, int) else min(layer, key=lambda i: i % (vision.layers + 1))
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy={strategy!r}; allowed: default, full")
+    text = TextArch.from_config(tc)
+    projector = ((vision.hidden * n_feature_layers, text.hidden), (text.hidden, text.hidden))
+    return VLMArch(vision=vision, projector=projector, text=text, feature_layer=int(feature_layer),
+                   keep_prefix=strategy == "full")
 
 
 register_adapter(LlavaAdapter())
