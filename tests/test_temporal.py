@@ -15,12 +15,13 @@ import torch
 import vtcompress
 from methods_util import check_invariants
 from models_util import tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
-from test_video import GEN, VIDEO, _batch, _ov_video, _sample
+from test_video import GEN, VIDEO, _batch, _ov_video, _sample, qwen3_holes_reference, qwen3_sample
 from vtcompress import VisualTokens
 from vtcompress.methods.temporal import EVS
 from vtcompress.models.sequence import full_positions
 
 torch.set_num_threads(1)
+GEN = dict(GEN, min_new_tokens=GEN["max_new_tokens"])  # no early end of sequence: the last columns compare
 TEMPORAL = vtcompress.list_methods(family="temporal")
 BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
 CLIP = (4, 4, 4)  # 4 frames (after the temporal merge) of 2 x 2 merged tokens
@@ -230,6 +231,39 @@ def test_temporal_methods_are_refused_where_videos_do_not_reach_the_projector_st
     inputs = dict(input_ids=torch.tensor([[5, 6]]), pixel_values=torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="temporal.*run on: .*qwen2_vl"):
         vtcompress.compress_inputs(llava, EVS(budget=0.5), **inputs)
+
+
+# ------------------------------------------------------------------------------------------- Qwen3-VL (DeepStack)
+def test_qwen3_vl_clips_carry_their_deepstack_levels():
+    """Qwen3-VL: the DeepStack levels of a video follow the temporal method's decisions (gathered for EVS / DyCoke,
+    merged alike for the merging methods). EVS keeps every kept token's stock logits with the dropped tokens
+    hidden; every temporal method at 1.0 is the stock model; a mixed batch equals one by one, cached == uncached."""
+    from models_util import tiny_qwen3_vl
+
+    model = tiny_qwen3_vl()[0]
+    samples = [qwen3_sample(model, [("video", CLIP), ("image", (1, 4, 4))], 4, 0),
+               qwen3_sample(model, [("image", (1, 4, 6))], 6, 1), qwen3_sample(model, [("video", (3, 4, 4))], 2, 2)]
+    inputs = _batch(samples)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        for name in TEMPORAL:
+            with vtcompress.apply(model, vtcompress.get(name, budget=1.0)):
+                assert torch.equal(model(**inputs).logits, ref), name
+        res = vtcompress.compress_inputs(model, EVS(budget=0.5), **inputs)
+        assert res.video_num_tokens.tolist() == [[16, 8], [12, 6]] and res.num_tokens.tolist() == [[4, 4], [6, 6]]
+        out = model(**res.inputs).logits
+    want = qwen3_holes_reference(model, inputs, res.keep)
+    for r in range(3):
+        kept = (res.keep[r] & inputs["attention_mask"][r].bool()).nonzero().squeeze(1)
+        real = res.inputs["attention_mask"][r].bool().nonzero().squeeze(1)
+        torch.testing.assert_close(out[r, real], want[r, kept], rtol=1e-5, atol=1e-5)
+    for name in TEMPORAL:
+        with torch.no_grad(), vtcompress.apply(model, vtcompress.get(name, budget=0.5)):
+            batch_ids = model.generate(**inputs, **GEN)
+            assert torch.equal(batch_ids, model.generate(**inputs, **GEN, use_cache=False)), name
+            alone = [model.generate(**s, **GEN)[0, -GEN["max_new_tokens"]:] for s in samples]
+        for b, ids in enumerate(alone):
+            assert torch.equal(batch_ids[b, -GEN["max_new_tokens"]:], ids), (name, b)
 
 
 # ------------------------------------------------------------------------------------------- OneVision, NeXT-Video

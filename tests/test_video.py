@@ -1,5 +1,5 @@
-"""Videos through the projector stage (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video): spatial methods
-act frame by frame.
+"""Videos through the projector stage (Qwen2-VL / Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video): spatial
+methods act frame by frame.
 
 A video of ``video_grid_thw`` ``(t, h, w)`` reaches the LLM as ``t`` frames of ``(h/2, w/2)`` merged tokens; each
 frame is one view of the clip, so a float budget keeps that fraction of every frame and an int budget is tokens
@@ -170,22 +170,75 @@ def test_fastv_composed_with_a_projector_method_on_videos(model):
         assert torch.equal(batch_ids[b, -GEN["max_new_tokens"]:], ids), b
 
 
-def test_qwen3_vl_videos_pass_through_untouched():
-    """Qwen3-VL's videos carry DeepStack levels that no method follows yet: the projector stage leaves them as the
-    stock model encodes them, while the image of the same call is compressed."""
+def qwen3_sample(model, items, text: int, seed: int) -> dict:
+    """A Qwen3-VL sample: as :func:`_sample`, but a video is one vision block per frame, each after a timestamp
+    token (Qwen3-VL's prompts; its M-RoPE splits ``video_grid_thw`` per frame)."""
+    cfg = model.config.vision_config
+    dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, IMAGE, (text,), generator=gen).tolist()
+    out: dict = {}
+    for kind, (t, h, w) in items:
+        if kind == "image":
+            ids += [START] + [IMAGE] * (h * w // 4) + [END]
+            key, grid = "pixel_values", "image_grid_thw"
+        else:
+            for _ in range(t):
+                ids += [int(torch.randint(3, IMAGE, (1,), generator=gen))] + [START] + [VIDEO] * (h * w // 4) + [END]
+            key, grid = "pixel_values_videos", "video_grid_thw"
+        pix = torch.randn(t * h * w, dim, generator=gen)
+        out[key] = torch.cat([out[key], pix]) if key in out else pix
+        out[grid] = torch.cat([out.get(grid, torch.zeros(0, 3, dtype=torch.long)), torch.tensor([[t, h, w]])])
+    ids += torch.randint(3, IMAGE, (3,), generator=gen).tolist()
+    types = [1 if x == IMAGE else 2 if x == VIDEO else 0 for x in ids]
+    out.update(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+               mm_token_type_ids=torch.tensor([types]))
+    return out
+
+
+def qwen3_holes_reference(model, inputs, keep):
+    """The stock Qwen3-VL on the FULL sequence with the dropped placeholders hidden from attention and the
+    full-sequence M-RoPE positions: what a selection at the projector stage must give every kept token (each
+    kept video token with its own DeepStack levels)."""
+    pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                        image_grid_thw=inputs.get("image_grid_thw"),
+                                        video_grid_thw=inputs.get("video_grid_thw"),
+                                        attention_mask=inputs["attention_mask"])
+    hidden = inputs["attention_mask"] * keep.long()
+    with torch.no_grad():
+        return model(**(inputs | {"attention_mask": hidden, "position_ids": pos})).logits
+
+
+def test_qwen3_vl_videos_frame_by_frame_with_their_deepstack_levels():
+    """Qwen3-VL: the videos' DeepStack levels follow the kept tokens as the images' do. A selection per frame gives
+    every kept token the stock model's logits with the dropped tokens hidden; budget 1.0 is the stock model; a
+    mixed batch equals one by one."""
     from models_util import tiny_qwen3_vl
 
     model = tiny_qwen3_vl()[0]
-    # one temporal slot: Qwen3-VL's prompts hold one vision block per frame (with its timestamp)
-    video_only = _sample(model, [("video", (1, 4, 4))], 4, 0)
-    both = _sample(model, [("video", (1, 4, 4)), ("image", (1, 4, 4))], 4, 0)
+    samples = [qwen3_sample(model, [("video", (3, 4, 4)), ("image", (1, 4, 4))], 4, 0),
+               qwen3_sample(model, [("image", (1, 4, 6))], 6, 1), qwen3_sample(model, [("video", (2, 4, 4))], 2, 2)]
+    inputs = _batch(samples)
     with torch.no_grad():
-        ref = model(**video_only).logits
-        with vtcompress.apply(model, vtcompress.get("divprune", budget=0.5)):
-            assert torch.equal(model(**video_only).logits, ref)
-            res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=0.5), **both)
-    assert res.video_tokens == [] and res.num_tokens.tolist() == [[4, 2]]
-    assert int((res.inputs["input_ids"] == VIDEO).sum()) == 4
+        ref = model(**inputs).logits
+        for name in METHODS:
+            with vtcompress.apply(model, vtcompress.get(name, budget=1.0)):
+                assert torch.equal(model(**inputs).logits, ref), name
+        res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=0.5), **inputs)
+        assert res.video_num_tokens.tolist() == [[12, 6], [8, 4]]
+        out = model(**res.inputs).logits
+    want = qwen3_holes_reference(model, inputs, res.keep)
+    for r in range(3):
+        kept = (res.keep[r] & inputs["attention_mask"][r].bool()).nonzero().squeeze(1)
+        real = res.inputs["attention_mask"][r].bool().nonzero().squeeze(1)
+        torch.testing.assert_close(out[r, real], want[r, kept], rtol=1e-5, atol=1e-5)
+    gen = dict(GEN, min_new_tokens=GEN["max_new_tokens"])  # no early end of sequence: the last columns compare
+    with torch.no_grad(), vtcompress.apply(model, vtcompress.get("tome", budget=0.5)):
+        batch_ids = model.generate(**inputs, **gen)
+        assert torch.equal(batch_ids, model.generate(**inputs, **gen, use_cache=False))
+        alone = [model.generate(**s, **gen)[0, -gen["max_new_tokens"]:] for s in samples]
+    for b, ids in enumerate(alone):
+        assert torch.equal(batch_ids[b, -gen["max_new_tokens"]:], ids), b
 
 
 # ------------------------------------------------------------------------------------------- LLaVA-OneVision

@@ -539,7 +539,9 @@ def dpc_scores(x: Tensor, valid: Tensor, knn: Tensor, *, exact_self: bool = Fals
     """
     g, n, c = x.shape
     dev = x.device
-    xf = x.float()
+    # the scores only decide (clusters, centres): no gradient flows through them, and the features a DeepStack level
+    # follows carry a forward-mode tangent, which cdist has no rule for
+    xf = x.detach().float()
     dist = torch.cdist(xf, xf) / (c**0.5)
     if exact_self:
         dist.diagonal(dim1=1, dim2=2).zero_()

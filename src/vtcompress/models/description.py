@@ -498,9 +498,10 @@ class ModelDescription:
         """Per-video features ``[L_i, D]`` from ``get_video_features``' output, in placeholder order."""
         return list(out.pooler_output)
 
-    def wrap_video(self, out, feats: list[Tensor]):
-        """``mm_encoder_outputs["video"]`` carrying the compressed per-video features (as :meth:`wrap`)."""
-        return self.wrap(out, feats)
+    def wrap_video(self, out, feats: list[Tensor], extra: list[list[Tensor]] | None = None):
+        """``mm_encoder_outputs["video"]`` carrying the compressed per-video features (as :meth:`wrap`; ``extra``:
+        the per-token levels that follow them, ``[level][video]``, where the family has any)."""
+        return self.wrap(out, feats, extra) if extra else self.wrap(out, feats)
 
     def signal_to_features(self, model: nn.Module, inputs: dict, records: list[Tensor], reduce: str,
                            feats: list[Tensor]) -> list[Tensor]:

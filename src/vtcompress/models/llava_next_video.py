@@ -50,7 +50,7 @@ class LlavaNextVideoDescription(LlavaNextAdapter):
     def video_features(self, model, inputs, out) -> list[Tensor]:
         return [f.reshape(-1, f.shape[-1]) for f in out.pooler_output]  # one [F * h * w, D] per clip
 
-    def wrap_video(self, out, feats: list[Tensor]):
+    def wrap_video(self, out, feats: list[Tensor], extra=None):
         # the stock forward flattens each entry's first two dims: one [1, K, D] per clip
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 

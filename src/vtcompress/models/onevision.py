@@ -57,7 +57,7 @@ class OnevisionAdapter(AnyresAdapter):
                                    group=torch.cat([lay.group, -one]), grids=lay.grids))
         return out
 
-    def wrap_video(self, out, feats: list[Tensor]):
+    def wrap_video(self, out, feats: list[Tensor], extra=None):
         # the stock forward flattens pooler_output [V, L, D] over its first two dims: one row holds every video
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 

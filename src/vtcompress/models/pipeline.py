@@ -433,11 +433,11 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
     video = desc.video
     video_keys, video_tokens, video_sample, video_counts = [], [], None, []
     if videos:
-        vout, vfeats, vkept, video_tokens, vflat, video_sample = _compress_videos(model, desc, proj_methods,
-                                                                                  inputs, ids)
+        vout, vfeats, vkept, video_tokens, vflat, video_sample, vextra = _compress_videos(model, desc, proj_methods,
+                                                                                          inputs, ids)
         if vkept:
             keep.view(-1)[vflat] = torch.cat(vkept).to(ids.device)
-        mm["video"] = desc.wrap_video(vout, vfeats)
+        mm["video"] = desc.wrap_video(vout, vfeats, vextra)
         video_counts = [(int(k.numel()), int(k.sum())) for k in vkept]
         video_keys = list(desc.encoder_kwargs(model, inputs, "video"))
     elif video is not None and inputs.get(video.pixel_key) is not None and desc.encode_fn(model, "video") is not None:
@@ -459,19 +459,24 @@ def _compress_videos(model, desc: ModelDescription, proj_methods: list[Compresso
     """The projector-stage methods on every frame of every video (one view per frame, so an int budget is split
     over the clip's frames and a fraction applies to each frame; :func:`split_budget`). Returns the stock video
     output, the kept features per video, the kept flag of each placeholder slot per video, the per-frame tokens,
-    the placeholders' flat positions and each video's sample."""
+    the placeholders' flat positions, each video's sample and the per-token levels that follow the features
+    (Qwen3-VL's DeepStack: ``[level][video]``, compressed alike by :func:`_follow`; ``None`` without)."""
     out = desc.encode(model, inputs, "video")
     feats = desc.video_features(model, inputs, out)
     flat, sample = placeholder_slots(ids, desc.token_id(model, "video"), [int(f.shape[0]) for f in feats])
     layouts = desc.video_layouts(model, inputs, feats)
-    if any(m.temporal for m in proj_methods):
+    clips = any(m.temporal for m in proj_methods)
+    if clips:
         views = _clip_views(layouts, proj_methods)
         results = _compress_clips(model, views, layouts, feats, proj_methods)
     else:
         views = _views(layouts, proj_methods)
         results, _ = _compress_views(model, views, layouts, feats, _Signals(), None, proj_methods)
     new_feats, kept_slots, tokens = _kept_features(layouts, views, results, feats, None)
-    return out, new_feats, kept_slots, tokens, flat, sample
+    extra = desc.extra_features(model, out)
+    levels = _follow(model, views, layouts, feats, _Signals(), proj_methods, extra, new_feats, False, kept_slots,
+                     clips=clips) if extra else None
+    return out, new_feats, kept_slots, tokens, flat, sample, levels
 
 
 def _clip_views(layouts: list[ImageLayout], proj_methods: list[Compressor]) -> list[_View]:
@@ -775,7 +780,7 @@ def _kept_features(layouts: list[ImageLayout], views: list[_View], results: list
 # ============================================================================== features that follow (DeepStack)
 def _follow(model, views: list[_View], layouts: list[ImageLayout], feats: list[Tensor], signals: _Signals,
             proj_methods: list[Compressor], extra: list[list[Tensor]], new_feats: list[Tensor],
-            compact: bool, kept_slots: list[Tensor]) -> list[list[Tensor]]:
+            compact: bool, kept_slots: list[Tensor], clips: bool = False) -> list[list[Tensor]]:
     """``extra[level][image]`` (``[L_i, D]``, token for token with ``feats``) through the compression the image
     features just went through: the same operation with the same decisions (kept indices, merge groups and
     weights, pooling cells), per level.
@@ -792,6 +797,8 @@ def _follow(model, views: list[_View], layouts: list[ImageLayout], feats: list[T
     selection, in slot order), the levels are gathered at those slots with no rerun -- the same result, and most
     of the cost saved for FasterVLM, DivPrune, random or uniform pruning (``benchmarks/deepstack_follow.py``).
 
+    ``clips``: the views are videos as clips (:func:`_clip_views`) under a temporal method.
+
     Returns ``[level][image]`` tensors ``[K_i, D]``, row for row with ``new_feats``."""
     import torch.autograd.forward_ad as fwad
 
@@ -801,7 +808,10 @@ def _follow(model, views: list[_View], layouts: list[ImageLayout], feats: list[T
 
     def rerun(tangents: list[Tensor]) -> list[Tensor]:
         dual = [fwad.make_dual(f, t.to(device=f.device, dtype=f.dtype)) for f, t in zip(feats, tangents, strict=True)]
-        results, orders = _compress_views(model, views, layouts, dual, signals, None, proj_methods)
+        if clips:  # videos as clips under a temporal method
+            results, orders = _compress_clips(model, views, layouts, dual, proj_methods), None
+        else:
+            results, orders = _compress_views(model, views, layouts, dual, signals, None, proj_methods)
         kept = _kept_features(layouts, views, results, dual, orders if compact else None)[0]
         out = []
         for k, ref in zip(kept, new_feats, strict=True):

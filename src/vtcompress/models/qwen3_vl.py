@@ -51,7 +51,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     model_types = ("qwen3_vl", "qwen3_vl_moe")
     extra_injections = (ExtraInjection(name="deepstack", output_field="deepstack_features", first_layer=0),)
-    video_projector_stage = False  # the videos' DeepStack levels are not carried through a method yet
+    video_projector_stage = True  # the videos' DeepStack levels follow the kept tokens as the images' do
 
     def extra_features(self, model, out) -> list[list[Tensor]]:
         """The DeepStack levels ``[level][image]`` ``[L_i, D]``, token for token with ``pooler_output``."""
