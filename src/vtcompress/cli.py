@@ -1,4 +1,4 @@
-"""Command line: ``vtcompress list | show | bench | testbed {train,sample,train-compressor,card}``.
+"""Command line: ``vtcompress list | show | bench | testbed {train,train-clips,sample,train-compressor,card}``.
 
 Each sub-command lives with the code it drives; this module only dispatches, importing lazily so that
 ``vtcompress list`` stays fast. Every sub-command returns an exit code (``-h`` / ``--help`` included).
@@ -18,6 +18,8 @@ _COMMANDS = {
 }
 _TESTBED = {
     "train": ("vtcompress.testbed", "train_cli", "train the embedded testbed VLM from scratch"),
+    "train-clips": ("vtcompress.testbed.train_clips", "train_clips_main",
+                    "fine-tune the video (clip) testbed from the image testbed; writes clip_weights/"),
     "sample": ("vtcompress.testbed", "sample_main", "write a grid of testbed samples to a PNG"),
     "train-compressor": ("vtcompress.testbed.train_compressor_cli", "train_compressor_main",
                          "fine-tune a trainable compressor on the testbed"),

@@ -3,8 +3,22 @@
 >>> from vtcompress.testbed import load_testbed, samples, evaluate
 >>> model, tok = load_testbed()
 >>> evaluate(model, tok, samples("test", 200))["accuracy"]
+
+The video (clip) testbed, a stock LLaVA-OneVision built from the same weights:
+
+>>> from vtcompress.testbed import load_clip_testbed, clip_samples, evaluate_clips
+>>> model, tok = load_clip_testbed()
+>>> evaluate_clips(model, tok, clip_samples("test", 70, frames=8))["accuracy"]
 """
 
+from .clip_model import (
+    CLIP_WEIGHTS_DIR,
+    encode_clips,
+    evaluate_clips,
+    load_clip_testbed,
+    video_token_count,
+)
+from .clips import CLIP_SKILLS, ClipSample, clip_questions, clip_samples, make_clip_sample
 from .data import (
     ANSWER_WORDS,
     GRID,
@@ -82,6 +96,16 @@ def sample_main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "ANSWER_WORDS",
+    "CLIP_SKILLS",
+    "CLIP_WEIGHTS_DIR",
+    "ClipSample",
+    "clip_questions",
+    "clip_samples",
+    "encode_clips",
+    "evaluate_clips",
+    "load_clip_testbed",
+    "make_clip_sample",
+    "video_token_count",
     "GRID",
     "IMAGE_SIZE",
     "N_PATCHES",
