@@ -337,3 +337,9 @@ def test_a_temporal_method_reading_vision_signals_is_refused_on_videos(model):
     inputs = _sample(model, [("video", CLIP)], 4, 0)
     with pytest.raises(ValueError, match="not captured for video frames"):
         vtcompress.compress_inputs(model, vtcompress.get("fastvid", budget=0.5, saliency="cls_attn"), **inputs)
+
+
+def test_a_trainable_method_on_a_clip_refuses_an_int_budget():
+    method = vtcompress.get("perceiver", budget=4, pretrained=False, hidden_size=8)
+    with pytest.raises(ValueError, match="learned weights"):
+        method(_clip(t=2, grid=(3, 3)))

@@ -300,6 +300,11 @@ class Compressor:
         per clip) split evenly over the frames (the first ``budget % T`` frames keep one more)."""
         t = clip.frames
         frames = clip.split_frames()
+        if self.trainable and isinstance(self.budget, int):
+            # a copy at the per-frame budget would be a freshly built module: the caller's weights silently unused
+            raise ValueError(f"method {self.name!r} has learned weights for budget={self.budget!r}; on a clip an int "
+                             f"budget is tokens per clip, split over its {t} frames, which those weights do not "
+                             "serve: pass a float budget (the fraction kept of every frame)")
         if not isinstance(self.budget, int) or self.budget % t == 0:
             per = self if not isinstance(self.budget, int) else dataclasses.replace(self, budget=self.budget // t)
             if isinstance(self.budget, int) and self.budget < t:
