@@ -343,3 +343,31 @@ def test_a_trainable_method_on_a_clip_refuses_an_int_budget():
     method = vtcompress.get("perceiver", budget=4, pretrained=False, hidden_size=8)
     with pytest.raises(ValueError, match="learned weights"):
         method(_clip(t=2, grid=(3, 3)))
+
+
+@pytest.mark.parametrize("name", TEMPORAL)
+@pytest.mark.parametrize("t,grid", [(1, (2, 3)), (2, (1, 1)), (3, (5, 5)), (5, (2, 3)), (9, (1, 1))])
+def test_every_temporal_method_on_short_long_and_tiny_clips(name, t, grid):
+    """Clips of 1 to 9 frames and 1 to 25 tokens per frame, batches of 3 different clips, fraction and int
+    budgets: valid tokens, budget 1.0 the identity, a batch equal to each clip alone, the kept patches' sizes
+    conserved. An int budget below one token per frame is refused by a method that keeps one per frame."""
+    clip = _clip(b=3, t=t, grid=grid, seed=t, moving=min(2, grid[0] * grid[1]))
+    n = t * grid[0] * grid[1]
+    for budget in (1.0, 0.999, 0.5, 0.05, 1, 7):
+        if isinstance(budget, int) and budget > n:
+            continue
+        method = vtcompress.get(name, budget=budget)
+        try:
+            out = method(clip)
+        except ValueError as e:
+            assert isinstance(budget, int) and budget < t and "below one token per frame" in str(e), (budget, e)
+            continue
+        out.validate()
+        assert out.frames == t and bool((out.counts <= clip.counts).all())
+        if budget == 1.0 and isinstance(budget, float):
+            assert torch.equal(out.x, clip.x) and torch.equal(out.assign, clip.assign)
+        for r in range(3):
+            one = method(clip.row(r))
+            assert torch.equal(out.row(r).pos, one.pos), (budget, r)
+            torch.testing.assert_close(out.row(r).x, one.x, rtol=0, atol=0)
+        assert torch.equal((out.size * out.mask).sum(1), (out.assign >= 0).sum(1).to(out.size.dtype))
