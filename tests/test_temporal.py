@@ -333,10 +333,18 @@ def test_the_vllm_plugin_refuses_temporal_methods():
         _check_method("evs")
 
 
-def test_a_temporal_method_reading_vision_signals_is_refused_on_videos(model):
+def test_a_temporal_method_reading_vision_signals(model):
+    """Qwen2-VL captures the signals of video frames: FastVID with the tower's attention as its saliency runs on
+    the clip; on OneVision, whose video frames carry no captured signal, it is refused (never silently skipped)."""
+    from models_util import tiny_onevision
+
     inputs = _sample(model, [("video", CLIP)], 4, 0)
+    method = vtcompress.get("fastvid", budget=0.5, saliency="cls_attn")
+    res = vtcompress.compress_inputs(model, method, **inputs)
+    (clip,) = res.video_tokens[0]
+    assert clip.cls_attn is not None and res.video_num_tokens[0, 1] < 16
     with pytest.raises(ValueError, match="not captured for video frames"):
-        vtcompress.compress_inputs(model, vtcompress.get("fastvid", budget=0.5, saliency="cls_attn"), **inputs)
+        vtcompress.compress_inputs(tiny_onevision()[0], method, **_ov_video(4, 4, 0))
 
 
 def test_a_trainable_method_on_a_clip_refuses_an_int_budget():

@@ -139,13 +139,21 @@ def test_kept_tokens_keep_their_stock_positions(model):
         assert torch.equal(got[:, b, real], full[:, b, kept]), b
 
 
-def test_signal_methods_compress_the_images_and_leave_the_videos(model):
-    """Vision signals are not captured for video frames: under FasterVLM the image shrinks, the video passes
-    through as the stock model encodes it."""
-    inputs = _sample(model, [("video", VIDEO_THW), ("image", (1, 4, 4))], 4, 0)
-    res = vtcompress.compress_inputs(model, vtcompress.get("fastervlm", budget=0.5), **inputs)
-    assert res.num_tokens.tolist() == [[4, 2]] and res.video_tokens == []
-    assert int((res.inputs["input_ids"] == VIDEO).sum()) == 12
+@pytest.mark.parametrize("name", ["fastervlm", "visionzip", "prumerge"])
+def test_signal_methods_compress_each_frame_as_the_same_frame_given_as_an_image(model, name):
+    """Vision signals are captured for video frames (Qwen2-VL / Qwen2.5-VL: a temporal slot is one block of the
+    tower, as an image is): each frame keeps exactly what the same slot's patches keep as an image of their grid."""
+    t, h, w = VIDEO_THW
+    video = _sample(model, [("video", VIDEO_THW)], 4, 0)
+    images = _sample(model, [("image", (1, h, w))] * t, 4, 0)
+    images["pixel_values"] = video["pixel_values_videos"].clone()
+    method = vtcompress.get(name, budget=0.5)
+    got = vtcompress.compress_inputs(model, method, **video)
+    want = vtcompress.compress_inputs(model, method, **images)
+    assert got.video_num_tokens[0, 1] == want.num_tokens[:, 1].sum() < 12
+    for f in range(t):
+        assert torch.equal(got.video_tokens[0][f].pos, want.tokens[f][0].pos), f
+        assert torch.equal(got.video_tokens[0][f].x, want.tokens[f][0].x), f
 
 
 def test_restoration_after_video_compression(model):
@@ -334,3 +342,16 @@ def test_llava_next_video_clips(onevision):
         alone = [model.generate(**video, **GEN), model.generate(**text, **GEN)]
     for b, one in enumerate(alone):
         assert torch.equal(got[b, -GEN["max_new_tokens"]:], one[0, -GEN["max_new_tokens"]:]), b
+
+
+def test_onevision_videos_pass_signal_methods_untouched(onevision):
+    """OneVision's video frames carry no captured signal: under FasterVLM its videos pass through as the stock
+    model encodes them (no video stage in the result), never compressed with a missing signal."""
+    model, _ = onevision
+    inputs = _ov_video(3, 4, 0)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtcompress.apply(model, vtcompress.get("fastervlm", budget=0.5)):
+            assert torch.equal(model(**inputs).logits, ref)
+    res = vtcompress.compress_inputs(model, vtcompress.get("fastervlm", budget=0.5), **inputs)
+    assert res.video_tokens == [] and torch.equal(res.inputs["input_ids"], inputs["input_ids"])

@@ -252,6 +252,10 @@ class ModelDescription:
     #: projector-stage methods compress this family's videos frame by frame (:meth:`video_layouts`); otherwise
     #: videos pass through the encoder / projector stages untouched (the decoder stage still prunes them)
     video_projector_stage: bool = False
+    #: the vision signals ([CLS] / attention received, keys) are captured for its video frames too (the tower
+    #: encodes a frame as it encodes an image, and :meth:`signal_to_features` maps them with ``modality="video"``);
+    #: otherwise, under a method reading them, the videos pass through the projector stage untouched
+    video_signals: bool = False
 
     # ============================================================================ matching
     def matches(self, model: nn.Module) -> bool:
@@ -508,7 +512,9 @@ class ModelDescription:
         """Map signals recorded in the encoder's token order onto each image's features: ``[L_i, C]``.
 
         ``records`` are the per-call ``[B, T, C]`` tensors of the recorded attention module; ``reduce``
-        (``"sum"`` for attention mass, ``"mean"`` for keys) pools tokens that the model merges into one.
+        (``"sum"`` for attention mass, ``"mean"`` for keys) pools tokens that the model merges into one. Families
+        with :attr:`video_signals` also take ``modality="video"`` (the records of encoding the videos, mapped
+        onto each video's features).
         """
         raise NotImplementedError(f"the {self.family} description has no signal_to_features()")
 

@@ -356,13 +356,16 @@ class _Signals:
 def compresses_videos(desc: ModelDescription, methods: Sequence[Compressor], inputs: dict) -> bool:
     """Whether this call's videos go through the projector-stage methods: the family compresses videos frame by
     frame (:attr:`ModelDescription.video_projector_stage`) and every projector-stage method reads the features
-    alone. Vision signals ([CLS] / attention received, keys) are not captured for video frames, so under a method
-    that reads them the videos pass through untouched (as on the families without video compression) while the
-    images are compressed; ``handle.summary()`` then shows no video stage."""
+    alone, or vision signals the family captures for video frames (:attr:`ModelDescription.video_signals`:
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL). Elsewhere, under a method that reads them, the videos pass through
+    untouched (as on the families without video compression) while the images are compressed;
+    ``handle.summary()`` then shows no video stage."""
     video = desc.video if desc is not None else None
     proj = [m for m in methods if m.stage == "projector"]
+    needs = _needs(proj) if proj else set()
+    readable = not needs or (desc.video_signals and needs <= {"cls_attn", "keys"})
     return (video is not None and desc.video_projector_stage and inputs.get(video.pixel_key) is not None
-            and bool(proj) and not _needs(proj))
+            and bool(proj) and readable)
 
 
 def has_visual_inputs(desc: ModelDescription, methods: Sequence[Compressor], inputs: dict) -> bool:
@@ -381,7 +384,8 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
             f"method {temporal[0].name!r} is temporal (it compresses videos across frames), and the {desc.family} "
             "description does not compress videos at the projector stage; temporal methods run on: "
             + ", ".join(f.family for f in list_families() if f.video_stage))
-    if temporal and _needs(proj_methods) and desc.video is not None and inputs.get(desc.video.pixel_key) is not None:
+    if (temporal and _needs(proj_methods) and desc.video is not None and inputs.get(desc.video.pixel_key) is not None
+            and not compresses_videos(desc, methods, inputs)):
         raise ValueError(
             f"methods {[m.name for m in proj_methods]} read the vision signals {sorted(_needs(proj_methods))}, which "
             "are not captured for video frames, so the videos would pass the temporal method "
@@ -461,22 +465,45 @@ def _compress_videos(model, desc: ModelDescription, proj_methods: list[Compresso
     output, the kept features per video, the kept flag of each placeholder slot per video, the per-frame tokens,
     the placeholders' flat positions, each video's sample and the per-token levels that follow the features
     (Qwen3-VL's DeepStack: ``[level][video]``, compressed alike by :func:`_follow`; ``None`` without)."""
-    out = desc.encode(model, inputs, "video")
-    feats = desc.video_features(model, inputs, out)
+    out, feats, signals = _encode_videos(model, desc, proj_methods, inputs)
     flat, sample = placeholder_slots(ids, desc.token_id(model, "video"), [int(f.shape[0]) for f in feats])
     layouts = desc.video_layouts(model, inputs, feats)
     clips = any(m.temporal for m in proj_methods)
     if clips:
         views = _clip_views(layouts, proj_methods)
-        results = _compress_clips(model, views, layouts, feats, proj_methods)
+        results = _compress_clips(model, views, layouts, feats, proj_methods, signals)
     else:
         views = _views(layouts, proj_methods)
-        results, _ = _compress_views(model, views, layouts, feats, _Signals(), None, proj_methods)
+        results, _ = _compress_views(model, views, layouts, feats, signals, None, proj_methods)
     new_feats, kept_slots, tokens = _kept_features(layouts, views, results, feats, None)
     extra = desc.extra_features(model, out)
-    levels = _follow(model, views, layouts, feats, _Signals(), proj_methods, extra, new_feats, False, kept_slots,
+    levels = _follow(model, views, layouts, feats, signals, proj_methods, extra, new_feats, False, kept_slots,
                      clips=clips) if extra else None
     return out, new_feats, kept_slots, tokens, flat, sample, levels
+
+
+def _encode_videos(model, desc: ModelDescription, proj_methods: list[Compressor], inputs: dict):
+    """The model's own ``get_video_features``, under the signal capture the methods need (families with
+    :attr:`ModelDescription.video_signals`). Returns its output, the per-video features and the signals."""
+    needs = _needs(proj_methods)
+    want_attn, want_keys = "cls_attn" in needs, "keys" in needs
+    signals = _Signals()
+    if not (want_attn or want_keys):
+        out = desc.encode(model, inputs, "video")
+        return out, desc.video_features(model, inputs, out), signals
+    layers = desc.vision_layers(model)
+    layer, heads = _signal_layer(proj_methods, len(layers), desc.feature_layer(model))
+    with capture_signals(model, desc.vision_config(model), desc.attention_module(layers[layer]),
+                         has_cls=desc.num_prefix_tokens(model) > 0, attn=want_attn, keys=want_keys,
+                         heads=heads) as rec:
+        out = desc.encode(model, inputs, "video")
+    feats = desc.video_features(model, inputs, out)
+    if want_attn:
+        signals.attn = desc.signal_to_features(model, inputs, [a[..., None] for a in rec.attn], "sum", feats,
+                                               modality="video")
+    if want_keys:
+        signals.keys = desc.signal_to_features(model, inputs, rec.keys, "mean", feats, modality="video")
+    return out, feats, signals
 
 
 def _clip_views(layouts: list[ImageLayout], proj_methods: list[Compressor]) -> list[_View]:
@@ -496,7 +523,7 @@ def _clip_views(layouts: list[ImageLayout], proj_methods: list[Compressor]) -> l
 
 
 def _compress_clips(model, views: list[_View], layouts: list[ImageLayout], feats: list[Tensor],
-                    proj_methods: list[Compressor]) -> list[VisualTokens]:
+                    proj_methods: list[Compressor], signals: _Signals | None = None) -> list[VisualTokens]:
     """The projector-stage methods on each video as one clip (spatial methods frame by frame, temporal ones
     across frames); clips of one shape and budgets go through as one batch. Returns one clip row per video."""
     groups: dict[tuple, list[int]] = {}
@@ -505,8 +532,12 @@ def _compress_clips(model, views: list[_View], layouts: list[ImageLayout], feats
         groups.setdefault((lay.grids[0], len(lay.grids), view.budgets), []).append(u)
     results: dict[int, VisualTokens] = {}
     for (grid, frames, _budgets), members in groups.items():
-        tok = VisualTokens.from_features(torch.stack([feats[views[u].image][views[u].index] for u in members]),
-                                         grid, frames=frames)
+        vs = [views[u] for u in members]
+        sig = signals or _Signals()
+        tok = VisualTokens.from_features(
+            torch.stack([feats[v.image][v.index] for v in vs]), grid, frames=frames,
+            cls_attn=torch.stack([sig.attn[v.image][v.index, 0] for v in vs]) if sig.attn else None,
+            keys=torch.stack([sig.keys[v.image][v.index] for v in vs]) if sig.keys else None)
         d = tok.x.shape[-1]
         for m in proj_methods:
             tok = m(tok)
@@ -809,7 +840,7 @@ def _follow(model, views: list[_View], layouts: list[ImageLayout], feats: list[T
     def rerun(tangents: list[Tensor]) -> list[Tensor]:
         dual = [fwad.make_dual(f, t.to(device=f.device, dtype=f.dtype)) for f, t in zip(feats, tangents, strict=True)]
         if clips:  # videos as clips under a temporal method
-            results, orders = _compress_clips(model, views, layouts, dual, proj_methods), None
+            results, orders = _compress_clips(model, views, layouts, dual, proj_methods, signals), None
         else:
             results, orders = _compress_views(model, views, layouts, dual, signals, None, proj_methods)
         kept = _kept_features(layouts, views, results, dual, orders if compact else None)[0]
@@ -829,7 +860,7 @@ def _follow(model, views: list[_View], layouts: list[ImageLayout], feats: list[T
         check = rerun(feats)
         for c, ref in zip(check, new_feats, strict=True):
             tol = 1e-5 if ref.dtype in (torch.float32, torch.float64) else 1e-2
-            scale = float(ref.abs().max().clamp(min=1)) if ref.numel() else 1.0
+            scale = float(ref.detach().abs().max().clamp(min=1)) if ref.numel() else 1.0
             if not torch.allclose(c.float(), ref.float(), rtol=tol, atol=tol * scale):
                 raise ValueError(f"the projector-stage method(s) {names} are not linear in the image features once "
                                  "their decisions are made (a learned or non-linear map), so the features that "

@@ -34,6 +34,7 @@ class Qwen2VLAdapter(ModelDescription):
     projector_path = "visual.merger"
     runtime_state = ("rope_deltas",)
     video_projector_stage = True
+    video_signals = True
     modalities = (
         Modality(name="image", token_id_keys=("image_token_id",), input_keys=("pixel_values", "image_grid_thw"),
                  encode_fn="get_image_features", layout=TokenLayout.NATIVE,
@@ -82,7 +83,9 @@ class Qwen2VLAdapter(ModelDescription):
             out.append(ImageLayout.tiles(grid, t, f.device))
         return out
 
-    def signal_to_features(self, model, inputs, records, reduce, feats):
+    def signal_to_features(self, model, inputs, records, reduce, feats, modality: str = "image"):
+        # a video's frames are blocks of the tower as images are (one attention block per temporal slot)
+        grid_thw = inputs["video_grid_thw" if modality == "video" else "image_grid_thw"]
         sig = torch.cat([r[0] for r in records], dim=0)  # [patches, C] in the order the blocks saw them
         unit = self.merge(model) ** 2
         sig = sig.reshape(-1, unit, sig.shape[-1])
@@ -91,7 +94,7 @@ class Qwen2VLAdapter(ModelDescription):
             from transformers.vision_utils import get_vision_window_index
 
             window_index, _ = get_vision_window_index(
-                inputs["image_grid_thw"], spatial_merge_size=vcfg.spatial_merge_size,
+                grid_thw, spatial_merge_size=vcfg.spatial_merge_size,
                 window_size=vcfg.window_size, patch_size=vcfg.patch_size)
             window_index = window_index.to(sig.device)
             ordered = torch.empty_like(sig)

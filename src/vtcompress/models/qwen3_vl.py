@@ -72,8 +72,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         # reads pooler_output and deepstack_features ([level][image]), generate expands both per sample
         return type(out)(pooler_output=list(feats), deepstack_features=[list(level) for level in extra or []])
 
-    def signal_to_features(self, model, inputs, records, reduce, feats):
-        sig = torch.cat([r[0] for r in records], dim=0)  # [patches, C]: one call per image, in image order
+    def signal_to_features(self, model, inputs, records, reduce, feats, modality: str = "image"):
+        sig = torch.cat([r[0] for r in records], dim=0)  # [patches, C]: one call per image (frame), in order
         unit = self.merge(model) ** 2
         # the processor orders each merge group's patches consecutively (the merger reads them 4 at a time)
         sig = sig.reshape(-1, unit, sig.shape[-1])
