@@ -27,8 +27,8 @@ from ..compressor import METHODS, method_class
 from .flops import sequence_prefill_flops
 from .sweep import FULL, build_method
 
-__all__ = ["VIDEO_BUDGETS", "VIDEO_FRAMES", "clip_methods", "run_video_sweep", "format_video_table", "plot_video",
-           "write_video_outputs"]
+__all__ = ["VIDEO_BUDGETS", "VIDEO_FRAMES", "clip_methods", "evaluate_with_counts", "run_video_sweep",
+           "format_video_table", "plot_video", "write_video_outputs"]
 
 VIDEO_BUDGETS: tuple[float, ...] = (0.5, 0.25, 0.1, 0.05)
 VIDEO_FRAMES: tuple[int, ...] = (8, 16)
@@ -41,31 +41,41 @@ def clip_methods() -> list[str]:
             if c.stage == "projector" and not c.trainable and not c.widens and not c.needs]
 
 
-def _counts(model, tokenizer, method, samples, batch_size: int = 16) -> tuple[list[int], list[int]]:
-    """Per clip: text tokens and video tokens the LLM receives (the method's kept count; ``None``: all)."""
+@torch.no_grad()
+def evaluate_with_counts(model, tokenizer, method, samples, batch_size: int = 16) -> dict:
+    """Accuracy on clip questions under ``method`` (``None``: the stock model) and, per clip, the text tokens and
+    the video tokens the LLM receives, in ONE pass per batch: the projector stage's shortened inputs
+    (:func:`vtcompress.compress_inputs`, what ``vtcompress.apply`` feeds the model) go through the model, scored
+    as :func:`vtcompress.testbed.clip_model.evaluate_clips` scores (argmax over the answer words at the last
+    position). Returns ``accuracy``, ``per_skill``, ``text [n]``, ``video [n]``."""
     from ..models.pipeline import compress_inputs
-    from ..testbed.clip_model import encode_clips, video_token_count
+    from ..testbed.clip_model import clip_answer_words, encode_clips, video_token_count
+    from ..testbed.clips import CLIP_SKILLS
 
-    texts, videos = [], []
+    answers = torch.tensor(tokenizer.convert_tokens_to_ids(clip_answer_words()))
+    correct, texts, videos = [], [], []
     for j in range(0, len(samples), batch_size):
         part = samples[j : j + batch_size]
-        if len({len(s.frames) for s in part}) > 1:
-            raise ValueError("clips of one batch must have one length")
         enc = encode_clips(tokenizer, part, model.config)
-        full = video_token_count(len(part[0].frames))
+        full = video_token_count(int(enc["pixel_values_videos"].shape[1]))
         texts += [int(m) - full for m in enc["attention_mask"].sum(1)]
-        if method is None:
-            videos += [full] * len(part)
-            continue
         inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values_videos")}
-        with torch.no_grad():
+        if method is None:
+            logits, kept = model(**inputs).logits, [full] * len(part)
+        else:
             res = compress_inputs(model, method, **inputs)
-        videos += [int(k) for k in res.video_num_tokens[:, 1]]
-    return texts, videos
+            logits, kept = model(**res.inputs).logits, [int(k) for k in res.video_num_tokens[:, 1]]
+        videos += kept
+        last = logits[:, -1].float()
+        pred = answers[last[:, answers].argmax(-1)]
+        correct += (pred == enc["answer_ids"]).tolist()
+    per_skill = {sk: float(np.mean([c for c, s in zip(correct, samples, strict=True) if s.skill == sk]))
+                 for sk in CLIP_SKILLS if any(s.skill == sk for s in samples)}
+    return {"accuracy": float(np.mean(correct)), "per_skill": per_skill, "text": texts, "video": videos}
 
 
 def run_video_sweep(model, tokenizer, methods: Sequence[str], budgets: Sequence[int | float],
-                    frames: Sequence[int] = VIDEO_FRAMES, samples: int = 200, seed: int = 0,
+                    frames: Sequence[int] = VIDEO_FRAMES, samples: int = 140, seed: int = 0,
                     params: dict[str, dict] | None = None, batch_size: int = 16, latency: bool = True,
                     latency_batch: int = 8, repeats: int = 3, num_threads: int | None = 1,
                     progress: bool = True) -> list[dict]:
@@ -74,7 +84,7 @@ def run_video_sweep(model, tokenizer, methods: Sequence[str], budgets: Sequence[
     from tqdm.auto import tqdm
 
     from ..models.llava import llava_style_arch
-    from ..testbed.clip_model import encode_clips, evaluate_clips
+    from ..testbed.clip_model import encode_clips
     from ..testbed.clips import clip_samples
     from .latency import time_interleaved
 
@@ -87,12 +97,11 @@ def run_video_sweep(model, tokenizer, methods: Sequence[str], budgets: Sequence[
         test = clip_samples("test", samples, frames=t, seed=seed)
         timed = {k: v for k, v in encode_clips(tokenizer, test[:latency_batch], model.config).items()
                  if k in ("input_ids", "attention_mask", "pixel_values_videos")}
-        texts, full_video = _counts(model, tokenizer, None, test, batch_size)
+        res = evaluate_with_counts(model, tokenizer, None, test, batch_size)
+        texts, full_video = res["text"], res["video"]
         full_flops = sum(sequence_prefill_flops(arch, tx, [v] * layers, images=t).total
                          for tx, v in zip(texts, full_video, strict=True))
         full_kv = sum(tx + v for tx, v in zip(texts, full_video, strict=True))
-        with torch.no_grad():
-            res = evaluate_clips(model, tokenizer, test, batch_size=batch_size)
         rows.append({"frames": t, "method": FULL, "family": "", "stage": "", "budget": None,
                      "accuracy": res["accuracy"], **{f"acc_{k}": v for k, v in res["per_skill"].items()},
                      "video_tokens": float(np.mean(full_video)), "retained": 1.0, "flops_ratio": 1.0,
@@ -108,11 +117,8 @@ def run_video_sweep(model, tokenizer, methods: Sequence[str], budgets: Sequence[
                     bar.update()
                     continue
                 try:
-                    import vtcompress
-
-                    with torch.no_grad(), vtcompress.apply(model, method):
-                        res = evaluate_clips(model, tokenizer, test, batch_size=batch_size)
-                    _, kept = _counts(model, tokenizer, method, test, batch_size)
+                    res = evaluate_with_counts(model, tokenizer, method, test, batch_size)
+                    kept = res["video"]
                 except ValueError as e:  # a grid the method cannot pool, a clip it cannot take
                     rows.append({**row, "error": str(e).split("\n")[0]})
                     bar.update()
@@ -231,11 +237,11 @@ def video_main(args, methods: Sequence[str] | None, budgets, params) -> int:
     names = list(methods) if methods else clip_methods()
     model, tok = load_clip_testbed()
     t0 = time.perf_counter()
-    rows = run_video_sweep(model, tok, names, budgets, frames=frames, samples=args.samples or 200, seed=args.seed,
+    rows = run_video_sweep(model, tok, names, budgets, frames=frames, samples=args.samples or 140, seed=args.seed,
                            params=params, batch_size=args.batch_size or 16, latency=not args.no_latency,
                            latency_batch=args.latency_batch or 8, repeats=args.repeats, num_threads=args.threads)
     meta = {"model": "clip testbed (LlavaOnevisionForConditionalGeneration)", "frames": frames, "methods": names,
-            "budgets": list(budgets), "samples": args.samples or 200, "seed": args.seed, "params": params,
+            "budgets": list(budgets), "samples": args.samples or 140, "seed": args.seed, "params": params,
             "repeats": args.repeats, "threads": args.threads, **versions(),
             "seconds": round(time.perf_counter() - t0, 1)}
     paths = write_video_outputs(rows, args.out, meta, plot_png=not args.no_plot)
