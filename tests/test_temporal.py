@@ -379,3 +379,57 @@ def test_every_temporal_method_on_short_long_and_tiny_clips(name, t, grid):
             assert torch.equal(out.row(r).pos, one.pos), (budget, r)
             torch.testing.assert_close(out.row(r).x, one.x, rtol=0, atol=0)
         assert torch.equal((out.size * out.mask).sum(1), (out.assign >= 0).sum(1).to(out.size.dtype))
+
+
+def _ov_mixed(make, images: int, frames: int, seed: int) -> dict:
+    """One OneVision sample: ``images`` anyres images (the tiny builder's), then a video of ``frames`` frames."""
+    s = make(batch=1, images=[images], seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    extra = [VIDEO] * (frames * 4 + 1) + [8, 9] if frames else [8, 9]
+    ids = torch.cat([s["input_ids"][0], torch.tensor(extra)])
+    out = {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.shape[0], dtype=torch.long)}
+    if images:
+        out.update(pixel_values=s["pixel_values"], image_sizes=s["image_sizes"])
+    if frames:
+        out["pixel_values_videos"] = torch.randn(1, frames, 3, 16, 16, generator=gen)
+    return out
+
+
+def _ov_batch(samples: list[dict]) -> dict:
+    """Left-pad OneVision samples into one batch (images and videos concatenated in sample order)."""
+    length = max(s["input_ids"].shape[1] for s in samples)
+    out = {k: torch.stack([torch.nn.functional.pad(s[k][0], (length - s[k].shape[1], 0)) for s in samples])
+           for k in ("input_ids", "attention_mask")}
+    for k in ("pixel_values", "image_sizes", "pixel_values_videos"):
+        parts = [s[k] for s in samples if k in s]
+        if parts:
+            out[k] = torch.cat(parts)
+    out["batch_num_images"] = torch.tensor([int(s["image_sizes"].shape[0]) if "image_sizes" in s else 0
+                                            for s in samples])
+    return out
+
+
+@pytest.mark.parametrize("name", ["evs", "holitom"])
+def test_onevision_mixed_image_and_video_batch(name):
+    """OneVision: an image + video sample, a video, an image and text only in one left-padded batch under a
+    grid method and a temporal method: equal to one by one, cached equal to uncached; budget 1.0 stock."""
+    from models_util import tiny_onevision
+
+    model, make = tiny_onevision()
+    samples = [_ov_mixed(make, 1, 4, 0), _ov_mixed(make, 0, 4, 1), _ov_mixed(make, 1, 0, 2), _ov_mixed(make, 0, 0, 3)]
+    batch = _ov_batch(samples)
+    with torch.no_grad():
+        ref = model(**batch).logits
+        with vtcompress.apply(model, vtcompress.get(name, budget=1.0)):
+            assert torch.equal(model(**batch).logits, ref)
+        # a grid method first (frame by frame on the videos, per view on the images), then the temporal method
+        methods = [vtcompress.get("avg_pool", budget=0.25), vtcompress.get(name, budget=0.5)]
+        res = vtcompress.compress_inputs(model, methods, **batch)
+        assert bool((res.video_num_tokens[:, 1] < res.video_num_tokens[:, 0]).all())
+        assert bool((res.num_tokens[:, 1] < res.num_tokens[:, 0]).all())
+        with vtcompress.apply(model, methods):
+            got = model.generate(**batch, **GEN)
+            assert torch.equal(got, model.generate(**batch, **GEN, use_cache=False))
+            alone = [model.generate(**s, **GEN)[0, -GEN["max_new_tokens"]:] for s in samples]
+    for b, ids in enumerate(alone):
+        assert torch.equal(got[b, -GEN["max_new_tokens"]:], ids), b
