@@ -195,6 +195,8 @@ def plot_video(rows: list[dict], path) -> Path:
             st = styles[name]
             ax.plot([100 * x for x, _ in pts], [100 * y for _, y in pts], **st)
         ax.set_xscale("log")
+        ax.set_xticks([2, 5, 10, 25, 50, 100], labels=["2", "5", "10", "25", "50", "100"])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("video tokens kept (% of the clip, log)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"clip testbed, T = {t} frames ({int(full['video_tokens']) if full else '?'} video tokens)")
