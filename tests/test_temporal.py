@@ -15,7 +15,17 @@ import torch
 import vtcompress
 from methods_util import check_invariants
 from models_util import tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
-from test_video import GEN, VIDEO, _batch, _ov_video, _sample, qwen3_holes_reference, qwen3_sample
+from test_video import (
+    GEN,
+    VIDEO,
+    _batch,
+    _ov_video,
+    _sample,
+    assert_full_budget_is_stock,
+    assert_matches_stock_with_holes,
+    next_video_sample,
+    qwen3_sample,
+)
 from vtcompress import VisualTokens
 from vtcompress.methods.temporal import EVS
 from vtcompress.models.sequence import full_positions
@@ -251,12 +261,7 @@ def test_qwen3_vl_clips_carry_their_deepstack_levels():
                 assert torch.equal(model(**inputs).logits, ref), name
         res = vtcompress.compress_inputs(model, EVS(budget=0.5), **inputs)
         assert res.video_num_tokens.tolist() == [[16, 8], [12, 6]] and res.num_tokens.tolist() == [[4, 4], [6, 6]]
-        out = model(**res.inputs).logits
-    want = qwen3_holes_reference(model, inputs, res.keep)
-    for r in range(3):
-        kept = (res.keep[r] & inputs["attention_mask"][r].bool()).nonzero().squeeze(1)
-        real = res.inputs["attention_mask"][r].bool().nonzero().squeeze(1)
-        torch.testing.assert_close(out[r, real], want[r, kept], rtol=1e-5, atol=1e-5)
+    assert_matches_stock_with_holes(model, inputs, res)
     for name in TEMPORAL:
         with torch.no_grad(), vtcompress.apply(model, vtcompress.get(name, budget=0.5)):
             batch_ids = model.generate(**inputs, **GEN)
@@ -300,18 +305,10 @@ def test_llava_next_video_clips():
     from models_util import tiny_llava_next_video
 
     model, _ = tiny_llava_next_video()
-    gen = torch.Generator().manual_seed(0)
-    ids = [5, 6, 7] + [VIDEO] * 16 + [8, 9]  # 4 frames of 2 x 2 pooled tokens
-    video = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                 pixel_values_videos=torch.randn(1, 4, 3, 16, 16, generator=gen))
-    with torch.no_grad():
-        ref, ref_ids = model(**video).logits, model.generate(**video, **GEN)
-        for name in TEMPORAL:
-            with vtcompress.apply(model, vtcompress.get(name, budget=1.0)):
-                assert torch.equal(model(**video).logits, ref), name
-                assert torch.equal(model.generate(**video, **GEN), ref_ids), name
-        res = vtcompress.compress_inputs(model, EVS(budget=0.5), **video)
-        assert res.video_num_tokens.tolist() == [[16, 8]]
+    video = next_video_sample(4)  # 4 frames of 2 x 2 pooled tokens
+    assert_full_budget_is_stock(model, video, TEMPORAL)
+    res = vtcompress.compress_inputs(model, EVS(budget=0.5), **video)
+    assert res.video_num_tokens.tolist() == [[16, 8]]
 
 
 def test_a_temporal_method_composed_with_fastv(model):

@@ -217,6 +217,37 @@ def qwen3_holes_reference(model, inputs, keep):
         return model(**(inputs | {"attention_mask": hidden, "position_ids": pos})).logits
 
 
+def assert_matches_stock_with_holes(model, inputs, res) -> None:
+    """Every kept real token of the compressed run (``res`` from ``compress_inputs``) has the logits of
+    :func:`qwen3_holes_reference` at its original column."""
+    with torch.no_grad():
+        out = model(**res.inputs).logits
+    want = qwen3_holes_reference(model, inputs, res.keep)
+    for r in range(inputs["input_ids"].shape[0]):
+        kept = (res.keep[r] & inputs["attention_mask"][r].bool()).nonzero().squeeze(1)
+        real = res.inputs["attention_mask"][r].bool().nonzero().squeeze(1)
+        torch.testing.assert_close(out[r, real], want[r, kept], rtol=1e-5, atol=1e-5)
+
+
+def assert_full_budget_is_stock(model, inputs, names) -> None:
+    """Each method of ``names`` at budget 1.0: the stock logits and greedy ids, bit for bit."""
+    with torch.no_grad():
+        ref, ref_ids = model(**inputs).logits, model.generate(**inputs, **GEN)
+        for name in names:
+            with vtcompress.apply(model, vtcompress.get(name, budget=1.0)):
+                assert torch.equal(model(**inputs).logits, ref), name
+                assert torch.equal(model.generate(**inputs, **GEN), ref_ids), name
+
+
+def next_video_sample(frames: int, seed: int = 0) -> dict:
+    """A LLaVA-NeXT-Video sample: a video of ``frames`` 16 px frames (4 x 4 patches pooled to 2 x 2 by the model's
+    vision_resampler) between a few text tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = [5, 6, 7] + [VIDEO] * (frames * 4) + [8, 9]
+    return dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                pixel_values_videos=torch.randn(1, frames, 3, 16, 16, generator=gen))
+
+
 def test_qwen3_vl_videos_frame_by_frame_with_their_deepstack_levels():
     """Qwen3-VL: the videos' DeepStack levels follow the kept tokens as the images' do. A selection per frame gives
     every kept token the stock model's logits with the dropped tokens hidden; budget 1.0 is the stock model; a
@@ -234,12 +265,7 @@ def test_qwen3_vl_videos_frame_by_frame_with_their_deepstack_levels():
                 assert torch.equal(model(**inputs).logits, ref), name
         res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=0.5), **inputs)
         assert res.video_num_tokens.tolist() == [[12, 6], [8, 4]]
-        out = model(**res.inputs).logits
-    want = qwen3_holes_reference(model, inputs, res.keep)
-    for r in range(3):
-        kept = (res.keep[r] & inputs["attention_mask"][r].bool()).nonzero().squeeze(1)
-        real = res.inputs["attention_mask"][r].bool().nonzero().squeeze(1)
-        torch.testing.assert_close(out[r, real], want[r, kept], rtol=1e-5, atol=1e-5)
+    assert_matches_stock_with_holes(model, inputs, res)
     gen = dict(GEN, min_new_tokens=GEN["max_new_tokens"])  # no early end of sequence: the last columns compare
     with torch.no_grad(), vtcompress.apply(model, vtcompress.get("tome", budget=0.5)):
         batch_ids = model.generate(**inputs, **gen)
@@ -319,22 +345,14 @@ def test_llava_next_video_clips(onevision):
     from models_util import tiny_llava_next_video
 
     model, _ = tiny_llava_next_video()
-    gen = torch.Generator().manual_seed(0)
-    ids = [5, 6, 7] + [VIDEO] * 12 + [8, 9]  # 3 frames of 2 x 2 pooled tokens
-    video = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                 pixel_values_videos=torch.randn(1, 3, 3, 16, 16, generator=gen))
-    with torch.no_grad():
-        ref, ref_ids = model(**video).logits, model.generate(**video, **GEN)
-        for name in METHODS:
-            with vtcompress.apply(model, vtcompress.get(name, budget=1.0)):
-                assert torch.equal(model(**video).logits, ref), name
-                assert torch.equal(model.generate(**video, **GEN), ref_ids), name
+    video = next_video_sample(3)  # 3 frames of 2 x 2 pooled tokens
+    assert_full_budget_is_stock(model, video, METHODS)
     res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=0.5), **video)
     assert res.video_num_tokens.tolist() == [[12, 6]]
     res = vtcompress.compress_inputs(model, vtcompress.get("divprune", budget=4), **video)
     assert [int(t.counts[0]) for t in res.video_tokens[0]] == [2, 1, 1]
     text = dict(input_ids=torch.tensor([[5, 6, 7, 8, 9]]), attention_mask=torch.ones(1, 5, dtype=torch.long))
-    batch = {k: torch.cat([video[k], torch.nn.functional.pad(text[k], (len(ids) - 5, 0))])
+    batch = {k: torch.cat([video[k], torch.nn.functional.pad(text[k], (video["input_ids"].shape[1] - 5, 0))])
              for k in ("input_ids", "attention_mask")}
     batch["pixel_values_videos"] = video["pixel_values_videos"]
     with torch.no_grad(), vtcompress.apply(model, vtcompress.get("tome", budget=0.5)):

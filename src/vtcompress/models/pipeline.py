@@ -514,11 +514,7 @@ def _clip_views(layouts: list[ImageLayout], proj_methods: list[Compressor]) -> l
         if len(set(lay.grids)) != 1:
             raise ValueError(f"video {i} has frames of different grids {sorted(set(lay.grids))}; a clip for a "
                              "temporal method needs one grid for every frame")
-        index = []
-        for v in range(len(lay.grids)):
-            idx = ((lay.view == v) & (lay.patch >= 0)).nonzero().squeeze(1)
-            index.append(idx[torch.argsort(lay.patch[idx])])
-        views.append(_View(i, 0, torch.cat(index), tuple(m.budget for m in proj_methods)))
+        views.append(_View(i, 0, torch.cat(_view_indices(lay)), tuple(m.budget for m in proj_methods)))
     return views
 
 
@@ -690,14 +686,20 @@ class _VisionSpace:
         return out
 
 
+def _view_indices(lay: ImageLayout) -> list[Tensor]:
+    """Per view of one image (or frame of one video): the feature indices of its patches, in raster order."""
+    index = []
+    for v in range(len(lay.grids)):
+        idx = ((lay.view == v) & (lay.patch >= 0)).nonzero().squeeze(1)
+        index.append(idx[torch.argsort(lay.patch[idx])])
+    return index
+
+
 def _views(layouts: list[ImageLayout], proj_methods: list[Compressor]) -> list[_View]:
     """Every view of every image, with each method's budget split over the views of an image."""
     views = []
     for i, lay in enumerate(layouts):
-        index = []
-        for v in range(len(lay.grids)):
-            idx = ((lay.view == v) & (lay.patch >= 0)).nonzero().squeeze(1)
-            index.append(idx[torch.argsort(lay.patch[idx])])
+        index = _view_indices(lay)
         sizes = [int(x.numel()) for x in index]
         per_method = [split_budget(m.budget, sizes) for m in proj_methods]
         for m, b in zip(proj_methods, per_method, strict=True):

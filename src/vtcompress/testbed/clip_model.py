@@ -126,15 +126,10 @@ def clip_model_from_testbed(path: str | os.PathLike | None = None, seed: int = 0
 def load_clip_testbed(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32):
     """Load the shipped video testbed and its tokenizer (``model.eval()``); ``path`` defaults to ``clip_weights/``."""
-    from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers import LlavaOnevisionForConditionalGeneration
 
-    path = Path(path) if path is not None else CLIP_WEIGHTS_DIR
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
-    model.to(device)
-    model.eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-    tokenizer.padding_side = "left"
-    return model, tokenizer
+    return M.load_pretrained(LlavaOnevisionForConditionalGeneration, path if path is not None else CLIP_WEIGHTS_DIR,
+                             device, dtype)
 
 
 def build_clip_prompt(question: str, n_video_tokens: int) -> str:

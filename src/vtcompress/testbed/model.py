@@ -134,10 +134,18 @@ def build_model(tokenizer, seed: int = 0, **kw):
 def load_testbed(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
     """Load the shipped testbed VLM and tokenizer (``model.eval()``); ``path`` defaults to the packaged weights."""
-    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers import LlavaForConditionalGeneration
 
-    path = Path(path) if path is not None else WEIGHTS_DIR
-    model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
+    return load_pretrained(LlavaForConditionalGeneration, path if path is not None else WEIGHTS_DIR, device, dtype)
+
+
+def load_pretrained(model_cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32):
+    """``model_cls`` and its tokenizer (left padding) from the directory ``path``, moved to ``device``, in eval mode:
+    the one loader of the shipped testbeds (images and clips)."""
+    from transformers import PreTrainedTokenizerFast
+
+    model = model_cls.from_pretrained(str(path), dtype=dtype)
     model.to(device)
     model.eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
