@@ -47,6 +47,8 @@ class ModelInfo:
         videos: its videos go through the projector stage (spatial methods frame by frame, the temporal methods
             across frames).
         video_input: it takes videos at all (without ``videos``, they reach only the decoder stage).
+        frames_as_images: its processor gives a video as frames among the images (InternVL); temporal methods
+            find them with ``apply(..., processor=)``.
     """
 
     family: str
@@ -55,6 +57,7 @@ class ModelInfo:
     stages: tuple[Stage, ...]
     videos: bool = False
     video_input: bool = False
+    frames_as_images: bool = False
 
 
 def _model_families() -> list[tuple[str, str, tuple[str, ...], bool, str | None]]:
@@ -66,7 +69,8 @@ def _model_families() -> list[tuple[str, str, tuple[str, ...], bool, str | None]
     listing = getattr(models, "list_families", None)
     if listing is not None:  # the family descriptions' own listing
         return [(f.family, f.status, tuple(f.model_classes), bool(f.encoder_stage),
-                 "projector" if f.video_stage else "decoder" if "video" in f.modalities else None)
+                 "frames" if getattr(f, "frames_as_images", False) else "projector" if f.video_stage
+                 else "decoder" if "video" in f.modalities else None)
                 for f in listing()]
     # the adapter registry (every registered adapter is a supported family)
     import importlib
@@ -83,7 +87,8 @@ def list_models() -> list[ModelInfo]:
     for family, status, classes, encoder, videos in _model_families():
         stages = tuple(s for s in Stage if s != Stage.ENCODER or encoder)
         out.append(ModelInfo(family=family, status=status, model_classes=classes, stages=stages,
-                             videos=videos == "projector", video_input=videos is not None))
+                             videos=videos in ("projector", "frames"), video_input=videos is not None,
+                             frames_as_images=videos == "frames"))
     return out
 
 
@@ -137,7 +142,8 @@ def support_rows() -> list[dict[str, str]]:
     return [
         {"family": f"`{m.family}`", "status": m.status, "models": ", ".join(m.model_classes),
          **{str(s): _cell(kinds[s]) if s in m.stages else "-" for s in Stage},
-         "videos": (f"frame by frame + temporal ({len(temporal_methods())})" if m.videos
+         "videos": (f"frame by frame + temporal ({len(temporal_methods())})"
+                   + (", as frames among the images (`processor=`)" if m.frames_as_images else "") if m.videos
                     else "decoder stage only" if m.video_input else "-")}
         for m in list_models()
     ]

@@ -256,6 +256,10 @@ class ModelDescription:
     #: encodes a frame as it encodes an image, and :meth:`signal_to_features` maps them with ``modality="video"``);
     #: otherwise, under a method reading them, the videos pass through the projector stage untouched
     video_signals: bool = False
+    #: the family's processor turns a video into frames given to the model as images (InternVL: ``Frame1: <img>
+    #: ... </img>``): under a temporal method the frames of each video are found by :meth:`image_clips` (which
+    #: reads the frame prompts with the tokenizer passed as ``apply(..., processor=)``) and compressed as one clip
+    frames_as_images: bool = False
 
     # ============================================================================ matching
     def matches(self, model: nn.Module) -> bool:
@@ -497,6 +501,11 @@ class ModelDescription:
     def video_layouts(self, model: nn.Module, inputs: dict, feats: list[Tensor]) -> list[ImageLayout]:
         """Per video, its features ``[L_i, D]`` as frames: one view per frame (:attr:`video_projector_stage`)."""
         raise NotImplementedError(f"the {self.family} description has no video_layouts()")
+
+    def image_clips(self, model: nn.Module, inputs: dict, tokenizer) -> list[list[int]]:
+        """The images of this call that are the frames of one video (:attr:`frames_as_images` families), as lists
+        of image indices (placeholder order), one list per video, frames in order; ``[]`` without any."""
+        return []
 
     def video_features(self, model: nn.Module, inputs: dict, out) -> list[Tensor]:
         """Per-video features ``[L_i, D]`` from ``get_video_features``' output, in placeholder order."""

@@ -56,7 +56,7 @@ class ApplyHandle:
     """
 
     def __init__(self, model: nn.Module, methods: list[Compressor], positions: str | None = None,
-                 restore_prompt: bool = True, scope: str = "context"):
+                 restore_prompt: bool = True, scope: str = "context", processor=None):
         if not isinstance(restore_prompt, bool):
             raise ValueError(f"restore_prompt={restore_prompt!r}; allowed: True, False")
         if scope not in ("context", "model"):
@@ -81,6 +81,7 @@ class ApplyHandle:
             _check_sliding_window(model, [m for m in methods if m.stage == "decoder"])
         self.positions = positions
         self.restore_prompt = restore_prompt
+        self.processor = processor  # reads the frame prompts of frames_as_images families (InternVL videos)
         self.last: CompressedInputs | None = None
         #: installed (hooks on the model); ``epoch`` changes with every installation
         self.installed = False
@@ -223,7 +224,7 @@ class ApplyHandle:
         if not has_visual_inputs(self.adapter, self.methods, kwargs):
             return self._explicit_mask(kwargs) or ((), kwargs)
         res = _compress(self.model, self.adapter, self.methods, kwargs, positions=self.positions,
-                        for_generate=False)
+                        for_generate=False, processor=self.processor)
         self.last = res
         return (), res.inputs
 
@@ -272,7 +273,8 @@ class ApplyHandle:
                 raise ValueError("under vtcompress.apply, images go with an empty cache (or none): this "
                                  "past_key_values already holds tokens that vtcompress did not compress")
             orig = kwargs["input_ids"]
-            res = _compress(model, self.adapter, self.methods, kwargs, positions=self.positions, for_generate=True)
+            res = _compress(model, self.adapter, self.methods, kwargs, positions=self.positions, for_generate=True,
+                            processor=self.processor)
             self.last = res
             call = dict(res.inputs)
         else:  # nothing to compress: decoder-stage methods only, or a text-only call
@@ -386,7 +388,7 @@ def _check_sliding_window(model: nn.Module, methods: list[Compressor]) -> None:
 
 
 def apply(model: nn.Module, method, *, positions: str | None = None, restore_prompt: bool = True,
-          scope: str = "context") -> ApplyHandle:
+          scope: str = "context", processor=None) -> ApplyHandle:
     """Apply ``method`` to ``model`` until the returned handle is removed (or its ``with`` block ends).
 
     Args:
@@ -406,6 +408,11 @@ def apply(model: nn.Module, method, *, positions: str | None = None, restore_pro
             start-up and answers from a thread pool), until the handle is removed -- refused while another apply
             is installed on the model.
 
+        processor: the model's processor (or its tokenizer), for the families whose processor gives a video to the
+            model as frames among the images (InternVL): under a temporal method it reads the frame prompts to find
+            each video's frames (:meth:`~vtcompress.models.description.ModelDescription.image_clips`); a temporal
+            method on such a family without it is refused. Not needed elsewhere.
+
     Nested applies on one model may add the stage the outer one lacks (decoder inside projector, or the
     reverse: the same as the list form); the same stage twice is refused.
 
@@ -421,4 +428,4 @@ def apply(model: nn.Module, method, *, positions: str | None = None, restore_pro
             out = model.generate(**inputs, max_new_tokens=20)
     """
     return ApplyHandle(model, resolve_methods(method), positions=positions, restore_prompt=restore_prompt,
-                       scope=scope)
+                       scope=scope, processor=processor)

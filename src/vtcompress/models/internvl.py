@@ -7,11 +7,18 @@ Each tile is a view with grid ``(s/2, s/2)``; the compressed features go back as
 row per kept token, so that ``generate``'s beam / ``num_return_sequences`` expansion can split them per sample).
 Signals: [CLS] attention (InternViT has a [CLS]) summed over each shuffle group, keys averaged over it; the
 groups are learned by running the model's own ``pixel_shuffle``.
+
+Videos: ``InternVLProcessor`` gives a video's frames to the model as images, one tile each, each after a frame
+prompt (``replace_video_token``: ``Frame1: <img>...</img>\nFrame2: <img>...</img>...``), merged into
+``pixel_values`` with the images. Spatial methods compress every frame as the image it is; under a temporal
+method :meth:`InternVLAdapter.image_clips` reads the frame prompts back (with the tokenizer given as
+``apply(..., processor=)``) and the frames of each video go through the methods as one clip.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from torch import Tensor
@@ -48,6 +55,44 @@ class InternVLAdapter(ModelDescription):
         if any(length % n for length in lengths):
             raise ValueError(f"InternVL placeholder runs of {lengths} tokens are not multiples of {n} tokens per tile")
         return [length // n for length in lengths]
+
+    frames_as_images = True
+
+    def image_clips(self, model, inputs, tokenizer) -> list[list[int]]:
+        """The videos among this call's images: a run of one-tile images, the first after the prompt ``Frame1:``
+        and each next one after exactly ``</img>`` + ``Frame<k>:`` (k = 2, 3, ...) + ``<img>``, as the processor's
+        ``replace_video_token`` writes them (whitespace free). Images with other text around them are images."""
+        ids = inputs["input_ids"]
+        starts, ends = placeholder_runs(ids, self.image_token_id(model))
+        tiles = self.tiles(model, inputs)
+        tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor or its tokenizer
+        if not callable(getattr(tok, "decode", None)):
+            raise ValueError(f"processor={type(tokenizer).__name__} has no tokenizer with decode(); pass the "
+                             "InternVL processor (or its tokenizer) to read the frame prompts of its videos")
+        open_, close = (re.escape(str(getattr(tok, a, d))) for a, d in (("start_image_token", "<img>"),
+                                                                        ("end_image_token", "</img>")))
+        first = re.compile(rf"Frame1:\s*{open_}$")
+        between = re.compile(rf"{close}\s*Frame(\d+):\s*{open_}")
+
+        def text(row, lo, hi):
+            return tok.decode(ids[row, lo:hi].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+        clips: list[list[int]] = []
+        cur: list[int] | None = None
+        for r in range(starts.shape[0]):
+            row, s = int(starts[r, 0]), int(starts[r, 1])
+            same_row = r > 0 and int(starts[r - 1, 0]) == row
+            m = between.fullmatch(text(row, int(ends[r - 1, 1]), s)) if same_row else None
+            if cur is not None and m is not None and int(m.group(1)) == len(cur) + 1 and tiles[r] == 1:
+                cur.append(r)
+                continue
+            if cur is not None:
+                clips.append(cur)
+            lo = int(ends[r - 1, 1]) if same_row else 0
+            cur = [r] if tiles[r] == 1 and first.search(text(row, max(lo, s - 32), s)) else None
+        if cur is not None:
+            clips.append(cur)
+        return clips
 
     def features(self, model, inputs, out) -> list[Tensor]:
         feats = out.pooler_output

@@ -259,7 +259,7 @@ def _text_signal(model, ids: Tensor, mask: Tensor, image_id: int, samples: Tenso
 
 
 def compress_inputs(model: nn.Module, method, *, positions: str | None = None, for_generate: bool = False,
-                    **inputs) -> CompressedInputs:
+                    processor=None, **inputs) -> CompressedInputs:
     """Compress the images of ``inputs`` and return shortened inputs for ``model`` / ``model.generate``.
 
     ``method`` is a Compressor, a registered name or a list of them (encoder- and projector-stage methods run
@@ -268,12 +268,14 @@ def compress_inputs(model: nn.Module, method, *, positions: str | None = None, f
     :attr:`CompressedInputs.inputs` are ready to pass on; the surviving tokens are in
     :attr:`CompressedInputs.tokens` (not in ``inputs``), nested per image then per view:
     ``tokens[i][v]`` is one :class:`VisualTokens` (``res.tokens_of(i, v)``; a LLaVA-1.5 image has one view).
+    ``processor``: as for :func:`~vtcompress.apply` (InternVL videos under a temporal method).
     """
     desc = adapter_for(model)
     methods = resolve_methods(method)
     if any(m.stage == "decoder" for m in methods):
         raise ValueError("decoder-stage methods act inside the LLM; use `with vtcompress.apply(model, method):`")
-    return _compress(model, desc, methods, inputs, positions=positions, for_generate=for_generate)
+    return _compress(model, desc, methods, inputs, positions=positions, for_generate=for_generate,
+                     processor=processor)
 
 
 def compress_features(host, layouts: list[ImageLayout], feats: list[Tensor], methods: list[Compressor], *,
@@ -374,12 +376,12 @@ def has_visual_inputs(desc: ModelDescription, methods: Sequence[Compressor], inp
 
 
 def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: dict, *, positions: str | None,
-              for_generate: bool) -> CompressedInputs:
+              for_generate: bool, processor=None) -> CompressedInputs:
     positions = resolve_positions(positions, methods, desc)
     has_images = inputs.get("pixel_values") is not None
     proj_methods = [m for m in methods if m.stage == "projector"]
     temporal = [m for m in proj_methods if m.temporal]
-    if temporal and not desc.video_projector_stage:
+    if temporal and not (desc.video_projector_stage or desc.frames_as_images):
         raise ValueError(
             f"method {temporal[0].name!r} is temporal (it compresses videos across frames), and the {desc.family} "
             "description does not compress videos at the projector stage; temporal methods run on: "
@@ -409,24 +411,30 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
     tokens, samples, counts = [], None, []
     if has_images:
         image_id = desc.image_token_id(model)
-        out, feats, enc_rows, signals, vision = _encode(model, desc, image_methods, inputs)
+        clips = _frame_clips(model, desc, methods, inputs, processor) if temporal else []
+        out, feats, enc_rows, signals, vision = _encode(model, desc, methods if clips else image_methods, inputs)
         flat, samples = placeholder_slots(ids, image_id, [int(f.shape[0]) for f in feats])
         if "text" in _needs(image_proj):
             signals.text, signals.text_mask = _text_signal(model, ids, mask, image_id, samples)
         layouts = desc.layouts(model, inputs, feats)
-        views = _views(layouts, image_proj)
         work = feats if vision is None else vision.feats  # the features the methods act on
-        results, orders = _compress_views(model, views, layouts, work, signals, enc_rows, image_proj,
-                                          space=None if vision is None else vision.ok)
-        new_feats, kept_slots, tokens = _kept_features(layouts, views, results, work,
-                                                       orders if positions == "compact" else None)
+        if clips:
+            views = None
+            new_feats, kept_slots, tokens = _compress_frames_and_images(model, clips, layouts, work, signals,
+                                                                        proj_methods, positions)
+        else:
+            views = _views(layouts, image_proj)
+            results, orders = _compress_views(model, views, layouts, work, signals, enc_rows, image_proj,
+                                              space=None if vision is None else vision.ok)
+            new_feats, kept_slots, tokens = _kept_features(layouts, views, results, work,
+                                                           orders if positions == "compact" else None)
         if vision is not None:
             new_feats = vision.project(new_feats, kept_slots, feats)
         if kept_slots:
             keep.view(-1)[flat] = torch.cat(kept_slots).to(ids.device)
         extra = desc.extra_features(model, out)
         if extra:
-            if vision is not None or enc_rows is not None:
+            if vision is not None or enc_rows is not None or clips:
                 raise ValueError(f"{desc.family} features carry extra per-token levels, which follow the projected "
                                  "features only: use projector-stage methods that act on the projected features")
             mm["image"] = desc.wrap(out, new_feats, _follow(model, views, layouts, work, signals, image_proj,
@@ -457,6 +465,74 @@ def _compress(model, desc: ModelDescription, methods: list[Compressor], inputs: 
                             num_tokens=torch.tensor(counts, dtype=torch.long).reshape(-1, 2),
                             video_tokens=video_tokens, video_sample=video_sample,
                             video_num_tokens=torch.tensor(video_counts, dtype=torch.long).reshape(-1, 2))
+
+
+def _frame_clips(model, desc: ModelDescription, methods: list[Compressor], inputs: dict, processor) -> list[list[int]]:
+    """The images of a :attr:`~ModelDescription.frames_as_images` family that are the frames of a video, grouped
+    per video (``[]`` on the other families: their images have no time axis and pass temporal methods)."""
+    if not desc.frames_as_images:
+        return []
+    temporal = next(m for m in methods if m.temporal)
+    if processor is None:
+        raise ValueError(
+            f"method {temporal.name!r} is temporal; {desc.family} receives a video as frames among the images "
+            "(frame prompts 'Frame1: <img>...'), so pass its processor (or tokenizer) to read them: "
+            "vtcompress.apply(model, method, processor=processor)")
+    clips = desc.image_clips(model, inputs, processor)
+    if clips:
+        proj = [m for m in methods if m.stage == "projector"]
+        bad = [m.name for m in methods if m.stage == "encoder"]
+        if bad or "text" in _needs(proj):
+            raise ValueError(
+                f"the frames of a {desc.family} video go through {[m.name for m in proj]} as one clip, which takes "
+                "projector-stage methods reading the features or the vision signals; got "
+                + (f"encoder-stage {bad}" if bad else "a method reading the prompt ('text')"))
+    return clips
+
+
+def _compress_frames_and_images(model, clips: list[list[int]], layouts: list[ImageLayout], feats: list[Tensor],
+                                signals: _Signals, proj_methods: list[Compressor], positions: str):
+    """:func:`_kept_features`' per-image result when some images are the frames of videos (``clips``: image
+    indices per video): each video's frames go through every projector-stage method as one clip
+    (:func:`_compress_clips`), the other images through the spatial ones (temporal methods pass them). A frame
+    receives the kept tokens whose slot is in it; its ``tokens`` entry is its video's clip row."""
+    n = len(feats)
+    new_feats: list = [None] * n
+    kept_slots: list = [None] * n
+    tokens: list = [None] * n
+    in_clip = {i for c in clips for i in c}
+    rest = [i for i in range(n) if i not in in_clip]
+
+    def pick(values, idx):
+        return [values[i] for i in idx] if values else None
+
+    if rest:
+        lay, fs = [layouts[i] for i in rest], [feats[i] for i in rest]
+        spatial = [m for m in proj_methods if not m.temporal]
+        views = _views(lay, spatial)
+        results, orders = _compress_views(model, views, lay, fs, _Signals(attn=pick(signals.attn, rest),
+                                                                          keys=pick(signals.keys, rest)),
+                                          None, spatial)
+        for i, f, k, t in zip(rest, *_kept_features(lay, views, results, fs,
+                                                   orders if positions == "compact" else None), strict=True):
+            new_feats[i], kept_slots[i], tokens[i] = f, k, t
+    vlay, vfeats = [], []
+    for c in clips:
+        grids = {g for i in c for g in layouts[i].grids}
+        if len(grids) != 1 or any(len(layouts[i].grids) != 1 for i in c):
+            raise ValueError(f"the frames {c} of a video have grids {sorted(grids)}; a clip needs one tile of one "
+                             "grid per frame")
+        vlay.append(ImageLayout.tiles(grids.pop(), len(c), feats[c[0]].device))
+        vfeats.append(torch.cat([feats[i] for i in c]))
+    cat = (lambda values: [torch.cat([values[i] for i in c]) for c in clips] if values else None)
+    views = _clip_views(vlay, proj_methods)
+    results = _compress_clips(model, views, vlay, vfeats, proj_methods,
+                              _Signals(attn=cat(signals.attn), keys=cat(signals.keys)))
+    for c, f, k, t in zip(clips, *_kept_features(vlay, views, results, vfeats, None), strict=True):
+        ks = torch.split(k, [int(feats[i].shape[0]) for i in c])
+        for i, kf, ff in zip(c, ks, torch.split(f, [int(x.sum()) for x in ks]), strict=True):
+            new_feats[i], kept_slots[i], tokens[i] = ff, kf, t
+    return new_feats, kept_slots, tokens
 
 
 def _compress_videos(model, desc: ModelDescription, proj_methods: list[Compressor], inputs: dict, ids: Tensor):

@@ -62,6 +62,8 @@ class FamilyInfo:
         encoder_stage: encoder-stage (inside the tower) methods flow through its feature path.
         video_stage: its videos go through the projector stage (spatial methods frame by frame, temporal methods
             across frames).
+        frames_as_images: its processor gives a video to the model as frames among the images (InternVL): temporal
+            methods find them with ``apply(..., processor=)``.
         source: ``"builtin"`` or ``"entry point <name>"`` or ``"register_adapter"``.
     """
 
@@ -73,6 +75,7 @@ class FamilyInfo:
     encoder_stage: bool
     source: str
     video_stage: bool = False
+    frames_as_images: bool = False
 
 
 def register_adapter(description: ModelDescription | type[ModelDescription], *, source: str = "register_adapter"):
@@ -168,7 +171,8 @@ def list_families() -> list[FamilyInfo]:
     return [FamilyInfo(family=d.family, model_classes=tuple(d.model_classes), status=d.status,
                        modalities=tuple(m.name for m in d.modalities), position_scheme=str(d.position_scheme.value),
                        encoder_stage=bool(d.supports_encoder_stage()), source=_SOURCES.get(id(d), "register_adapter"),
-                       video_stage=bool(d.video_projector_stage))
+                       video_stage=bool(d.video_projector_stage or d.frames_as_images),
+                       frames_as_images=bool(d.frames_as_images))
             for d in _FAMILIES]
 
 

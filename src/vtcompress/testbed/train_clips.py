@@ -43,21 +43,49 @@ class ClipTrainConfig:
     p16: float = 0.0
     eval_every: float = 5.0
     eval_n: int = 280
+    # Relative weights of the skills of the first question of each clip, "skill=w,..." (unnamed skills: 1);
+    # empty: every skill equally often. Later stages aim at the skills an earlier stage left weak.
+    skill_weights: str = ""
+
+
+def parse_skill_weights(text: str) -> np.ndarray | None:
+    """``"disappeared=3,static_attribute=3"`` -> probabilities over :data:`clips.CLIP_SKILLS` (None when empty)."""
+    if not text:
+        return None
+    w = dict.fromkeys(C.CLIP_SKILLS, 1.0)
+    for item in text.split(","):
+        name, sep, val = item.partition("=")
+        name = name.strip()
+        if not sep or name not in w:
+            raise ValueError(f"skill weight {item!r} must be skill=w with skill one of {', '.join(C.CLIP_SKILLS)}")
+        try:
+            w[name] = float(val)
+        except ValueError:
+            raise ValueError(f"skill weight {item!r}: {val!r} is not a number") from None
+        if not w[name] >= 0:
+            raise ValueError(f"skill weight {item!r} must be >= 0")
+    p = np.array([w[k] for k in C.CLIP_SKILLS])
+    if p.sum() <= 0:
+        raise ValueError(f"skill weights {text!r} are all zero")
+    return p / p.sum()
 
 
 class ClipBatcher:
     """Training clips from the train seed range (deterministic given seed), packed with extra questions."""
 
-    def __init__(self, tokenizer, seed: int, max_qa: int):
+    def __init__(self, tokenizer, seed: int, max_qa: int, skill_p: np.ndarray | None = None):
         self.tok = tokenizer
         self.rng = np.random.default_rng(seed + 777)
         self.next_seed = C.CLIP_SPLIT_START["train"] + seed * 50_000_000
         self.max_qa = max_qa
+        self.skill_p = skill_p
 
     def draw(self, n: int, frames: int):
         smp = []
         for _ in range(n):
-            smp.append(C.make_clip_sample(self.next_seed, frames))
+            skill = None if self.skill_p is None else C.CLIP_SKILLS[int(self.rng.choice(len(C.CLIP_SKILLS),
+                                                                                      p=self.skill_p))]
+            smp.append(C.make_clip_sample(self.next_seed, frames, skill))
             self.next_seed += 1
         prefix = self.tok(CM.build_clip_prompt("", CM.video_token_count(frames)).rsplit(" question :", 1)[0],
                           add_special_tokens=False)["input_ids"]
@@ -134,7 +162,7 @@ def train_clips(cfg: ClipTrainConfig) -> dict:
     for p in train_params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    batcher = ClipBatcher(tok, cfg.seed, cfg.max_qa)
+    batcher = ClipBatcher(tok, cfg.seed, cfg.max_qa, parse_skill_weights(cfg.skill_weights))
     frng = np.random.default_rng(cfg.seed + 99)
     val8 = C.clip_samples("val", cfg.eval_n, 8)
     val16 = C.clip_samples("val", cfg.eval_n // 2, 16) if cfg.p16 > 0 else []
@@ -274,6 +302,9 @@ def train_clips_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p16", type=float, default=d.p16, help="share of batches of 16-frame clips (else 8)")
     ap.add_argument("--eval-every", type=float, default=d.eval_every, help="minutes between val evaluations")
     ap.add_argument("--eval-n", type=int, default=d.eval_n)
+    ap.add_argument("--skill-weights", default=d.skill_weights,
+                    help="weights of the first question's skill, e.g. disappeared=3,static_attribute=3 "
+                         "(default: equal)")
     ap.add_argument("--card", type=int, default=0, help="then write card.json on this many test clips (0: no)")
     ap.add_argument("--card-only", action="store_true", help="only (re)write card.json for --out")
     ap.add_argument("--command", default=None, help="training command recorded in the card")
