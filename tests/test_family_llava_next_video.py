@@ -42,10 +42,15 @@ def _capture_embeds(model):
     return seen, hook
 
 
-def test_videos_pass_through_untouched_under_a_signal_method(lnv):
-    """Budget 1.0 with an image and a video per sample is the stock model bit for bit; under compression every video
-    placeholder stays and the LLM receives exactly the stock model's video embeddings, while the images shrink."""
+def test_videos_pass_through_untouched_under_a_signal_method(lnv, monkeypatch):
+    """Where video frames carry no captured signal (``video_signals`` off, as a third-party description may have
+    it): budget 1.0 with an image and a video per sample is the stock model bit for bit; under compression every
+    video placeholder stays and the LLM receives exactly the stock model's video embeddings, while the images
+    shrink. (With the signals, the videos are compressed: ``test_video.test_signal_methods_on_pooled_video_frames``.)"""
+    from vtcompress.models.registry import adapter_for
+
     model, make = lnv
+    monkeypatch.setattr(adapter_for(model), "video_signals", False)
     inputs = _with_video(make)
     seen, hook = _capture_embeds(model)
     try:

@@ -330,18 +330,23 @@ def test_the_vllm_plugin_refuses_temporal_methods():
         _check_method("evs")
 
 
-def test_a_temporal_method_reading_vision_signals(model):
-    """Qwen2-VL captures the signals of video frames: FastVID with the tower's attention as its saliency runs on
-    the clip; on OneVision, whose video frames carry no captured signal, it is refused (never silently skipped)."""
+def test_a_temporal_method_reading_vision_signals(model, monkeypatch):
+    """Qwen2-VL and OneVision capture the signals of video frames: FastVID with the tower's attention as its
+    saliency runs on the clip; on a family whose frames carry none (``video_signals`` off) it is refused (never
+    silently skipped)."""
     from models_util import tiny_onevision
+    from vtcompress.models.registry import adapter_for
 
-    inputs = _sample(model, [("video", CLIP)], 4, 0)
     method = vtcompress.get("fastvid", budget=0.5, saliency="cls_attn")
-    res = vtcompress.compress_inputs(model, method, **inputs)
-    (clip,) = res.video_tokens[0]
-    assert clip.cls_attn is not None and res.video_num_tokens[0, 1] < 16
+    ov = tiny_onevision()[0]
+    for m, inputs, n in ((model, _sample(model, [("video", CLIP)], 4, 0), 16), (ov, _ov_video(4, 4, 0), 17)):
+        res = vtcompress.compress_inputs(m, method, **inputs)
+        (clip,) = res.video_tokens[0]
+        assert clip.cls_attn is not None and res.video_num_tokens.tolist()[0][0] == n
+        assert res.video_num_tokens[0, 1] < n
+    monkeypatch.setattr(adapter_for(ov), "video_signals", False)
     with pytest.raises(ValueError, match="not captured for video frames"):
-        vtcompress.compress_inputs(tiny_onevision()[0], method, **_ov_video(4, 4, 0))
+        vtcompress.compress_inputs(ov, method, **_ov_video(4, 4, 0))
 
 
 def test_a_trainable_method_on_a_clip_refuses_an_int_budget():

@@ -362,10 +362,14 @@ def test_llava_next_video_clips(onevision):
         assert torch.equal(got[b, -GEN["max_new_tokens"]:], one[0, -GEN["max_new_tokens"]:]), b
 
 
-def test_onevision_videos_pass_signal_methods_untouched(onevision):
-    """OneVision's video frames carry no captured signal: under FasterVLM its videos pass through as the stock
-    model encodes them (no video stage in the result), never compressed with a missing signal."""
+def test_videos_pass_signal_methods_untouched_where_frames_carry_no_signal(onevision, monkeypatch):
+    """A family whose video frames carry no captured signal (``video_signals`` off, as a third-party description
+    may have it): under FasterVLM its videos pass through as the stock model encodes them (no video stage in the
+    result), never compressed with a missing signal."""
+    from vtcompress.models.registry import adapter_for
+
     model, _ = onevision
+    monkeypatch.setattr(adapter_for(model), "video_signals", False)
     inputs = _ov_video(3, 4, 0)
     with torch.no_grad():
         ref = model(**inputs).logits
@@ -373,3 +377,41 @@ def test_onevision_videos_pass_signal_methods_untouched(onevision):
             assert torch.equal(model(**inputs).logits, ref)
     res = vtcompress.compress_inputs(model, vtcompress.get("fastervlm", budget=0.5), **inputs)
     assert res.video_tokens == [] and torch.equal(res.inputs["input_ids"], inputs["input_ids"])
+
+
+@pytest.mark.parametrize("family", ["onevision", "llava_next_video"])
+def test_signal_methods_on_pooled_video_frames(family):
+    """OneVision / LLaVA-NeXT-Video: the attention signal of each frame's tower pass, pooled as the model pools the
+    frame (OneVision's bilinear ``apply_pooling``, NeXT-Video's stride windows), picks FasterVLM's tokens in each
+    frame; reference: the eager attentions of the tower (SigLIP: mean attention received; CLIP: the [CLS] row).
+    Two videos in one batch equal each alone."""
+    from models_util import tiny_llava_next_video, tiny_onevision
+    from vtcompress.models.pipeline import _signal_layer
+    from vtcompress.models.registry import adapter_for
+
+    model = (tiny_onevision if family == "onevision" else tiny_llava_next_video)(attn="eager")[0]
+    samples = [_ov_video(3, 4, s) if family == "onevision" else next_video_sample(3, s) for s in (0, 1)]
+    method = vtcompress.get("fastervlm", budget=0.5)
+    desc = adapter_for(model)
+    layer, _ = _signal_layer([method], len(desc.vision_layers(model)), desc.feature_layer(model))
+    for inputs in samples:
+        res = vtcompress.compress_inputs(model, method, **inputs)
+        with torch.no_grad():
+            att = model.model.vision_tower(inputs["pixel_values_videos"].flatten(0, 1),
+                                           output_attentions=True).attentions[layer]  # [T, heads, L, L]
+        if family == "onevision":  # no [CLS]: the mean attention each patch receives, then the model's pooling
+            sig = model.model.apply_pooling(att.mean(2).mean(1)[..., None])[..., 0]
+        else:  # the [CLS] row, then the 2 x 2 windows of the pooled grid
+            sig = torch.nn.functional.avg_pool2d(att[:, :, 0, 1:].mean(1).reshape(-1, 1, 4, 4), 2)[:, 0].flatten(1)
+        expected = sig.topk(2, dim=-1).indices.sort(-1).values
+        got = torch.stack([t.pos[0].sort().values for t in res.video_tokens[0]])
+        assert torch.equal(got, expected), family
+    length = max(s["input_ids"].shape[1] for s in samples)
+    batch = {k: torch.cat([torch.nn.functional.pad(s[k], (length - s[k].shape[1], 0)) for s in samples])
+             for k in ("input_ids", "attention_mask")}
+    batch["pixel_values_videos"] = torch.cat([s["pixel_values_videos"] for s in samples])
+    one = [vtcompress.compress_inputs(model, method, **s) for s in samples]
+    res = vtcompress.compress_inputs(model, method, **batch)
+    for v, r in enumerate(one):
+        for a, b in zip(res.video_tokens[v], r.video_tokens[0], strict=True):
+            assert torch.equal(a.pos, b.pos), (family, v)

@@ -258,7 +258,9 @@ class VTCompressLMM(lmms):
         self.methods = list(spec.methods)
         self.decoder_stage = any(m.stage == "decoder" for m in self.methods)
         # the handle lives as long as the model: installed in the calls below, removed after each
-        self.handle = vtcompress.apply(model, self.methods, positions=spec.positions) if self.methods else None
+        # the processor reads the frame prompts of InternVL videos under a temporal method (elsewhere unused)
+        self.handle = (vtcompress.apply(model, self.methods, positions=spec.positions, processor=self.processor)
+                       if self.methods else None)
         if self.handle is not None:
             self.handle.remove()
         logger.info(f"vtcompress {self.versions['vtcompress']}: {cls.__name__} from {spec.pretrained}, "

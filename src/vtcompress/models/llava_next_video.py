@@ -8,12 +8,15 @@ Videos (``pixel_values_videos [V, F, 3, H, W]``, placeholder ``video_token_id``)
 ``get_video_features`` encodes each frame as one crop, pools it (``vision_resampler``, stride
 ``spatial_pool_stride``) and projects it; the projector stage compresses those pooled frames, each a view of its
 square pooled grid (no newline). Methods act on the projected frame tokens (the pooling changes the token grid).
+A pooled token's vision signal is the sum (attention) / mean (keys) of its ``stride x stride`` window of patches,
+whatever the pooling mode (average, max, conv), as the other families' merged tokens get theirs.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from .description import Modality, TokenLayout
@@ -34,6 +37,20 @@ class LlavaNextVideoDescription(LlavaNextAdapter):
                  input_keys=("pixel_values_videos",), encode_fn="get_video_features", layout=TokenLayout.FRAMES),
     )
     video_projector_stage = True
+    video_signals = True
+
+    def signal_to_features(self, model, inputs, records, reduce, feats, modality: str = "image"):
+        if modality != "video":
+            return super().signal_to_features(model, inputs, records, reduce, feats)
+        sig = torch.cat(records, dim=0)[:, self.num_prefix_tokens(model):]  # [V * F, H * W, C]
+        n, hw, c = sig.shape
+        side = math.isqrt(hw)
+        stride = int(model.config.spatial_pool_stride)
+        pooled = torch.nn.functional.avg_pool2d(sig.transpose(1, 2).reshape(n, c, side, side), stride, stride)
+        if reduce == "sum":
+            pooled = pooled * stride * stride
+        frames = int(inputs["pixel_values_videos"].shape[1])
+        return list(pooled.flatten(2).transpose(1, 2).reshape(-1, frames * pooled[0, 0].numel(), c))
 
     def video_layouts(self, model, inputs, feats: list[Tensor]) -> list[ImageLayout]:
         """``F`` views, one per frame, of its square pooled grid."""

@@ -6,7 +6,9 @@ packer handles and the layout map follows: the high-resolution grid is bilinearl
 followed by a single newline. Signals are the mean attention each patch receives (SigLIP has no [CLS]).
 Videos (``pixel_values_videos [V, T, C, H, W]``): the stock ``get_video_features`` pools every frame's projected
 patch grid 2x2 (bilinear, as the model does it) and appends one ``image_newline`` per video; the projector-stage
-methods then act on each pooled frame (one view per frame), and the trailing newline always stays.
+methods then act on each pooled frame (one view per frame), and the trailing newline always stays. The vision
+signals of a frame go through the model's own ``apply_pooling`` too (each pooled token's signal is the bilinear
+mix of its patches' signals, with the weights of its features; summed signals scaled by the area ratio).
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ class OnevisionAdapter(AnyresAdapter):
     )
 
     video_projector_stage = True
+    video_signals = True
+
+    def signal_to_features(self, model, inputs, records, reduce, feats, modality: str = "image"):
+        if modality != "video":
+            return super().signal_to_features(model, inputs, records, reduce, feats)
+        sig = torch.cat(records, dim=0)[:, self.num_prefix_tokens(model):]  # [V * T, H * W, C], frame after frame
+        pooled = self.base(model).apply_pooling(sig)  # [V * T, h * w, C]: the map the frame's features get
+        if reduce == "sum":
+            pooled = pooled * (sig.shape[1] / pooled.shape[1])
+        frames = int(inputs["pixel_values_videos"].shape[1])
+        per_video = pooled.reshape(-1, frames * pooled.shape[1], pooled.shape[-1])
+        return [torch.cat([p, p.new_zeros(1, p.shape[-1])]) for p in per_video]  # the newline: no signal
 
     def video_layouts(self, model, inputs, feats: list[Tensor]) -> list[ImageLayout]:
         """``T`` pooled frames of ``(ceil(h / 2), ceil(w / 2))`` tokens (``apply_pooling``), then the video's
