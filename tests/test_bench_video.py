@@ -30,10 +30,11 @@ def testbed():
     return load_clip_testbed()
 
 
-def test_clip_methods_are_the_feature_only_ones():
+def test_clip_methods_read_features_or_frame_signals():
     names = clip_methods()
-    assert {"evs", "dycoke", "fastvid", "prunevid", "holitom", "random", "divprune", "tome"} <= set(names)
-    assert not {"fastervlm", "visionzip", "prumerge", "fastv", "qformer"} & set(names)  # signals, decoder, trained
+    assert {"evs", "dycoke", "fastvid", "prunevid", "holitom", "random", "divprune", "tome", "fastervlm",
+            "visionzip", "prumerge"} <= set(names)
+    assert not {"fastv", "qformer", "sparsevlm"} & set(names)  # decoder stage, trained, reads the prompt
 
 
 def test_one_pass_scoring_is_the_testbeds_under_apply(testbed):

@@ -35,10 +35,11 @@ VIDEO_FRAMES: tuple[int, ...] = (8, 16)
 
 
 def clip_methods() -> list[str]:
-    """The registered methods that compress clips with no vision signal: the temporal ones, and the training-free
-    spatial projector-stage ones that read the features alone (vision signals are not captured for video frames)."""
+    """The registered methods that compress clips: the temporal ones, and the training-free spatial
+    projector-stage ones (frame by frame) that read the features or the vision signals captured for every frame
+    ([CLS] attention, keys); not those reading the prompt."""
     return [n for n, c in sorted(METHODS.items(), key=lambda kv: (not kv[1].temporal, kv[0]))
-            if c.stage == "projector" and not c.trainable and not c.widens and not c.needs]
+            if c.stage == "projector" and not c.trainable and not c.widens and set(c.needs) <= {"cls_attn", "keys"}]
 
 
 @torch.no_grad()

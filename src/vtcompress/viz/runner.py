@@ -442,9 +442,9 @@ def _run_on_clip(method, clip: VisualTokens, no_model: bool) -> VisualTokens:
     if no_model:
         _no_model_check(method)
     if method.needs:
-        raise ValueError(f"method {method.name!r} reads the {', '.join(repr(n) for n in method.needs)} signal, "
-                         "which is not captured for video frames (on a model, videos pass through such a method "
-                         "untouched); a clip strip draws methods that read the features alone")
+        raise ValueError(f"method {method.name!r} reads the {', '.join(repr(n) for n in method.needs)} signal; "
+                         "a clip strip runs the method on the clip's features alone (no tower pass), so it draws "
+                         "methods that read the features alone")
     out = method(clip)
     if not isinstance(out, VisualTokens) or out.frames != clip.frames:
         raise ValueError(f"method {method.name!r} did not return clip tokens of {clip.frames} frames")
