@@ -10,7 +10,7 @@ download):
   model's own 2 x 2 bilinear pooling (``apply_pooling``) to 14 x 14 = 196 tokens per frame, plus one
   ``image_newline`` per video: ``T * 196 + 1`` video tokens;
 * a Qwen2 LLM shaped like Qwen2-0.5B (hidden 896, MLP 4864, 14 query / 2 key-value heads of 64, vocab 151936,
-  tied embeddings) but with ``--layers`` 4 instead of 24.
+  tied embeddings), with its 24 layers by default (``--layers``: fewer make the fixed per-frame work a larger share).
 
 The prompt is video-only: ``--text`` 24 text tokens (8 before the video, the rest after) and one video of ``T``
 frames (``--frames 8,16,32``). The prefill is what ``generate`` runs first: one ``model(**inputs)`` forward under
@@ -223,7 +223,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median), after one warm-up round")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
     p.add_argument("--text", type=int, default=24, help="text tokens of the prompt")
-    p.add_argument("--layers", type=int, default=4, help="LLM decoder layers (Qwen2-0.5B has 24)")
+    p.add_argument("--layers", type=int, default=24, help="LLM decoder layers (Qwen2-0.5B: 24)")
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--intermediate", type=int, default=4864)
     p.add_argument("--heads", type=int, default=14)
