@@ -46,9 +46,6 @@ class ClipTrainConfig:
     # Relative weights of the skills of the first question of each clip, "skill=w,..." (unnamed skills: 1);
     # empty: every skill equally often. Later stages aim at the skills an earlier stage left weak.
     skill_weights: str = ""
-    # the extra questions packed after a clip start with its other questions of the clip's skill (e.g. both the
-    # colour and the shape of the object that never moves)
-    same_skill_first: bool = False
 
 
 def parse_skill_weights(text: str) -> np.ndarray | None:
@@ -76,10 +73,8 @@ def parse_skill_weights(text: str) -> np.ndarray | None:
 class ClipBatcher:
     """Training clips from the train seed range (deterministic given seed), packed with extra questions."""
 
-    def __init__(self, tokenizer, seed: int, max_qa: int, skill_p: np.ndarray | None = None,
-                 same_skill_first: bool = False):
+    def __init__(self, tokenizer, seed: int, max_qa: int, skill_p: np.ndarray | None = None):
         self.tok = tokenizer
-        self.same_skill_first = same_skill_first
         self.rng = np.random.default_rng(seed + 777)
         self.next_seed = C.CLIP_SPLIT_START["train"] + seed * 50_000_000
         self.max_qa = max_qa
@@ -97,13 +92,9 @@ class ClipBatcher:
         seqs, pos, tgt = [], [], []
         for s in smp:
             qas = [(s.question, s.answer)]
-            extra = [(q, a, sk) for q, a, sk in C.clip_questions(s.objects) if q != s.question]
+            extra = [(q, a) for q, a, _ in C.clip_questions(s.objects) if q != s.question]
             k = min(len(extra), int(self.rng.integers(0, self.max_qa)))
-            picked = list(self.rng.choice(len(extra), k, replace=False)) if k else []
-            if self.same_skill_first and k:  # the clip's other questions of its skill first, then the drawn ones
-                same = [i for i, e in enumerate(extra) if e[2] == s.skill]
-                picked = (same + [i for i in picked if i not in same])[:k]
-            qas += [extra[i][:2] for i in picked]
+            qas += [extra[i] for i in self.rng.choice(len(extra), k, replace=False)] if k else []
             seq, p, a_ids = list(prefix), [], []
             for q, a in qas:
                 seq += self.tok(f"question : {q} answer :", add_special_tokens=False)["input_ids"]
@@ -171,7 +162,7 @@ def train_clips(cfg: ClipTrainConfig) -> dict:
     for p in train_params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    batcher = ClipBatcher(tok, cfg.seed, cfg.max_qa, parse_skill_weights(cfg.skill_weights), cfg.same_skill_first)
+    batcher = ClipBatcher(tok, cfg.seed, cfg.max_qa, parse_skill_weights(cfg.skill_weights))
     frng = np.random.default_rng(cfg.seed + 99)
     val8 = C.clip_samples("val", cfg.eval_n, 8)
     val16 = C.clip_samples("val", cfg.eval_n // 2, 16) if cfg.p16 > 0 else []
@@ -314,8 +305,6 @@ def train_clips_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skill-weights", default=d.skill_weights,
                     help="weights of the first question's skill, e.g. disappeared=3,static_attribute=3 "
                          "(default: equal)")
-    ap.add_argument("--same-skill-first", action="store_true",
-                    help="pack the clip's other questions of its skill first among the extra questions")
     ap.add_argument("--card", type=int, default=0, help="then write card.json on this many test clips (0: no)")
     ap.add_argument("--card-only", action="store_true", help="only (re)write card.json for --out")
     ap.add_argument("--command", default=None, help="training command recorded in the card")
