@@ -113,3 +113,28 @@ def test_shipped_clip_weights_accuracy(clip_testbed):
     assert r["n"] == 64 and set(r["per_skill"]) == set(C.CLIP_SKILLS)
     assert r["accuracy"] == card["test_t8_slice_64"]["accuracy"], (r, card["test_t8_slice_64"])
     assert card["test_t8"]["n"] == 1000 and card["test_t8"]["accuracy"] >= 0.9
+
+
+def test_skill_weights_steer_the_training_clips(clip_testbed):
+    """``train-clips --skill-weights``: the named skills' share of first questions follows the weights; bad
+    weights are refused by name."""
+    from vtcompress.testbed.train_clips import ClipBatcher, parse_skill_weights
+
+    p = parse_skill_weights("disappeared=3,static_attribute=0")
+    w = np.ones(len(C.CLIP_SKILLS))
+    w[C.CLIP_SKILLS.index("disappeared")], w[C.CLIP_SKILLS.index("static_attribute")] = 3, 0
+    np.testing.assert_allclose(p, w / w.sum())
+    assert parse_skill_weights("") is None
+    for bad, match in (("colour=2", "skill one of"), ("order=x", "not a number"), ("order=-1", ">= 0"),
+                       ("order", "skill=w"), (",".join(f"{s}=0" for s in C.CLIP_SKILLS), "all zero")):
+        with pytest.raises(ValueError, match=match):
+            parse_skill_weights(bad)
+    _, tok = clip_testbed
+    only = parse_skill_weights(",".join(f"{s}={int(s == 'static_attribute')}" for s in C.CLIP_SKILLS))
+    batcher = ClipBatcher(tok, 0, 1, only)
+    batch = batcher.draw(3, 4)
+    # max_qa=1: one question per clip, the first one, of the only skill with weight
+    first = [tok.convert_ids_to_tokens(int(t)) for t in batch["tgt"]]
+    assert len(first) == 3 and set(first) <= set(D.COLOUR_NAMES + D.SHAPES)
+    assert all(C.make_clip_sample(batcher.next_seed - 3 + i, 4, "static_attribute").answer == a
+               for i, a in enumerate(first))
