@@ -50,8 +50,8 @@ Usage::
     .venv/bin/python benchmarks/video_prefill.py --frames 8 --budgets 0.5,64 --repeats 3 --layers 2
     .venv/bin/python benchmarks/video_prefill.py --tiny               # seconds: a tiny model, for tests
 
-With the defaults a run takes about 4 minutes of CPU time on one core (more wall time on shared cores); the
-``T = 32`` stock prefill (~6300 tokens) is about 14 s of every round.
+With the defaults a run takes about 15 minutes of CPU time on one core (more wall time on shared cores); the
+``T = 32`` stock prefill (~6300 tokens, 24 layers) is about 77 s of every round (``--layers 4``: about 4 minutes).
 """
 
 from __future__ import annotations
