@@ -19,7 +19,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from models_util import IMAGE, tiny_llava
-from vtcompress.bench.flops import VLMArch, decoder_layer_flops, prefill_flops
+from vtcompress.bench.flops import VLMArch, attention_pairs, decoder_layer_flops, prefill_flops, sequence_prefill_flops
 
 REL = 1e-2  # the brief's tolerance; the counts below are in fact exact
 
@@ -228,6 +228,42 @@ def test_closed_forms_and_monotonicity(llava):
     merged = prefill_flops(arch, text_tokens=5, vision_tokens=[16, 12, 8], image_tokens=8)
     # hidden_states[-2] is the input of layer 2 (8 patches); [CLS] added, then cut by the 'default' strategy
     assert merged.vision < a.vision and merged.projector == 2 * 8 * (32 * 32 + 32 * 32)
+
+
+@pytest.mark.parametrize(("n", "s"), [(1, 1), (1, 9), (7, 7), (10, 10), (3, 11), (64, 100)])
+def test_causal_attention_counts_the_unmasked_pairs(llava, n, s):
+    """``attention="causal"`` counts exactly the (query, key) pairs a causal mask keeps: ``n`` queries at the last
+    positions of ``s`` keys (a prefill: n == s; a cached chunk: s > n); the tower's attention stays whole."""
+    kept = int(torch.ones(n, s).tril(diagonal=s - n).sum())
+    assert attention_pairs(n, s, "causal") == kept
+    assert attention_pairs(n, s, True) == attention_pairs(n, s, "full") == n * s
+    assert attention_pairs(n, s, False) == attention_pairs(n, s, "none") == 0
+    model, _ = llava
+    arch = VLMArch.from_config(model.config)
+    t = arch.text
+    # only the score / weighted-sum products change: 4 * heads * pairs * head_dim
+    none = decoder_layer_flops(t, n, s, attention=False)
+    assert decoder_layer_flops(t, n, s, attention="causal") - none == 4 * t.heads * kept * t.head_dim
+    assert decoder_layer_flops(t, n, s) - none == 4 * t.heads * n * s * t.head_dim
+    full = prefill_flops(arch, text_tokens=n)
+    causal = prefill_flops(arch, text_tokens=n, attention="causal")
+    assert causal.vision == full.vision and causal.projector == full.projector and causal.lm_head == full.lm_head
+    L = n + arch.image_tokens  # one image
+    pairs = attention_pairs(L, L, "causal")
+    assert full.llm - causal.llm == t.layers * 4 * t.heads * t.head_dim * (L * L - pairs)
+    seq = sequence_prefill_flops(arch, n, [arch.image_tokens] * t.layers, attention="causal")
+    assert seq.total == causal.total
+
+
+@pytest.mark.parametrize("fn", [prefill_flops, sequence_prefill_flops])
+def test_bad_attention_mode_raises(llava, fn):
+    model, _ = llava
+    layers = VLMArch.from_config(model.config).text.layers
+    args = dict(visual_tokens=[16] * layers) if fn is sequence_prefill_flops else {}
+    with pytest.raises(ValueError, match="attention='half'.*'causal'"):
+        fn(model.config, 5, attention="half", **args)
+    with pytest.raises(ValueError, match="keys=3 < tokens=4"):
+        attention_pairs(4, 3, "causal")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,10 @@ What is counted, and how (the same convention as ``torch.utils.flop_counter.Flop
 * attention costs ``QK^T`` plus ``softmax(.) V`` over the FULL ``n x s`` score matrix of every query head
   (``4 * heads * n * s * head_dim``) — what eager attention computes and what FlopCounterMode counts for the
   CUDA SDPA kernels (it has no formula for the CPU flash kernel, so on CPU compare against eager attention);
-  a causal kernel may skip half of it, we do not model that. Grouped-query attention (fewer
+  ``attention="causal"`` counts only the ``(query, key)`` pairs a causal mask leaves in the LLM
+  (``n * s - n * (n - 1) / 2``: half the matrix plus the diagonal in a prefill), what a causal kernel that
+  skips the masked blocks computes (FlashAttention, PyTorch's CPU flash kernel under ``is_causal=True``); the
+  vision tower's attention is bidirectional and stays full. Grouped-query attention (fewer
   key/value heads) only shrinks the ``k``/``v`` projections: the scores still run per query head;
 * the vision tower runs ALL its layers (the stock towers do, even when ``vision_feature_layer=-2`` reads an
   earlier one), on the patch tokens plus its prefix tokens ([CLS] for CLIP; none for SigLIP, whose attention
@@ -57,6 +60,7 @@ __all__ = [
     "Flops",
     "vision_layer_flops",
     "decoder_layer_flops",
+    "attention_pairs",
     "prefill_flops",
     "layer_lengths",
     "kv_cache_bytes",
@@ -182,36 +186,67 @@ class Flops:
         return {**asdict(self), "total": self.total}
 
 
-def vision_layer_flops(v: VisionArch, tokens: int, attention: bool = True) -> int:
-    """One ViT layer over ``tokens`` tokens (prefix included): q/k/v/o, attention, 2-layer MLP."""
+def vision_layer_flops(v: VisionArch, tokens: int, attention: bool | str = True) -> int:
+    """One ViT layer over ``tokens`` tokens (prefix included): q/k/v/o, attention, 2-layer MLP.
+
+    The tower's attention is bidirectional: ``attention="causal"`` (which concerns the LLM) counts it whole."""
     d, n = v.hidden, tokens
     proj = 4 * 2 * n * d * d
-    attn = 4 * n * n * d if attention else 0  # heads * (2 n n hd) * 2 with heads * hd = d
+    attn = 4 * n * n * d if _attention_mode(attention) != "none" else 0  # heads * (2 n n hd) * 2, heads * hd = d
     mlp = 2 * 2 * n * d * v.intermediate
     return proj + attn + mlp
 
 
-def decoder_layer_flops(t: TextArch, tokens: int, keys: int | None = None, attention: bool = True) -> int:
+def attention_pairs(tokens: int, keys: int, attention: bool | str = True) -> int:
+    """``(query, key)`` pairs whose score a decoder layer computes: ``tokens`` queries, the last ``tokens`` of
+    ``keys`` positions.
+
+    ``attention``: ``True`` / ``"full"`` the whole ``tokens x keys`` matrix (what eager attention computes),
+    ``"causal"`` the pairs a causal mask keeps (``tokens * keys - tokens * (tokens - 1) / 2``), ``False`` /
+    ``"none"`` no attention at all.
+    """
+    mode = _attention_mode(attention)
+    if mode == "none":
+        return 0
+    if mode == "full":
+        return tokens * keys
+    if keys < tokens:
+        raise ValueError(f"keys={keys} < tokens={tokens}: causal queries are the last positions of the keys")
+    return tokens * keys - tokens * (tokens - 1) // 2
+
+
+def _attention_mode(attention) -> str:
+    if attention is True or attention == "full":
+        return "full"
+    if attention is False or attention == "none":
+        return "none"
+    if attention == "causal":
+        return "causal"
+    raise ValueError(f"attention={attention!r}; allowed: True / 'full', 'causal', False / 'none'")
+
+
+def decoder_layer_flops(t: TextArch, tokens: int, keys: int | None = None, attention: bool | str = True) -> int:
     """One decoder layer: ``tokens`` queries over ``keys`` keys (default ``tokens``, i.e. prefill).
 
     ``q``/``o`` are ``hidden x heads*head_dim``, ``k``/``v`` are ``hidden x kv_heads*head_dim`` (GQA);
-    attention runs per query head; the MLP is gated (3 products) or plain (2).
+    attention runs per query head over :func:`attention_pairs` (``attention``: full matrix, causal, none); the
+    MLP is gated (3 products) or plain (2).
     """
     n = tokens
     s = n if keys is None else keys
     d, hd = t.hidden, t.head_dim
     proj = 2 * 2 * n * d * t.heads * hd + 2 * 2 * n * d * t.kv_heads * hd
-    attn = 4 * t.heads * n * s * hd if attention else 0
+    attn = 4 * t.heads * attention_pairs(n, s, attention) * hd
     mlp = (3 if t.gated_mlp else 2) * 2 * n * d * t.intermediate
     return proj + attn + mlp
 
 
-def _pooling_head_flops(v: VisionArch, tokens: int, attention: bool) -> int:
+def _pooling_head_flops(v: VisionArch, tokens: int, attention: bool | str) -> int:
     # SigLIP's head: one probe query over the tower's last tokens (nn.MultiheadAttention), then an MLP on it.
     d = v.hidden
     q = 2 * 1 * d * d
     kv = 2 * tokens * d * 2 * d
-    attn = 2 * 2 * tokens * d if attention else 0
+    attn = 2 * 2 * tokens * d if _attention_mode(attention) != "none" else 0
     out = 2 * 1 * d * d
     mlp = 2 * 2 * 1 * d * v.intermediate
     return q + kv + attn + out + mlp
@@ -274,7 +309,7 @@ def prefill_flops(
     projector_tokens: int | None = None,
     logits: str | int = "last",
     batch: int = 1,
-    attention: bool = True,
+    attention: bool | str = True,
     selection_rows: int = 0,
 ) -> Flops:
     """Prefill FLOPs of one forward pass of a LLaVA-style VLM over a batch of equal sequences.
@@ -295,7 +330,9 @@ def prefill_flops(
             under the ``"default"`` strategy (LLaVA cuts ``[:, 1:]``: the [CLS] of CLIP, a patch of SigLIP).
         logits: ``"last"`` (1 position), ``"all"`` (every position of the last layer) or an int (positions).
         batch: sequences in the batch (everything scales linearly).
-        attention: count the attention score / weighted-sum products (``False``: only the weight products).
+        attention: the attention score / weighted-sum products: ``True`` / ``"full"`` over the whole score
+            matrix, ``"causal"`` over the pairs the LLM's causal mask keeps (the tower stays full), ``False`` /
+            ``"none"``: only the weight products.
         selection_rows: query rows whose attention a decoder-stage method computes at each schedule layer to
             choose the survivors (1 for FastV / PyramidDrop; 0: not counted).
 
@@ -308,6 +345,7 @@ def prefill_flops(
     _check_count("text_tokens", text_tokens, 0, 10**9)
     _check_count("images", images, 0, 10**6)
     _check_count("batch", batch, 1, 10**9)
+    _attention_mode(attention)
     image_tokens = full if image_tokens is None else _check_count("image_tokens", image_tokens, 0, full)
 
     # vision tower: patch embedding (a conv) + every layer, per image
@@ -355,7 +393,7 @@ def sequence_prefill_flops(
     selection_rows: int = 0,
     vision_tokens: Sequence[int] | None = None,
     logits: str | int = "last",
-    attention: bool = True,
+    attention: bool | str = True,
 ) -> Flops:
     """Prefill FLOPs of ONE sequence from the visual tokens entering each decoder layer.
 
@@ -383,6 +421,7 @@ def sequence_prefill_flops(
     t = arch.text
     _check_count("text_tokens", text_tokens, 0, 10**9)
     _check_count("images", images, 0, 10**6)
+    _attention_mode(attention)
     visual = list(visual_tokens)
     if len(visual) != t.layers:
         raise ValueError(f"visual_tokens has {len(visual)} entries; the LLM has {t.layers} layers (one each)")
@@ -406,11 +445,12 @@ def sequence_prefill_flops(
                  lm_head=_lm_head_flops(t, logits, lengths[-1]))
 
 
-def _selection_flops(t, rows: int, n: int, attention: bool) -> int:
+def _selection_flops(t, rows: int, n: int, attention: bool | str) -> int:
     """A decoder-stage selection on ``n`` tokens: q of the ``rows`` query rows, keys of all ``n``, and (with
     ``attention``) their ``rows x n`` attention logits."""
     out = 2 * rows * t.hidden * t.heads * t.head_dim + 2 * n * t.hidden * t.kv_heads * t.head_dim
-    return out + (2 * t.heads * rows * n * t.head_dim if attention else 0)
+    # the selecting rows are the last positions: a causal mask hides none of their keys
+    return out + (2 * t.heads * rows * n * t.head_dim if _attention_mode(attention) != "none" else 0)
 
 
 def _lm_head_flops(t, logits, last_len: int) -> int:
