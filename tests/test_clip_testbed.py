@@ -139,3 +139,27 @@ def test_skill_weights_steer_the_training_clips(clip_testbed):
     assert len(first) == 3 and set(first) <= set(D.COLOUR_NAMES + D.SHAPES)
     assert all(C.make_clip_sample(batcher.next_seed - 3 + i, 4, "static_attribute").answer == a
                for i, a in enumerate(first))
+
+
+def test_rewritten_card_keeps_the_training_history(tmp_path, monkeypatch):
+    """``train-clips --card-only`` re-evaluates the model and rewrites ``card.json``; the previous card's
+    ``stages`` and ``command`` survive, the test results are the new evaluation's."""
+    import json
+    import shutil
+
+    from vtcompress.testbed import train_clips as TC
+
+    shutil.copytree(CM.CLIP_WEIGHTS_DIR, tmp_path / "clip")
+    before = json.loads((tmp_path / "clip" / "card.json").read_text())
+    seen = []
+
+    def fake_eval(model, tok, samples):
+        seen.append(len(samples))
+        return {"n": len(samples), "accuracy": 0.5, "per_skill": dict.fromkeys(C.CLIP_SKILLS, 0.5)}
+
+    monkeypatch.setattr(CM, "evaluate_clips", fake_eval)
+    card = TC.write_clip_card(tmp_path / "clip", n_test=3, t16=True)
+    assert seen == [3, 64, 3, 64]  # T = 8: the test clips, the slice; then T = 16
+    assert card["stages"] == before["stages"] and card["command"] == before["command"]
+    assert card["test_t8"] == {"n": 3, "accuracy": 0.5, "per_skill": dict.fromkeys(C.CLIP_SKILLS, 0.5)}
+    assert json.loads((tmp_path / "clip" / "card.json").read_text()) == card

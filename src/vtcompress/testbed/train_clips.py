@@ -259,14 +259,15 @@ def train_clips(cfg: ClipTrainConfig) -> dict:
 
 def write_clip_card(path: str | Path, n_test: int = 1000, t16: bool = True, command: str | None = None) -> dict:
     """Evaluate the clip model saved in ``path`` on the first ``n_test`` test clips (T=8, and T=16 when ``t16``)
-    and write its ``card.json``."""
+    and write its ``card.json`` (the previous card's ``command`` unless one is given, and its ``stages``)."""
     path = Path(path)
     model, tok = CM.load_clip_testbed(path)
     log = path / "training_log.json"
     recipe = json.loads(log.read_text())["recipe"] if log.exists() else None
     old = path / "card.json"
-    if command is None and old.exists():
-        command = json.loads(old.read_text()).get("command")
+    previous = json.loads(old.read_text()) if old.exists() else {}
+    if command is None:
+        command = previous.get("command")
     card = {
         "model": "LlavaOnevisionForConditionalGeneration (CLIP vision tower with [CLS], 2-layer MLP projector, "
                  "Llama LM), built from the image testbed (vtcompress/testbed/weights)",
@@ -282,6 +283,8 @@ def write_clip_card(path: str | Path, n_test: int = 1000, t16: bool = True, comm
         r = CM.evaluate_clips(model, tok, C.clip_samples("test", 64, T))
         card[f"test_t{T}_slice_64"] = {"n": 64, "accuracy": r["accuracy"], "per_skill": r["per_skill"]}
     card["command"] = command
+    if "stages" in previous:  # the training history (one entry per stage, with its log), kept as it is
+        card["stages"] = previous["stages"]
     old.write_text(json.dumps(card, indent=1))
     return card
 
