@@ -199,3 +199,11 @@ def test_restoration(model):
         assert torch.equal(model(**inputs).logits, ref)
         assert torch.equal(model.generate(**inputs, **GEN), ref_ids)
     assert _hook_count(model) == hooks
+
+
+def test_an_encoder_stage_method_beside_a_temporal_one_is_refused(model):
+    """The frames of a video go through the projector stage as one clip: an encoder-stage method (it acts inside
+    each frame's tower pass, before there is a clip) beside a temporal method is refused by name."""
+    with pytest.raises(ValueError, match=r"got encoder-stage \['folder'\]"):
+        vtcompress.compress_inputs(model, [vtcompress.get("folder", budget=0.5), vtcompress.get("evs", budget=0.5)],
+                                   processor=TOK, **batch(SAMPLES[:1]))
