@@ -151,15 +151,13 @@ def sdpa_causal_share(model, length: int, repeats: int = 3) -> float:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, tc.num_attention_heads, length, hd, generator=gen) for _ in range(3))
     mask = torch.ones(length, length, dtype=torch.bool)
-    F = torch.nn.functional
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = [lambda: sdpa(q, k, v, is_causal=True), lambda: sdpa(q, k, v, attn_mask=mask)]
     with torch.no_grad():
-        F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        causal, full = zip(*(
-            (timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))[1],
-             timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))[1])
-            for _ in range(repeats)), strict=True)
-    return statistics.median(causal) / statistics.median(full)
+        for call in calls:  # warm-up
+            call()
+        (_, causal), (_, full) = interleaved(calls, repeats)
+    return causal / full
 
 
 # ---------------------------------------------------------------------------------------------- budgets
